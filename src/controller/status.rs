@@ -1,0 +1,297 @@
+//! Turns one reconcile pass's layer outcomes into conditions and per-layer detail. Pure.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use crate::api::{Condition, ConditionStatus, LayerDetail};
+use crate::layers::{LayerKind, Verification};
+
+/// Longest condition message; the API server allows 32 KiB, `kubectl` readers far less.
+const MAX_MESSAGE: usize = 1024;
+
+/// What happened to one layer in this pass.
+#[derive(Clone, Debug, PartialEq)]
+pub enum LayerOutcome {
+    /// The Organization switched the layer off.
+    Disabled,
+    /// The platform has no section for this layer.
+    NotConfigured,
+    /// The layer could not be built, ensured or verified.
+    Failed { reason: String, message: String },
+    /// The layer ran: its audit findings and probes.
+    Checked { verification: Verification, probed_at: Time },
+}
+
+impl LayerOutcome {
+    /// Whether the layer counts towards `Ready` and `IsolationVerified`.
+    fn counts(&self) -> bool {
+        matches!(self, Self::Failed { .. } | Self::Checked { .. })
+    }
+}
+
+/// The organization-level facts besides the layers: namespace, credentials Secret, BYOK keys.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Workspace {
+    Ready,
+    Failed { reason: String, message: String },
+}
+
+/// The freshly computed conditions, before merging with the previous ones.
+pub fn conditions(workspace: &Workspace, layers: &BTreeMap<LayerKind, LayerOutcome>) -> Vec<Condition> {
+    let mut out = Vec::new();
+    let mut not_ready: Vec<(String, String)> = Vec::new();
+
+    match workspace {
+        Workspace::Ready => out.push(Condition::new(
+            "CredentialsReady",
+            ConditionStatus::True,
+            "SecretWritten",
+            "namespace and credentials Secret are in place",
+        )),
+        Workspace::Failed { reason, message } => {
+            out.push(Condition::new("CredentialsReady", ConditionStatus::False, reason.clone(), clip(message)));
+            not_ready.push((reason.clone(), message.clone()));
+        }
+    }
+
+    for kind in LayerKind::ALL {
+        let outcome = layers.get(&kind).unwrap_or(&LayerOutcome::NotConfigured);
+        let cond = match outcome {
+            LayerOutcome::Disabled => Condition::new(
+                kind.condition_type(),
+                ConditionStatus::Unknown,
+                "Disabled",
+                format!("the {kind} layer is switched off for this organization"),
+            ),
+            LayerOutcome::NotConfigured => Condition::new(
+                kind.condition_type(),
+                ConditionStatus::Unknown,
+                "NotConfigured",
+                format!("the platform does not manage the {kind} layer"),
+            ),
+            LayerOutcome::Failed { reason, message } => {
+                not_ready.push((reason.clone(), format!("{kind}: {message}")));
+                Condition::new(kind.condition_type(), ConditionStatus::False, reason.clone(), clip(message))
+            }
+            LayerOutcome::Checked { verification, .. } => {
+                if verification.isolated() {
+                    Condition::new(kind.condition_type(), ConditionStatus::True, "Isolated", isolated_message(kind, verification))
+                } else {
+                    let msg = verification.findings.join("; ");
+                    not_ready.push(("IsolationFindings".into(), format!("{kind}: {msg}")));
+                    Condition::new(kind.condition_type(), ConditionStatus::False, "IsolationFindings", clip(&msg))
+                }
+            }
+        };
+        out.push(cond);
+    }
+
+    out.push(verified_condition(layers, &mut not_ready));
+
+    let ready = match not_ready.first() {
+        None if layers.values().any(LayerOutcome::counts) => {
+            Condition::new("Ready", ConditionStatus::True, "Isolated", "every managed layer is isolated and verified")
+        }
+        None => Condition::new("Ready", ConditionStatus::False, "NoLayers", "the platform manages no layer for this organization"),
+        Some((reason, _)) => {
+            let msg = not_ready.iter().map(|(_, m)| m.as_str()).collect::<Vec<_>>().join("; ");
+            Condition::new("Ready", ConditionStatus::False, reason.clone(), clip(&msg))
+        }
+    };
+    out.insert(0, ready);
+    out
+}
+
+fn verified_condition(layers: &BTreeMap<LayerKind, LayerOutcome>, not_ready: &mut Vec<(String, String)>) -> Condition {
+    let mut refused = 0usize;
+    let mut failing = Vec::new();
+    let mut unverified = Vec::new();
+    for (kind, outcome) in layers {
+        match outcome {
+            LayerOutcome::Checked { verification, .. } => {
+                refused += verification.probes.iter().filter(|p| p.passed).count();
+                failing.extend(verification.probes.iter().filter(|p| !p.passed).map(|p| format!("{kind}: {}: {}", p.name, p.detail)));
+                if verification.probes.is_empty() {
+                    unverified.push(format!("{kind}: no probe ran"));
+                }
+            }
+            LayerOutcome::Failed { .. } => unverified.push(format!("{kind}: not probed, the layer failed")),
+            LayerOutcome::Disabled | LayerOutcome::NotConfigured => {}
+        }
+    }
+    if !failing.is_empty() {
+        let msg = failing.join("; ");
+        not_ready.push(("ProbeFailed".into(), msg.clone()));
+        Condition::new("IsolationVerified", ConditionStatus::False, "ProbeFailed", clip(&msg))
+    } else if !unverified.is_empty() {
+        let msg = unverified.join("; ");
+        not_ready.push(("NotVerified".into(), msg.clone()));
+        Condition::new("IsolationVerified", ConditionStatus::False, "NotVerified", clip(&msg))
+    } else if refused == 0 {
+        Condition::new("IsolationVerified", ConditionStatus::Unknown, "NoLayers", "no layer to verify")
+    } else {
+        Condition::new(
+            "IsolationVerified",
+            ConditionStatus::True,
+            "ProbesPassed",
+            format!("{refused} probes behaved as isolation requires (cross-tenant attempts refused, own access allowed)"),
+        )
+    }
+}
+
+fn isolated_message(kind: LayerKind, v: &Verification) -> String {
+    format!("{kind} isolation in place; {} of {} probes passed", v.probes.iter().filter(|p| p.passed).count(), v.probes.len())
+}
+
+/// Per-layer detail for status.
+pub fn layer_details(layers: &BTreeMap<LayerKind, LayerOutcome>) -> Vec<LayerDetail> {
+    layers
+        .iter()
+        .filter_map(|(kind, outcome)| match outcome {
+            LayerOutcome::Disabled | LayerOutcome::NotConfigured => None,
+            LayerOutcome::Failed { message, .. } => Some(LayerDetail {
+                layer: kind.name().to_owned(),
+                isolated: false,
+                verified: false,
+                last_probe_time: None,
+                probes_passed: 0,
+                probes_failed: 0,
+                failures: vec![clip(message)],
+            }),
+            LayerOutcome::Checked { verification, probed_at } => Some(LayerDetail {
+                layer: kind.name().to_owned(),
+                isolated: verification.isolated(),
+                verified: verification.verified(),
+                last_probe_time: Some(probed_at.clone()),
+                probes_passed: count(verification.probes.iter().filter(|p| p.passed).count()),
+                probes_failed: count(verification.probes.iter().filter(|p| !p.passed).count()),
+                failures: verification.failures().iter().take(20).map(|f| clip(f)).collect(),
+            }),
+        })
+        .collect()
+}
+
+fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// Cuts a message to [`MAX_MESSAGE`] bytes on a character boundary.
+pub fn clip(s: &str) -> String {
+    if s.len() <= MAX_MESSAGE {
+        return s.to_owned();
+    }
+    let mut end = MAX_MESSAGE - 3;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::Probe;
+
+    fn now() -> Time {
+        Time(k8s_openapi::jiff::Timestamp::from_second(1_000).unwrap())
+    }
+
+    fn checked(findings: &[&str], probes: &[(&str, bool)]) -> LayerOutcome {
+        LayerOutcome::Checked {
+            verification: Verification {
+                findings: findings.iter().map(|s| s.to_string()).collect(),
+                probes: probes.iter().map(|(n, ok)| Probe::new(*n, *ok, if *ok { "refused" } else { "allowed" })).collect(),
+            },
+            probed_at: now(),
+        }
+    }
+
+    fn get<'a>(cs: &'a [Condition], t: &str) -> &'a Condition {
+        cs.iter().find(|c| c.type_ == t).unwrap()
+    }
+
+    #[test]
+    fn all_isolated_and_verified_is_ready() {
+        let layers = BTreeMap::from([
+            (LayerKind::Database, checked(&[], &[("select other", true)])),
+            (LayerKind::Network, checked(&[], &[("ingress from org-b", true)])),
+            (LayerKind::Storage, LayerOutcome::NotConfigured),
+            (LayerKind::Cache, LayerOutcome::Disabled),
+        ]);
+        let cs = conditions(&Workspace::Ready, &layers);
+        assert_eq!(get(&cs, "Ready").status, ConditionStatus::True);
+        assert_eq!(get(&cs, "IsolationVerified").status, ConditionStatus::True);
+        assert_eq!(get(&cs, "DatabaseIsolated").status, ConditionStatus::True);
+        assert_eq!(get(&cs, "StorageIsolated").status, ConditionStatus::Unknown, "not configured never looks isolated");
+        assert_eq!(get(&cs, "StorageIsolated").reason, "NotConfigured");
+        assert_eq!(get(&cs, "CacheIsolated").reason, "Disabled");
+        assert_eq!(cs[0].type_, "Ready");
+    }
+
+    #[test]
+    fn a_failing_layer_sets_only_its_own_condition_false() {
+        let layers = BTreeMap::from([
+            (LayerKind::Database, checked(&[], &[("select other", true)])),
+            (LayerKind::Cache, LayerOutcome::Failed { reason: "BackendUnreachable".into(), message: "connection refused".into() }),
+            (LayerKind::Network, checked(&[], &[("ingress", true)])),
+        ]);
+        let cs = conditions(&Workspace::Ready, &layers);
+        assert_eq!(get(&cs, "CacheIsolated").status, ConditionStatus::False);
+        assert_eq!(get(&cs, "CacheIsolated").reason, "BackendUnreachable");
+        assert_eq!(get(&cs, "DatabaseIsolated").status, ConditionStatus::True);
+        assert_eq!(get(&cs, "NetworkIsolated").status, ConditionStatus::True);
+        assert_eq!(get(&cs, "Ready").status, ConditionStatus::False);
+        assert_eq!(get(&cs, "Ready").reason, "BackendUnreachable");
+        assert_eq!(get(&cs, "IsolationVerified").status, ConditionStatus::False);
+    }
+
+    #[test]
+    fn an_allowed_cross_tenant_probe_fails_verification_with_its_name() {
+        let layers = BTreeMap::from([(LayerKind::Cache, checked(&[], &[("GET org:b:canary", false), ("SET org:b:x", true)]))]);
+        let cs = conditions(&Workspace::Ready, &layers);
+        let v = get(&cs, "IsolationVerified");
+        assert_eq!(v.status, ConditionStatus::False);
+        assert_eq!(v.reason, "ProbeFailed");
+        assert!(v.message.contains("GET org:b:canary"), "{}", v.message);
+        assert_eq!(get(&cs, "Ready").status, ConditionStatus::False);
+    }
+
+    #[test]
+    fn findings_make_the_layer_not_isolated() {
+        let layers = BTreeMap::from([(LayerKind::Database, checked(&["messages: RLS disabled"], &[("select", true)]))]);
+        let cs = conditions(&Workspace::Ready, &layers);
+        let d = get(&cs, "DatabaseIsolated");
+        assert_eq!((d.status, d.reason.as_str()), (ConditionStatus::False, "IsolationFindings"));
+        assert!(d.message.contains("messages: RLS disabled"));
+        let details = layer_details(&layers);
+        assert_eq!(details.len(), 1);
+        assert!(!details[0].isolated);
+        assert!(details[0].verified);
+        assert_eq!(details[0].probes_passed, 1);
+    }
+
+    #[test]
+    fn no_layers_is_not_ready() {
+        let cs = conditions(&Workspace::Ready, &BTreeMap::new());
+        assert_eq!(get(&cs, "Ready").status, ConditionStatus::False);
+        assert_eq!(get(&cs, "Ready").reason, "NoLayers");
+    }
+
+    #[test]
+    fn workspace_failure_blocks_ready() {
+        let layers = BTreeMap::from([(LayerKind::Network, checked(&[], &[("x", true)]))]);
+        let ws = Workspace::Failed { reason: "NamespaceConflict".into(), message: "namespace org-a belongs to someone else".into() };
+        let cs = conditions(&ws, &layers);
+        assert_eq!(get(&cs, "CredentialsReady").status, ConditionStatus::False);
+        assert_eq!(get(&cs, "Ready").reason, "NamespaceConflict");
+    }
+
+    #[test]
+    fn clip_respects_char_boundaries() {
+        let long = "é".repeat(2000);
+        let c = clip(&long);
+        assert!(c.len() <= MAX_MESSAGE);
+        assert!(c.ends_with("..."));
+    }
+}

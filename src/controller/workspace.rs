@@ -1,0 +1,266 @@
+//! The organization's workspace: its namespace and its credentials Secret (with BYOK keys).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::ResourceExt;
+use sha2::{Digest, Sha256};
+
+use super::Context;
+use crate::api::{FIELD_MANAGER, MANAGED_BY, ORG_ID_LABEL, ORGANIZATION_LABEL, Organization};
+use crate::layers::{Credentials, LayerError, Repair, Tenant};
+
+/// Name of the credentials Secret in the organization's namespace.
+pub const CREDENTIALS_SECRET: &str = "bulkhead-credentials";
+/// Annotation on the Secret with the digest of the data bulkhead wrote, to notice edits.
+pub const CREDENTIALS_DIGEST_ANNOTATION: &str = "bulkhead.dev/credentials-digest";
+const PROVIDER_KEY_PREFIX: &str = "AI_";
+const PROVIDER_KEY_SUFFIX: &str = "_API_KEY";
+
+/// Labels on every object bulkhead creates for an organization.
+pub fn managed_labels(tenant: &Tenant) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/managed-by".to_owned(), MANAGED_BY.to_owned()),
+        (ORG_ID_LABEL.to_owned(), tenant.org_id.to_string()),
+        (ORGANIZATION_LABEL.to_owned(), tenant.name.clone()),
+    ])
+}
+
+/// The namespace as planned: org labels and Pod Security Admission at `restricted`.
+pub fn namespace_plan(tenant: &Tenant) -> Namespace {
+    let mut labels = managed_labels(tenant);
+    for mode in ["enforce", "audit", "warn"] {
+        labels.insert(format!("pod-security.kubernetes.io/{mode}"), "restricted".to_owned());
+    }
+    Namespace {
+        metadata: ObjectMeta {
+            name: Some(tenant.namespace.clone()),
+            labels: Some(labels),
+            owner_references: Some(vec![tenant.owner.clone()]),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+/// Creates or repairs the organization's namespace. A namespace that exists and belongs to
+/// anyone else is refused, never adopted.
+pub async fn ensure_namespace(
+    ctx: &Context,
+    org: &Organization,
+    tenant: &Tenant,
+    existed_before: bool,
+) -> Result<Vec<Repair>, LayerError> {
+    let api: Api<Namespace> = Api::all(ctx.client.clone());
+    let plan = namespace_plan(tenant);
+    let mut repairs = Vec::new();
+    match api.get_opt(&tenant.namespace).await? {
+        Some(live) => {
+            let owned = live.owner_references().iter().any(|o| Some(&o.uid) == org.metadata.uid.as_ref());
+            if !owned {
+                return Err(LayerError::Refused(format!(
+                    "namespace {} already exists and does not belong to Organization {}; it is not adopted",
+                    tenant.namespace, tenant.name
+                )));
+            }
+            if live.metadata.deletion_timestamp.is_some() {
+                return Err(LayerError::Refused(format!("namespace {} is being deleted", tenant.namespace)));
+            }
+            let live_labels = live.labels();
+            let missing: Vec<&String> = plan
+                .labels()
+                .iter()
+                .filter(|(k, v)| live_labels.get(*k) != Some(*v))
+                .map(|(k, _)| k)
+                .collect();
+            if !missing.is_empty() {
+                repairs.push(Repair(format!(
+                    "namespace {} labels restored: {}",
+                    tenant.namespace,
+                    missing.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ")
+                )));
+            }
+        }
+        None if existed_before => repairs.push(Repair(format!("namespace {} was deleted; created again", tenant.namespace))),
+        None => {}
+    }
+    api.patch(&tenant.namespace, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&plan)).await?;
+    Ok(repairs)
+}
+
+/// The credentials Secret as found.
+#[derive(Clone, Debug)]
+pub struct LoadedCredentials {
+    pub credentials: Credentials,
+    /// No Secret exists yet.
+    pub missing: bool,
+    /// The data differs from what bulkhead last wrote.
+    pub tampered: bool,
+}
+
+/// Reads the organization's credentials Secret.
+pub async fn load_credentials(ctx: &Context, tenant: &Tenant) -> Result<LoadedCredentials, LayerError> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &tenant.namespace);
+    let Some(secret) = api.get_opt(CREDENTIALS_SECRET).await? else {
+        return Ok(LoadedCredentials { credentials: Credentials::default(), missing: true, tampered: false });
+    };
+    let mut entries = BTreeMap::new();
+    for (k, v) in secret.data.clone().unwrap_or_default() {
+        entries.insert(k, String::from_utf8_lossy(&v.0).into_owned());
+    }
+    let credentials = Credentials::new(entries);
+    let recorded = secret.annotations().get(CREDENTIALS_DIGEST_ANNOTATION).cloned();
+    let tampered = recorded.as_deref() != Some(digest(&credentials).as_str());
+    Ok(LoadedCredentials { credentials, missing: false, tampered })
+}
+
+/// Digest of the Secret's data, stored beside it to notice edits made outside bulkhead.
+pub fn digest(creds: &Credentials) -> String {
+    let mut h = Sha256::new();
+    for (k, v) in creds.entries() {
+        h.update((k.len() as u64).to_be_bytes());
+        h.update(k.as_bytes());
+        h.update((v.len() as u64).to_be_bytes());
+        h.update(v.as_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
+/// Writes the Secret in one apply, only when its content changed.
+pub async fn write_credentials(
+    ctx: &Context,
+    tenant: &Tenant,
+    loaded: &LoadedCredentials,
+    creds: &Credentials,
+) -> Result<(), LayerError> {
+    if !loaded.missing && !loaded.tampered && &loaded.credentials == creds {
+        return Ok(());
+    }
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &tenant.namespace);
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(CREDENTIALS_SECRET.to_owned()),
+            namespace: Some(tenant.namespace.clone()),
+            labels: Some(managed_labels(tenant)),
+            annotations: Some(BTreeMap::from([(CREDENTIALS_DIGEST_ANNOTATION.to_owned(), digest(creds))])),
+            owner_references: Some(vec![tenant.owner.clone()]),
+            ..Default::default()
+        },
+        type_: Some("Opaque".to_owned()),
+        data: Some(creds.entries().iter().map(|(k, v)| (k.clone(), ByteString(v.clone().into_bytes()))).collect()),
+        ..Default::default()
+    };
+    api.patch(CREDENTIALS_SECRET, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&secret)).await?;
+    Ok(())
+}
+
+/// Secret key under which a provider's key is stored, e.g. `AI_OPENAI_API_KEY`.
+pub fn provider_key_name(provider: &str) -> String {
+    format!("{PROVIDER_KEY_PREFIX}{}{PROVIDER_KEY_SUFFIX}", provider.to_ascii_uppercase().replace('-', "_"))
+}
+
+/// Reads every BYOK key from its source Secret in the operator's namespace:
+/// (provider, Secret key name, value).
+pub async fn provider_keys(ctx: &Context, org: &Organization) -> Result<Vec<(String, String, String)>, LayerError> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.operator_namespace);
+    let mut out = Vec::new();
+    for p in &org.spec.ai_providers {
+        let source = api.get_opt(&p.secret_ref.name).await?.ok_or_else(|| {
+            LayerError::Config(format!(
+                "AI provider {}: Secret {}/{} not found",
+                p.name, ctx.operator_namespace, p.secret_ref.name
+            ))
+        })?;
+        let value = source
+            .data
+            .as_ref()
+            .and_then(|d| d.get(&p.secret_ref.key))
+            .map(|v| String::from_utf8_lossy(&v.0).trim().to_owned())
+            .unwrap_or_default();
+        if value.is_empty() {
+            return Err(LayerError::Config(format!(
+                "AI provider {}: Secret {}/{} has no non-empty key {:?}",
+                p.name, ctx.operator_namespace, p.secret_ref.name, p.secret_ref.key
+            )));
+        }
+        out.push((p.name.clone(), provider_key_name(&p.name), value));
+    }
+    Ok(out)
+}
+
+/// Removes keys of providers no longer in the spec.
+pub fn drop_stale_provider_keys(org: &Organization, creds: &mut Credentials) {
+    let wanted: Vec<String> = org.spec.ai_providers.iter().map(|p| provider_key_name(&p.name)).collect();
+    let stale: Vec<String> = creds
+        .entries()
+        .keys()
+        .filter(|k| k.starts_with(PROVIDER_KEY_PREFIX) && k.ends_with(PROVIDER_KEY_SUFFIX) && !wanted.contains(k))
+        .cloned()
+        .collect();
+    for k in stale {
+        creds.remove(&k);
+    }
+}
+
+/// Deletes the organization's namespace (and with it the credentials Secret), if it owns it.
+pub async fn delete_namespace(ctx: &Context, org: &Organization, tenant: &Tenant) -> Result<(), kube::Error> {
+    let api: Api<Namespace> = Api::all(ctx.client.clone());
+    if let Some(live) = api.get_opt(&tenant.namespace).await? {
+        let owned = live.owner_references().iter().any(|o| Some(&o.uid) == org.metadata.uid.as_ref());
+        if owned && live.metadata.deletion_timestamp.is_none() {
+            api.delete(&tenant.namespace, &DeleteParams::background()).await?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::DeletionPolicy;
+    use crate::tenant::OrgId;
+
+    fn tenant() -> Tenant {
+        Tenant {
+            name: "acme".into(),
+            org_id: OrgId::parse("acme").unwrap(),
+            display_name: "Acme".into(),
+            namespace: "org-acme".into(),
+            deletion_policy: DeletionPolicy::Retain,
+            rotate: false,
+            peers: vec![],
+            owner: Default::default(),
+        }
+    }
+
+    #[test]
+    fn namespace_is_labelled_and_restricted() {
+        let ns = namespace_plan(&tenant());
+        let labels = ns.metadata.labels.unwrap();
+        assert_eq!(labels["bulkhead.dev/org-id"], "acme");
+        assert_eq!(labels["pod-security.kubernetes.io/enforce"], "restricted");
+        assert_eq!(labels["app.kubernetes.io/managed-by"], "bulkhead");
+    }
+
+    #[test]
+    fn digest_changes_with_any_edit() {
+        let mut c = Credentials::default();
+        c.set("A", "1");
+        let d1 = digest(&c);
+        c.set("A", "2");
+        assert_ne!(d1, digest(&c));
+        // Length-prefixed: moving a boundary between key and value changes the digest.
+        let a = Credentials::new(BTreeMap::from([("AB".into(), "C".into())]));
+        let b = Credentials::new(BTreeMap::from([("A".into(), "BC".into())]));
+        assert_ne!(digest(&a), digest(&b));
+    }
+
+    #[test]
+    fn provider_key_names() {
+        assert_eq!(provider_key_name("openai"), "AI_OPENAI_API_KEY");
+        assert_eq!(provider_key_name("azure-openai"), "AI_AZURE_OPENAI_API_KEY");
+    }
+}

@@ -1,0 +1,740 @@
+//! Cache layer: one Redis ACL user per organization, limited to the organization's key and
+//! channel prefix and to a command profile without keyspace-wide or dangerous commands.
+//!
+//! Drift is read per user with `ACL GETUSER` (never `ACL LIST`); users are persisted with
+//! `ACL SAVE` only when the platform says the server runs with an aclfile, debounced so one batch
+//! of changes costs one save. ACLs are per node, so every step runs on every known node.
+
+pub mod probes;
+pub mod rules;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, Value};
+use tokio::sync::Notify;
+
+use super::{
+    BuildEnv, Credentials, Layer, LayerError, LayerKind, LayerSlot, Repair, Tenant, Verification,
+};
+use crate::api::DeletionPolicy;
+use crate::api::platform::CachePlatform;
+use crate::tenant::OrgId;
+use rules::{AclPlan, AclUser, CacheRules, Drift, RuleError};
+
+/// Secret keys this layer writes.
+pub const KEY_URL: &str = "REDIS_URL";
+pub const KEY_USERNAME: &str = "REDIS_USERNAME";
+pub const KEY_PASSWORD: &str = "REDIS_PASSWORD";
+pub const KEY_KEY_PREFIX: &str = "REDIS_KEY_PREFIX";
+pub const KEY_CHANNEL_PREFIX: &str = "REDIS_CHANNEL_PREFIX";
+
+/// Length of generated passwords (alphanumeric, ~238 bits).
+const PASSWORD_LEN: usize = 40;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Generous: the first `ACL SAVE` after a bulk change can block a large server for seconds.
+const ADMIN_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A change is saved once no further change arrived for this long...
+const ACL_SAVE_QUIET: Duration = Duration::from_secs(3);
+/// ...or at the latest this long after the first unsaved change.
+const ACL_SAVE_MAX_DELAY: Duration = Duration::from_secs(30);
+/// Keys unlinked per `UNLINK` during `Delete` cleanup.
+const UNLINK_BATCH: usize = 500;
+
+impl From<RuleError> for LayerError {
+    fn from(e: RuleError) -> Self {
+        match e {
+            RuleError::BadOrgId(..) => LayerError::Refused(e.to_string()),
+            _ => LayerError::Config(e.to_string()),
+        }
+    }
+}
+
+/// Builds the cache layer for a platform: reads the admin URL Secret and connects.
+pub async fn build(env: &BuildEnv<'_>) -> LayerSlot {
+    let Some(spec) = env.platform.spec.cache.as_ref() else {
+        return Err(LayerError::Config(
+            "the platform has no cache section".to_owned(),
+        ));
+    };
+    let url = env.secret_key(&spec.admin_url_secret_ref).await?;
+    let layer = CacheLayer::connect(spec, &url).await?;
+    Ok(Arc::new(layer))
+}
+
+/// The cache layer for one platform.
+#[derive(Clone)]
+pub struct CacheLayer {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    spec: CachePlatform,
+    rules: CacheRules,
+    admin: ConnectionInfo,
+    tls: bool,
+    /// `host:port` of the admin URL: the primary, where data (canaries, cleanup) is written.
+    primary: String,
+    db: i64,
+    /// Every node ACLs are applied on, the primary first.
+    nodes: Mutex<Vec<String>>,
+    conns: Mutex<BTreeMap<String, MultiplexedConnection>>,
+    /// Per node: the server's own description of the command profile (the reference user).
+    reference: Mutex<BTreeMap<String, AclUser>>,
+    saves: Arc<SaveState>,
+}
+
+/// Debounced `ACL SAVE` state shared with the background saver.
+#[derive(Default)]
+struct SaveState {
+    dirty: AtomicBool,
+    changes: AtomicU64,
+    wake: Notify,
+}
+
+fn unreachable(node: &str, e: &redis::RedisError) -> LayerError {
+    LayerError::Unreachable(format!("redis {node}: {}", safe_error(e)))
+}
+
+fn backend(node: &str, what: &str, e: &redis::RedisError) -> LayerError {
+    LayerError::Backend(format!("redis {node}: {what}: {}", safe_error(e)))
+}
+
+/// A Redis error in words; server replies and I/O errors never carry credentials.
+fn safe_error(e: &redis::RedisError) -> String {
+    match (e.code(), e.detail()) {
+        (Some(code), Some(detail)) => format!("{code} {detail}"),
+        _ => format!("{:?}", e.kind()).chars().take(200).collect(),
+    }
+}
+
+fn is_connection_error(e: &redis::RedisError) -> bool {
+    e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
+}
+
+fn node_addr(tls: bool, node: &str) -> Result<ConnectionAddr, LayerError> {
+    let (host, port) = node
+        .rsplit_once(':')
+        .and_then(|(h, p)| {
+            Some((
+                h.trim_start_matches('[').trim_end_matches(']'),
+                p.parse::<u16>().ok()?,
+            ))
+        })
+        .filter(|(h, _)| !h.is_empty())
+        .ok_or_else(|| LayerError::Config(format!("cache node {node:?} is not host:port")))?;
+    Ok(if tls {
+        ConnectionAddr::TcpTls {
+            host: host.to_owned(),
+            port,
+            insecure: false,
+            tls_params: None,
+        }
+    } else {
+        ConnectionAddr::Tcp(host.to_owned(), port)
+    })
+}
+
+fn addr_string(addr: &ConnectionAddr) -> Option<(String, bool)> {
+    match addr {
+        ConnectionAddr::Tcp(h, p) => Some((join_host_port(h, *p), false)),
+        ConnectionAddr::TcpTls { host, port, .. } => Some((join_host_port(host, *port), true)),
+        _ => None,
+    }
+}
+
+fn join_host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+impl CacheLayer {
+    /// Validates the platform's cache settings (before any Redis call), then connects to the
+    /// admin URL and discovers further nodes when asked to.
+    pub async fn connect(spec: &CachePlatform, admin_url: &str) -> Result<CacheLayer, LayerError> {
+        let rules = CacheRules::from_spec(spec)?;
+        let tenant_endpoint = spec.tenant_endpoint.as_deref();
+        if let Some(ep) = tenant_endpoint {
+            node_addr(false, ep)?;
+        }
+        for n in &spec.nodes {
+            node_addr(false, n)?;
+        }
+        if admin_url.starts_with("rediss://") {
+            install_tls_provider();
+        }
+        let admin = admin_url.into_connection_info().map_err(|_| {
+            LayerError::Config(
+                "the cache admin URL does not parse as a redis:// or rediss:// URL".into(),
+            )
+        })?;
+        let (primary, tls) = addr_string(admin.addr()).ok_or_else(|| {
+            LayerError::Config("the cache admin URL must name a TCP host, not a socket".into())
+        })?;
+        let db = admin.redis_settings().db();
+        let mut nodes = vec![primary.clone()];
+        for n in &spec.nodes {
+            if !nodes.contains(n) {
+                nodes.push(n.clone());
+            }
+        }
+        let inner = Arc::new(Inner {
+            spec: spec.clone(),
+            rules,
+            admin,
+            tls,
+            primary,
+            db,
+            nodes: Mutex::new(nodes),
+            conns: Mutex::new(BTreeMap::new()),
+            reference: Mutex::new(BTreeMap::new()),
+            saves: Arc::new(SaveState::default()),
+        });
+        let layer = CacheLayer { inner };
+        let primary = layer.inner.primary.clone();
+        layer.admin_conn(&primary).await?;
+        if spec.discover_nodes {
+            layer.discover().await?;
+        }
+        if spec.acl_file {
+            spawn_saver(Arc::downgrade(&layer.inner), layer.inner.saves.clone());
+        }
+        Ok(layer)
+    }
+
+    pub fn rules(&self) -> &CacheRules {
+        &self.inner.rules
+    }
+
+    /// The nodes ACLs are applied on, the primary first.
+    pub fn nodes(&self) -> Vec<String> {
+        self.inner
+            .nodes
+            .lock()
+            .map(|n| n.clone())
+            .unwrap_or_default()
+    }
+
+    /// The plan for a raw org id, validated here again so a bad id never reaches Redis.
+    pub fn plan_for(&self, raw_org: &str, password: &str) -> Result<AclPlan, LayerError> {
+        let org = rules::checked_org(raw_org)?;
+        Ok(self
+            .inner
+            .rules
+            .plan(&org, &rules::password_sha256(password))?)
+    }
+
+    /// How many ACL changes were made since this layer was built (for tests and metrics).
+    pub fn acl_changes(&self) -> u64 {
+        self.inner.saves.changes.load(Ordering::Relaxed)
+    }
+
+    async fn admin_conn(&self, node: &str) -> Result<MultiplexedConnection, LayerError> {
+        if let Some(c) = self
+            .inner
+            .conns
+            .lock()
+            .ok()
+            .and_then(|m| m.get(node).cloned())
+        {
+            return Ok(c);
+        }
+        let info = self
+            .inner
+            .admin
+            .clone()
+            .set_addr(node_addr(self.inner.tls, node)?);
+        let client = redis::Client::open(info).map_err(|e| unreachable(node, &e))?;
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(ADMIN_RESPONSE_TIMEOUT));
+        let conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(|e| unreachable(node, &e))?;
+        if let Ok(mut m) = self.inner.conns.lock() {
+            m.insert(node.to_owned(), conn.clone());
+        }
+        Ok(conn)
+    }
+
+    /// Runs one admin command on `node`; a broken connection is dropped so the next call reconnects.
+    async fn admin_cmd(
+        &self,
+        node: &str,
+        what: &str,
+        cmd: &redis::Cmd,
+    ) -> Result<Value, LayerError> {
+        let mut conn = self.admin_conn(node).await?;
+        match cmd.query_async::<Value>(&mut conn).await {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                if is_connection_error(&e) {
+                    if let Ok(mut m) = self.inner.conns.lock() {
+                        m.remove(node);
+                    }
+                    return Err(unreachable(node, &e));
+                }
+                Err(backend(node, what, &e))
+            }
+        }
+    }
+
+    /// Adds replicas (`ROLE`) and cluster nodes (`CLUSTER NODES`) of the primary to the node list.
+    pub async fn discover(&self) -> Result<Vec<String>, LayerError> {
+        let primary = self.inner.primary.clone();
+        let role = self
+            .admin_cmd(&primary, "ROLE", &redis::cmd("ROLE"))
+            .await?;
+        let mut found = rules::parse_role_replicas(&role);
+        // Fails with an error when cluster mode is off; that only means there is nothing to add.
+        if let Ok(v) = self
+            .admin_cmd(
+                &primary,
+                "CLUSTER NODES",
+                redis::cmd("CLUSTER").arg("NODES"),
+            )
+            .await
+        {
+            let text = match &v {
+                Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+                Value::VerbatimString { text, .. } => text.clone(),
+                _ => String::new(),
+            };
+            found.extend(rules::parse_cluster_nodes(&text));
+        }
+        for n in &found {
+            node_addr(self.inner.tls, n)?;
+        }
+        if let Ok(mut nodes) = self.inner.nodes.lock() {
+            for n in &found {
+                if !nodes.contains(n) {
+                    nodes.push(n.clone());
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Writes the reference user on `node` and records the server's description of the profile.
+    async fn refresh_reference(&self, node: &str) -> Result<AclUser, LayerError> {
+        let plan = self.inner.rules.reference_plan()?;
+        self.setuser(node, &plan).await?;
+        let user = self.getuser(node, &plan.user).await?.ok_or_else(|| {
+            LayerError::Backend(format!(
+                "redis {node}: reference ACL user vanished right after ACL SETUSER"
+            ))
+        })?;
+        if let Ok(mut r) = self.inner.reference.lock() {
+            r.insert(node.to_owned(), user.clone());
+        }
+        Ok(user)
+    }
+
+    async fn reference(&self, node: &str) -> Result<AclUser, LayerError> {
+        if let Some(u) = self
+            .inner
+            .reference
+            .lock()
+            .ok()
+            .and_then(|r| r.get(node).cloned())
+        {
+            return Ok(u);
+        }
+        self.refresh_reference(node).await
+    }
+
+    async fn getuser(&self, node: &str, user: &str) -> Result<Option<AclUser>, LayerError> {
+        let v = self
+            .admin_cmd(
+                node,
+                "ACL GETUSER",
+                redis::cmd("ACL").arg("GETUSER").arg(user),
+            )
+            .await?;
+        rules::parse_getuser(&v).map_err(|e| LayerError::Backend(format!("redis {node}: {e}")))
+    }
+
+    async fn setuser(&self, node: &str, plan: &AclPlan) -> Result<(), LayerError> {
+        let mut cmd = redis::cmd("ACL");
+        cmd.arg("SETUSER").arg(&plan.user);
+        for rule in plan.setuser_rules() {
+            cmd.arg(rule);
+        }
+        self.admin_cmd(node, "ACL SETUSER", &cmd).await?;
+        self.mark_dirty();
+        Ok(())
+    }
+
+    /// Disconnects every client authenticated as `user` on `node`.
+    async fn kill_clients(&self, node: &str, user: &str) -> Result<(), LayerError> {
+        match self
+            .admin_cmd(
+                node,
+                "CLIENT KILL",
+                redis::cmd("CLIENT").arg("KILL").arg("USER").arg(user),
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            // "No such user": nothing to disconnect.
+            Err(LayerError::Backend(m)) if m.contains("No such user") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn mark_dirty(&self) {
+        self.inner.saves.changes.fetch_add(1, Ordering::Relaxed);
+        if self.inner.spec.acl_file {
+            self.inner.saves.dirty.store(true, Ordering::Release);
+            self.inner.saves.wake.notify_one();
+        }
+    }
+
+    /// Saves the ACLs now on every node if there are unsaved changes (`aclFile` only). The
+    /// background saver calls this after a quiet period; shutdown may call it directly.
+    pub async fn persist_acl(&self) -> Result<bool, LayerError> {
+        if !self.inner.spec.acl_file || !self.inner.saves.dirty.swap(false, Ordering::AcqRel) {
+            return Ok(false);
+        }
+        for node in self.nodes() {
+            if let Err(e) = self
+                .admin_cmd(&node, "ACL SAVE", redis::cmd("ACL").arg("SAVE"))
+                .await
+            {
+                self.inner.saves.dirty.store(true, Ordering::Release);
+                return Err(e);
+            }
+        }
+        Ok(true)
+    }
+
+    /// The organization's password: the one in its credentials unless rotating or absent.
+    fn password(tenant: &Tenant, creds: &Credentials) -> (String, bool) {
+        match creds.get(KEY_PASSWORD).filter(|p| !p.is_empty()) {
+            Some(p) if !tenant.rotate => (p.to_owned(), false),
+            _ => (super::random_secret(PASSWORD_LEN), true),
+        }
+    }
+
+    fn tenant_url(&self, user: &str, password: &str) -> String {
+        let endpoint = self
+            .inner
+            .spec
+            .tenant_endpoint
+            .clone()
+            .unwrap_or_else(|| self.inner.primary.clone());
+        rules::tenant_url(self.inner.tls, user, password, &endpoint, self.inner.db)
+    }
+
+    /// Connection settings for the organization's own user on `node`.
+    fn tenant_info(
+        &self,
+        node: &str,
+        user: &str,
+        password: &str,
+    ) -> Result<ConnectionInfo, LayerError> {
+        let settings = self
+            .inner
+            .admin
+            .redis_settings()
+            .clone()
+            .set_username(user)
+            .set_password(password)
+            .set_skip_set_lib_name();
+        Ok(self
+            .inner
+            .admin
+            .clone()
+            .set_addr(node_addr(self.inner.tls, node)?)
+            .set_redis_settings(settings))
+    }
+
+    /// Sets `org`'s canary key as admin on the primary.
+    async fn write_canary(&self, org: &OrgId) -> Result<(), LayerError> {
+        let key = self.inner.rules.canary_key(org)?;
+        let primary = self.inner.primary.clone();
+        self.admin_cmd(
+            &primary,
+            "SET canary",
+            redis::cmd("SET").arg(&key).arg(rules::CANARY_VALUE),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Deletes every key under `org`'s prefix on the primary with `SCAN MATCH` and batched `UNLINK`.
+    /// Returns the number of keys unlinked.
+    pub async fn delete_keys(&self, org: &OrgId) -> Result<u64, LayerError> {
+        let pattern = self.inner.rules.scan_pattern(org)?;
+        let primary = self.inner.primary.clone();
+        let mut cursor: u64 = 0;
+        let mut removed = 0u64;
+        let mut pending: Vec<Vec<u8>> = Vec::new();
+        loop {
+            let reply = self
+                .admin_cmd(
+                    &primary,
+                    "SCAN",
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(1000),
+                )
+                .await?;
+            let (next, keys) = parse_scan(&reply).ok_or_else(|| {
+                LayerError::Backend(format!("redis {primary}: unexpected SCAN reply"))
+            })?;
+            pending.extend(keys);
+            while pending.len() >= UNLINK_BATCH || (next == 0 && !pending.is_empty()) {
+                let batch: Vec<Vec<u8>> =
+                    pending.drain(..pending.len().min(UNLINK_BATCH)).collect();
+                let mut cmd = redis::cmd("UNLINK");
+                for k in &batch {
+                    cmd.arg(k.as_slice());
+                }
+                if let Value::Int(n) = self.admin_cmd(&primary, "UNLINK", &cmd).await? {
+                    removed += u64::try_from(n).unwrap_or(0);
+                }
+            }
+            if next == 0 {
+                return Ok(removed);
+            }
+            cursor = next;
+        }
+    }
+}
+
+fn parse_scan(v: &Value) -> Option<(u64, Vec<Vec<u8>>)> {
+    let Value::Array(parts) = v else { return None };
+    let cursor = match parts.first()? {
+        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok()?,
+        Value::SimpleString(s) => s.parse().ok()?,
+        Value::Int(n) => u64::try_from(*n).ok()?,
+        _ => return None,
+    };
+    let keys = match parts.get(1)? {
+        Value::Array(k) => k
+            .iter()
+            .filter_map(|k| match k {
+                Value::BulkString(b) => Some(b.clone()),
+                _ => None,
+            })
+            .collect(),
+        _ => return None,
+    };
+    Some((cursor, keys))
+}
+
+/// Runs `ACL SAVE` once per batch of changes: after a quiet period, or at the latest after a
+/// maximum delay. Ends when the layer is dropped.
+fn spawn_saver(layer: Weak<Inner>, state: Arc<SaveState>) {
+    tokio::spawn(async move {
+        loop {
+            // Wake up now and then to notice the layer was dropped.
+            if tokio::time::timeout(Duration::from_secs(30), state.wake.notified())
+                .await
+                .is_err()
+            {
+                if layer.strong_count() == 0 {
+                    return;
+                }
+                continue;
+            }
+            let started = tokio::time::Instant::now();
+            let mut seen = state.changes.load(Ordering::Relaxed);
+            loop {
+                tokio::time::sleep(ACL_SAVE_QUIET).await;
+                let now = state.changes.load(Ordering::Relaxed);
+                if now == seen || started.elapsed() >= ACL_SAVE_MAX_DELAY {
+                    break;
+                }
+                seen = now;
+            }
+            let Some(inner) = layer.upgrade() else { return };
+            let layer_now = CacheLayer { inner };
+            if let Err(e) = layer_now.persist_acl().await {
+                tracing::warn!(error = %e, "ACL SAVE failed; retrying with the next change");
+            }
+        }
+    });
+}
+
+/// rustls needs one process-wide crypto provider when more than one is compiled in (ring and
+/// aws-lc-rs both are); an already installed provider is kept.
+fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+#[async_trait]
+impl Layer for CacheLayer {
+    fn kind(&self) -> LayerKind {
+        LayerKind::Cache
+    }
+
+    /// Discovers nodes, rewrites the reference user on each, and writes the sentinel's canary.
+    async fn prepare(&self) -> Result<Vec<Repair>, LayerError> {
+        if self.inner.spec.discover_nodes {
+            self.discover().await?;
+        }
+        for node in self.nodes() {
+            self.refresh_reference(&node).await?;
+        }
+        self.write_canary(&OrgId::sentinel()).await?;
+        Ok(Vec::new())
+    }
+
+    async fn ensure(
+        &self,
+        tenant: &Tenant,
+        creds: &mut Credentials,
+    ) -> Result<Vec<Repair>, LayerError> {
+        let org = rules::checked_org(tenant.org_id.as_str())?;
+        let had_password = creds.get(KEY_PASSWORD).is_some_and(|p| !p.is_empty());
+        let (password, new_password) = Self::password(tenant, creds);
+        let plan = self
+            .inner
+            .rules
+            .plan(&org, &rules::password_sha256(&password))?;
+        let key_prefix = self.inner.rules.key_prefix(&org)?;
+        let channel_prefix = self.inner.rules.channel_prefix(&org)?;
+        let mut repairs = Vec::new();
+        for node in self.nodes() {
+            let reference = self.reference(&node).await?;
+            let actual = self.getuser(&node, &plan.user).await?;
+            let drift = rules::diff(&plan, actual.as_ref(), &reference);
+            if drift.is_empty() {
+                continue;
+            }
+            self.setuser(&node, &plan).await?;
+            let foreign_password = drift.contains(&Drift::Password) && !new_password;
+            if foreign_password || drift.iter().any(|d| matches!(d, Drift::Flags { .. })) {
+                // Someone else set a password or `nopass`: evict whoever logged in with it.
+                self.kill_clients(&node, &plan.user).await?;
+            }
+            for d in drift {
+                let expected = match d {
+                    Drift::Missing => !had_password,
+                    Drift::Password => new_password,
+                    _ => false,
+                };
+                if !expected {
+                    repairs.push(Repair(format!(
+                        "cache: ACL user {} on {node}: {d}; restored",
+                        plan.user
+                    )));
+                }
+            }
+        }
+        self.write_canary(&org).await?;
+        creds.set(KEY_URL, self.tenant_url(&plan.user, &password));
+        creds.set(KEY_USERNAME, plan.user.clone());
+        creds.set(KEY_PASSWORD, password);
+        creds.set(KEY_KEY_PREFIX, key_prefix);
+        creds.set(KEY_CHANNEL_PREFIX, channel_prefix);
+        Ok(repairs)
+    }
+
+    async fn verify(
+        &self,
+        tenant: &Tenant,
+        creds: &Credentials,
+    ) -> Result<Verification, LayerError> {
+        let org = rules::checked_org(tenant.org_id.as_str())?;
+        let mut peers = Vec::new();
+        for p in &tenant.peers {
+            peers.push(rules::checked_org(p.as_str())?);
+        }
+        let mut v = Verification::default();
+        let Some(password) = creds.get(KEY_PASSWORD).filter(|p| !p.is_empty()) else {
+            v.findings.push(
+                "cache: the credentials hold no REDIS_PASSWORD; the ACL user is not provisioned"
+                    .into(),
+            );
+            return Ok(v);
+        };
+        let plan = self
+            .inner
+            .rules
+            .plan(&org, &rules::password_sha256(password))?;
+        let nodes = self.nodes();
+        for node in &nodes {
+            let reference = self.reference(node).await?;
+            let actual = self.getuser(node, &plan.user).await?;
+            for d in rules::diff(&plan, actual.as_ref(), &reference) {
+                v.findings
+                    .push(format!("cache: ACL user {} on {node}: {d}", plan.user));
+            }
+        }
+        for (i, node) in nodes.iter().enumerate() {
+            let info = self.tenant_info(node, &plan.user, password)?;
+            let target = probes::Target {
+                rules: &self.inner.rules,
+                org: &org,
+                peers: &peers,
+                node,
+                primary: i == 0,
+            };
+            v.probes.extend(probes::run(&target, info).await);
+        }
+        Ok(v)
+    }
+
+    async fn cleanup(&self, tenant: &Tenant) -> Result<(), LayerError> {
+        let org = rules::checked_org(tenant.org_id.as_str())?;
+        let user = self.inner.rules.user_name(&org);
+        match tenant.deletion_policy {
+            DeletionPolicy::Retain => {
+                for node in self.nodes() {
+                    if self.getuser(&node, &user).await?.is_some() {
+                        self.admin_cmd(
+                            &node,
+                            "ACL SETUSER",
+                            redis::cmd("ACL")
+                                .arg("SETUSER")
+                                .arg(&user)
+                                .arg("off")
+                                .arg("resetpass"),
+                        )
+                        .await?;
+                        self.mark_dirty();
+                        // `off` does not end sessions that are already authenticated.
+                        self.kill_clients(&node, &user).await?;
+                    }
+                }
+            }
+            DeletionPolicy::Delete => {
+                for node in self.nodes() {
+                    // DELUSER also disconnects the user's clients.
+                    if let Value::Int(n) = self
+                        .admin_cmd(
+                            &node,
+                            "ACL DELUSER",
+                            redis::cmd("ACL").arg("DELUSER").arg(&user),
+                        )
+                        .await?
+                    {
+                        if n > 0 {
+                            self.mark_dirty();
+                        }
+                    }
+                }
+                self.delete_keys(&org).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn identity(&self, org: &OrgId) -> Option<String> {
+        Some(self.inner.rules.user_name(org))
+    }
+}

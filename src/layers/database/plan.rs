@@ -1,0 +1,706 @@
+//! Pure SQL plans: from the settings and a catalog snapshot to the statements that converge it.
+
+use sha2::{Digest, Sha256};
+
+use super::catalog::{Catalog, PolicyState, RoleState, TableState};
+use super::ident::{quote_ident, quote_literal};
+use super::settings::{JWT_CLAIMS_SETTING, POLICY, SHARED_READ_POLICY, Settings, SharedRead};
+use crate::api::platform::IdentityMode;
+use crate::layers::Repair;
+
+/// Policy on the mapping table: a session sees only its own row.
+pub const MAPPING_POLICY: &str = "bulkhead_own_mapping";
+
+/// Statements for one step, and the drifts they repair.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub statements: Vec<String>,
+    pub repairs: Vec<Repair>,
+    /// `CREATE INDEX CONCURRENTLY` statements, run outside the transaction.
+    pub concurrent: Vec<String>,
+}
+
+impl Plan {
+    fn push(&mut self, sql: String) {
+        self.statements.push(sql);
+    }
+    fn repair(&mut self, what: String) {
+        self.repairs.push(Repair(what));
+    }
+    pub fn is_empty(&self) -> bool {
+        self.statements.is_empty() && self.concurrent.is_empty()
+    }
+}
+
+/// The body of the identity function. Tenant login roles are pinned to their mapping in every
+/// mode; members of the group without a mapping (the group itself) get NULL, so no rows. Only
+/// other roles (a pooled application role) may name an organization by setting or JWT.
+pub fn identity_body(s: &Settings) -> String {
+    let mapped = format!("SELECT m.org_id FROM {} m WHERE m.role_name = current_user::text", s.mapping);
+    let fallback = match s.mode {
+        IdentityMode::Role => return format!("\n{mapped}\n"),
+        IdentityMode::Setting => {
+            format!("NULLIF(pg_catalog.current_setting({}, true), '')", quote_literal(&s.setting_name))
+        }
+        IdentityMode::Jwt => format!(
+            "(NULLIF(pg_catalog.current_setting({}, true), '')::jsonb ->> {})",
+            quote_literal(JWT_CLAIMS_SETTING),
+            quote_literal(&s.jwt_claim)
+        ),
+    };
+    format!(
+        "\nSELECT COALESCE(({mapped}), CASE WHEN pg_catalog.pg_has_role(current_user, {}, 'MEMBER') THEN NULL ELSE {fallback} END)\n",
+        quote_literal(s.group_role.as_str())
+    )
+}
+
+/// `CREATE OR REPLACE FUNCTION` for the identity function.
+pub fn identity_function_sql(s: &Settings) -> String {
+    format!(
+        "CREATE OR REPLACE FUNCTION {}() RETURNS text LANGUAGE sql STABLE SECURITY INVOKER \
+         SET search_path = pg_catalog, pg_temp AS {}",
+        s.identity_function,
+        dollar_quote(&identity_body(s))
+    )
+}
+
+/// The `proconfig` entry the identity function must carry.
+pub const IDENTITY_CONFIG: &str = "search_path=pg_catalog, pg_temp";
+
+/// Dollar-quotes a body with a tag that does not occur in it.
+pub fn dollar_quote(body: &str) -> String {
+    let mut tag = "bulkhead".to_owned();
+    while body.contains(&format!("${tag}$")) {
+        tag.push('_');
+    }
+    format!("${tag}${body}${tag}$")
+}
+
+/// `USING` of the operator's policy: the identity function wrapped in a sub-select so it runs
+/// once per query, not once per row.
+pub fn policy_using(s: &Settings) -> String {
+    format!("{} = (SELECT {}())", s.tenant_column, s.identity_function)
+}
+
+/// `WITH CHECK` of the operator's policy; shared rows can never be written by a tenant.
+pub fn policy_check(s: &Settings, shared: Option<&SharedRead>) -> String {
+    match shared {
+        None => policy_using(s),
+        Some(sr) => format!("{} AND {} IS DISTINCT FROM {}", policy_using(s), sr.column, quote_literal(&sr.value)),
+    }
+}
+
+/// `USING` of the read-only companion policy of an override table.
+pub fn shared_read_using(sr: &SharedRead) -> String {
+    format!("{} = {}", sr.column, quote_literal(&sr.value))
+}
+
+fn table_ref(t: &TableState) -> String {
+    format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.name))
+}
+
+/// Name of the index the operator creates on a table (hashed: table names may be long).
+pub fn index_name(t: &TableState) -> String {
+    let digest = hex::encode(Sha256::digest(t.qualified().as_bytes()));
+    format!("bulkhead_org_idx_{}", &digest[..16])
+}
+
+/// The platform objects: schemas, group role, mapping table, identity function, registry.
+pub fn bootstrap(s: &Settings, cat: &Catalog) -> Plan {
+    let mut p = Plan::default();
+    let g = &s.group_role;
+    let mut schemas: Vec<&super::ident::Ident> = vec![&s.operator_schema, &s.identity_function.schema];
+    schemas.extend(s.schemas.iter());
+    let mut seen = std::collections::BTreeSet::new();
+    for schema in schemas {
+        if seen.insert(schema.as_str()) && !cat.schemas.contains(schema.as_str()) {
+            p.push(format!("CREATE SCHEMA IF NOT EXISTS {schema}"));
+        }
+    }
+
+    match &cat.group {
+        None => p.push(format!("CREATE ROLE {g} NOLOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE NOREPLICATION")),
+        Some(r) => {
+            if r.superuser || r.bypass_rls || r.can_login || r.create_role || r.create_db {
+                p.push(format!("ALTER ROLE {g} NOLOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE"));
+                p.repair(format!("group role {} had LOGIN, SUPERUSER, BYPASSRLS or CREATE* attributes; removed", g.as_str()));
+            }
+            for m in &r.other_memberships {
+                p.push(format!("REVOKE {} FROM {g}", quote_ident(m)));
+                p.repair(format!("group role {} was a member of {m}; revoked", g.as_str()));
+            }
+        }
+    }
+    for schema in std::iter::once(&s.operator_schema).chain([&s.identity_function.schema]).chain(s.schemas.iter()) {
+        if !cat.group_schema_usage.contains(schema.as_str()) {
+            p.push(format!("GRANT USAGE ON SCHEMA {schema} TO {g}"));
+        }
+    }
+    if cat.group_mapped {
+        p.push(format!("DELETE FROM {} WHERE role_name = {}", s.mapping, quote_literal(g.as_str())));
+        p.repair(format!("group role {} was mapped to an organization; mapping removed", g.as_str()));
+    }
+
+    let mapping = &s.mapping;
+    match &cat.mapping {
+        None => {
+            p.push(format!(
+                "CREATE TABLE IF NOT EXISTS {mapping} (role_name text PRIMARY KEY, org_id text NOT NULL UNIQUE, \
+                 created_at timestamptz NOT NULL DEFAULT now())"
+            ));
+            p.push(format!("ALTER TABLE {mapping} ENABLE ROW LEVEL SECURITY"));
+            p.push(format!("ALTER TABLE {mapping} FORCE ROW LEVEL SECURITY"));
+            p.push(format!(
+                "CREATE POLICY {} ON {mapping} FOR SELECT USING (role_name = current_user::text)",
+                quote_ident(MAPPING_POLICY)
+            ));
+            p.push(format!("GRANT SELECT ON {mapping} TO {g}"));
+        }
+        Some(t) => {
+            let mut fixed = Vec::new();
+            if !t.rls {
+                p.push(format!("ALTER TABLE {mapping} ENABLE ROW LEVEL SECURITY"));
+                fixed.push("enabled RLS");
+            }
+            if !t.force {
+                p.push(format!("ALTER TABLE {mapping} FORCE ROW LEVEL SECURITY"));
+                fixed.push("forced RLS");
+            }
+            let others: Vec<&PolicyState> = t.policies.iter().filter(|x| x.name != MAPPING_POLICY).collect();
+            for x in others {
+                p.push(format!("DROP POLICY {} ON {mapping}", quote_ident(&x.name)));
+                fixed.push("dropped a foreign policy");
+            }
+            if t.policy(MAPPING_POLICY).is_none() {
+                p.push(format!(
+                    "CREATE POLICY {} ON {mapping} FOR SELECT USING (role_name = current_user::text)",
+                    quote_ident(MAPPING_POLICY)
+                ));
+                fixed.push("restored its policy");
+            }
+            if t.group.insert || t.group.update || t.group.delete || t.group.truncate || t.group.trigger || t.group.references {
+                p.push(format!("REVOKE INSERT, UPDATE, DELETE, TRUNCATE, TRIGGER, REFERENCES ON {mapping} FROM {g}"));
+                p.push(format!("REVOKE INSERT, UPDATE, DELETE, TRUNCATE, TRIGGER, REFERENCES ON {mapping} FROM PUBLIC"));
+                fixed.push("revoked tenant write privileges");
+            }
+            if !t.group.select {
+                p.push(format!("GRANT SELECT ON {mapping} TO {g}"));
+            }
+            if !fixed.is_empty() {
+                p.repair(format!("role mapping {}: {}", mapping.plain(), fixed.join(", ")));
+            }
+        }
+    }
+
+    let planned_body = identity_body(s);
+    match &cat.function {
+        None => p.push(identity_function_sql(s)),
+        Some(f) => {
+            let intact = f.body == planned_body
+                && f.volatility == "s"
+                && !f.security_definer
+                && f.config == [IDENTITY_CONFIG.to_owned()];
+            if !intact {
+                p.push(identity_function_sql(s));
+                p.repair(format!("identity function {}() differed from the planned one; replaced", s.identity_function.plain()));
+            }
+            if cat.tenant_role_names().contains(f.owner.as_str()) || f.owner == g.as_str() {
+                p.push(format!("ALTER FUNCTION {}() OWNER TO CURRENT_USER", s.identity_function));
+                p.repair(format!("identity function was owned by tenant role {}; reassigned", f.owner));
+            }
+        }
+    }
+
+    let registry = &s.registry;
+    let reg_policy = format!(
+        "CREATE POLICY {} ON {registry} FOR SELECT USING (id = (SELECT {}()))",
+        quote_ident(POLICY),
+        s.identity_function
+    );
+    match &cat.registry {
+        None => {
+            p.push(format!(
+                "CREATE TABLE IF NOT EXISTS {registry} (id text PRIMARY KEY, display_name text NOT NULL, \
+                 created_at timestamptz NOT NULL DEFAULT now(), updated_at timestamptz NOT NULL DEFAULT now())"
+            ));
+            p.push(format!("ALTER TABLE {registry} ENABLE ROW LEVEL SECURITY"));
+            p.push(format!("ALTER TABLE {registry} FORCE ROW LEVEL SECURITY"));
+            p.push(reg_policy);
+            p.push(format!("GRANT SELECT ON {registry} TO {g}"));
+        }
+        Some(t) => {
+            let mut fixed = Vec::new();
+            if !t.rls {
+                p.push(format!("ALTER TABLE {registry} ENABLE ROW LEVEL SECURITY"));
+                fixed.push("enabled RLS");
+            }
+            if !t.force {
+                p.push(format!("ALTER TABLE {registry} FORCE ROW LEVEL SECURITY"));
+                fixed.push("forced RLS");
+            }
+            if t.policy(POLICY).is_none() {
+                p.push(reg_policy);
+                fixed.push("restored its policy");
+            }
+            for x in t.policies.iter().filter(|x| x.name != POLICY && x.permissive && x.applies_to_tenants) {
+                p.push(format!("DROP POLICY {} ON {registry}", quote_ident(&x.name)));
+                fixed.push("dropped a widening policy");
+            }
+            if t.group.insert || t.group.update || t.group.delete || t.group.truncate || t.group.trigger {
+                p.push(format!("REVOKE INSERT, UPDATE, DELETE, TRUNCATE, TRIGGER ON {registry} FROM {g}"));
+                fixed.push("revoked tenant write privileges");
+            }
+            if !t.group.select {
+                p.push(format!("GRANT SELECT ON {registry} TO {g}"));
+            }
+            if !fixed.is_empty() {
+                p.repair(format!("registry {}: {}", registry.plain(), fixed.join(", ")));
+            }
+        }
+    }
+    p
+}
+
+/// Whether the operator's policy on a table is exactly as planned.
+pub fn policy_intact(policy: &PolicyState, using: &str, check: Option<&str>, command: &str) -> bool {
+    policy.permissive
+        && policy.command == command
+        && policy.roles == ["public"]
+        && policy.using.as_deref() == Some(using)
+        && policy.check.as_deref() == check
+}
+
+/// Statements that bring one governed table to the planned state.
+pub fn govern_table(s: &Settings, t: &TableState) -> Plan {
+    let mut p = Plan::default();
+    let tbl = table_ref(t);
+    let g = &s.group_role;
+    let shared = s.shared_read(&t.name);
+    let mut fixed: Vec<String> = Vec::new();
+    if !t.rls {
+        p.push(format!("ALTER TABLE {tbl} ENABLE ROW LEVEL SECURITY"));
+        fixed.push("enabled RLS".into());
+    }
+    if !t.force {
+        p.push(format!("ALTER TABLE {tbl} FORCE ROW LEVEL SECURITY"));
+        fixed.push("forced RLS".into());
+    }
+    let create = format!(
+        "CREATE POLICY {} ON {tbl} USING ({}) WITH CHECK ({})",
+        quote_ident(POLICY),
+        policy_using(s),
+        policy_check(s, shared)
+    );
+    match (t.policy(POLICY), &t.expected) {
+        (None, _) => {
+            p.push(create);
+            fixed.push("created the isolation policy".into());
+        }
+        (Some(pol), Some(exp)) if !policy_intact(pol, &exp.using, Some(&exp.check), "*") => {
+            p.push(format!("DROP POLICY {} ON {tbl}", quote_ident(POLICY)));
+            p.push(create);
+            fixed.push("restored the altered isolation policy".into());
+        }
+        _ => {}
+    }
+    if let Some(sr) = shared {
+        let create_shared = format!(
+            "CREATE POLICY {} ON {tbl} FOR SELECT USING ({})",
+            quote_ident(SHARED_READ_POLICY),
+            shared_read_using(sr)
+        );
+        match (t.policy(SHARED_READ_POLICY), t.expected.as_ref().and_then(|e| e.shared_using.as_deref())) {
+            (None, _) => {
+                p.push(create_shared);
+                fixed.push("created the shared-read policy".into());
+            }
+            (Some(pol), Some(exp)) if !policy_intact(pol, exp, None, "r") => {
+                p.push(format!("DROP POLICY {} ON {tbl}", quote_ident(SHARED_READ_POLICY)));
+                p.push(create_shared);
+                fixed.push("restored the altered shared-read policy".into());
+            }
+            _ => {}
+        }
+    }
+    for x in &t.policies {
+        let ours = x.name == POLICY || (shared.is_some() && x.name == SHARED_READ_POLICY);
+        if !ours && x.permissive && x.applies_to_tenants {
+            p.push(format!("DROP POLICY {} ON {tbl}", quote_ident(&x.name)));
+            fixed.push(format!("dropped widening policy {}", x.name));
+        }
+    }
+    if let Some(exp) = &t.expected
+        && t.tenant_default.as_deref() != Some(exp.default.as_str())
+    {
+        p.push(format!("ALTER TABLE {tbl} ALTER COLUMN {} SET DEFAULT {}()", s.tenant_column, s.identity_function));
+        fixed.push("set the tenant column's default".into());
+    }
+    if t.expected.is_none() && t.tenant_default.is_none() {
+        p.push(format!("ALTER TABLE {tbl} ALTER COLUMN {} SET DEFAULT {}()", s.tenant_column, s.identity_function));
+    }
+    if !(t.group.select && t.group.insert && t.group.update && t.group.delete) {
+        p.push(format!("GRANT SELECT, INSERT, UPDATE, DELETE ON {tbl} TO {g}"));
+    }
+    for (schema, seq) in &t.sequences_without_usage {
+        p.push(format!("GRANT USAGE ON SEQUENCE {}.{} TO {g}", quote_ident(schema), quote_ident(seq)));
+    }
+    if t.group.truncate || t.group.trigger || t.group.references {
+        p.push(format!("REVOKE TRUNCATE, TRIGGER, REFERENCES ON {tbl} FROM {g}"));
+        p.push(format!("REVOKE TRUNCATE, TRIGGER, REFERENCES ON {tbl} FROM PUBLIC"));
+        fixed.push("revoked TRUNCATE/TRIGGER/REFERENCES from tenants".into());
+    }
+    if !t.indexed && s.create_indexes && t.kind == "r" {
+        p.concurrent.push(format!(
+            "CREATE INDEX CONCURRENTLY IF NOT EXISTS {} ON {tbl} ({})",
+            quote_ident(&index_name(t)),
+            s.tenant_column
+        ));
+    }
+    if !fixed.is_empty() {
+        p.repair(format!("table {}: {}", t.qualified(), fixed.join(", ")));
+    }
+    p
+}
+
+/// Statements for every governed table of the snapshot.
+pub fn govern_tables(s: &Settings, cat: &Catalog) -> Plan {
+    let mut all = Plan::default();
+    for t in cat.tenant_tables() {
+        let p = govern_table(s, t);
+        all.statements.extend(p.statements);
+        all.repairs.extend(p.repairs);
+        all.concurrent.extend(p.concurrent);
+    }
+    all
+}
+
+/// Statements for an organization's login role. `verifier` is a SCRAM verifier to store as the
+/// password (never the plaintext); None keeps the current one.
+pub fn tenant_role(s: &Settings, role: &str, existing: Option<&RoleState>, verifier: Option<&str>) -> Plan {
+    let mut p = Plan::default();
+    let r = quote_ident(role);
+    let g = &s.group_role;
+    let attrs = "NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE NOREPLICATION INHERIT";
+    match existing {
+        None => {
+            let pw = verifier.map(|v| format!(" PASSWORD {}", quote_literal(v))).unwrap_or_default();
+            p.push(format!("CREATE ROLE {r} LOGIN {attrs}{pw}"));
+            p.push(format!("GRANT {g} TO {r}"));
+        }
+        Some(st) => {
+            if st.superuser || st.bypass_rls || st.create_role || st.create_db {
+                p.push(format!("ALTER ROLE {r} {attrs}"));
+                p.repair(format!("role {role} had SUPERUSER, BYPASSRLS or CREATE* attributes; removed"));
+            }
+            if !st.can_login {
+                p.push(format!("ALTER ROLE {r} LOGIN"));
+            }
+            if let Some(v) = verifier {
+                p.push(format!("ALTER ROLE {r} PASSWORD {}", quote_literal(v)));
+            }
+            if !st.in_group {
+                p.push(format!("GRANT {g} TO {r}"));
+            }
+            for m in &st.other_memberships {
+                p.push(format!("REVOKE {} FROM {r}", quote_ident(m)));
+                p.repair(format!("role {role} was a member of role {m}; revoked"));
+            }
+        }
+    }
+    p
+}
+
+/// One batch of the deletion of an organization's rows from a table.
+pub fn delete_batch(s: &Settings, t: &TableState, batch: i64) -> String {
+    let tbl = table_ref(t);
+    format!(
+        "DELETE FROM {tbl} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {tbl} WHERE {} = $1 LIMIT {batch}))",
+        s.tenant_column
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::database::catalog::{Expected, FunctionState, Privileges};
+    use crate::layers::database::settings::spec_from;
+    use serde_json::json;
+
+    fn settings(extra: serde_json::Value) -> Settings {
+        Settings::from_spec(&spec_from(extra)).unwrap()
+    }
+
+    fn table(name: &str) -> TableState {
+        TableState {
+            schema: "public".into(),
+            name: name.into(),
+            kind: "r".into(),
+            owner: "postgres".into(),
+            rls: false,
+            force: false,
+            tenant_type: Some("text".into()),
+            tenant_default: None,
+            indexed: false,
+            columns: vec!["id".into(), "org_id".into()],
+            group: Privileges::default(),
+            security_invoker: false,
+            policies: vec![],
+            sequences_without_usage: vec![],
+            expected: None,
+        }
+    }
+
+    fn governed(name: &str) -> TableState {
+        let using = "(org_id = ( SELECT auth.org_id() AS org_id))".to_owned();
+        TableState {
+            rls: true,
+            force: true,
+            tenant_default: Some("auth.org_id()".into()),
+            indexed: true,
+            group: Privileges { select: true, insert: true, update: true, delete: true, ..Default::default() },
+            policies: vec![PolicyState {
+                name: POLICY.into(),
+                permissive: true,
+                command: "*".into(),
+                roles: vec!["public".into()],
+                applies_to_tenants: true,
+                using: Some(using.clone()),
+                check: Some(using.clone()),
+            }],
+            expected: Some(Expected {
+                using: using.clone(),
+                check: using,
+                shared_using: None,
+                default: "auth.org_id()".into(),
+            }),
+            ..table(name)
+        }
+    }
+
+    #[test]
+    fn identity_body_per_mode() {
+        let role = identity_body(&settings(json!({})));
+        assert_eq!(
+            role.trim(),
+            "SELECT m.org_id FROM \"bulkhead\".\"tenant_roles\" m WHERE m.role_name = current_user::text"
+        );
+        let setting = identity_body(&settings(json!({"identityMode": "setting"})));
+        assert!(setting.contains("pg_has_role(current_user, 'bulkhead_tenant', 'MEMBER') THEN NULL"));
+        assert!(setting.contains("current_setting('bulkhead.org_id', true)"));
+        let jwt = identity_body(&settings(json!({"identityMode": "jwt", "jwtClaim": "o'rg"})));
+        assert!(jwt.contains("current_setting('request.jwt.claims', true), '')::jsonb ->> 'o''rg'"));
+    }
+
+    #[test]
+    fn identity_function_is_stable_invoker_with_safe_search_path() {
+        let sql = identity_function_sql(&settings(json!({})));
+        assert!(sql.starts_with("CREATE OR REPLACE FUNCTION \"auth\".\"org_id\"() RETURNS text LANGUAGE sql STABLE"));
+        assert!(sql.contains("SECURITY INVOKER"));
+        assert!(sql.contains("SET search_path = pg_catalog, pg_temp"));
+        assert!(sql.contains("$bulkhead$"));
+    }
+
+    #[test]
+    fn dollar_quote_never_collides() {
+        assert_eq!(dollar_quote("x"), "$bulkhead$x$bulkhead$");
+        assert_eq!(dollar_quote("a $bulkhead$ b"), "$bulkhead_$a $bulkhead$ b$bulkhead_$");
+    }
+
+    #[test]
+    fn policy_wraps_the_function_in_a_subselect() {
+        let s = settings(json!({}));
+        assert_eq!(policy_using(&s), "\"org_id\" = (SELECT \"auth\".\"org_id\"())");
+        let s = settings(json!({
+            "overrides": [{"table": "skills", "sharedReadColumn": "scope", "sharedReadValue": "sys'tem"}]
+        }));
+        let sr = s.shared_read("skills").unwrap();
+        assert_eq!(
+            policy_check(&s, Some(sr)),
+            "\"org_id\" = (SELECT \"auth\".\"org_id\"()) AND \"scope\" IS DISTINCT FROM 'sys''tem'"
+        );
+        assert_eq!(shared_read_using(sr), "\"scope\" = 'sys''tem'");
+    }
+
+    #[test]
+    fn a_new_table_gets_everything() {
+        let s = settings(json!({}));
+        let p = govern_table(&s, &table("messages"));
+        let sql = p.statements.join(";\n");
+        assert!(sql.contains("ALTER TABLE \"public\".\"messages\" ENABLE ROW LEVEL SECURITY"));
+        assert!(sql.contains("ALTER TABLE \"public\".\"messages\" FORCE ROW LEVEL SECURITY"));
+        assert!(sql.contains("CREATE POLICY \"bulkhead_isolation\" ON \"public\".\"messages\" USING"));
+        assert!(sql.contains("SET DEFAULT \"auth\".\"org_id\"()"));
+        assert!(sql.contains("GRANT SELECT, INSERT, UPDATE, DELETE ON \"public\".\"messages\" TO \"bulkhead_tenant\""));
+        assert!(p.concurrent.is_empty(), "indexes only when createIndexes");
+        let mut t = governed("messages");
+        t.sequences_without_usage = vec![("public".into(), "messages_id_seq".into())];
+        assert_eq!(
+            govern_table(&s, &t).statements,
+            vec!["GRANT USAGE ON SEQUENCE \"public\".\"messages_id_seq\" TO \"bulkhead_tenant\""]
+        );
+        assert_eq!(p.repairs.len(), 1);
+        assert!(p.repairs[0].0.contains("enabled RLS, forced RLS, created the isolation policy"));
+    }
+
+    #[test]
+    fn a_governed_table_needs_nothing() {
+        let s = settings(json!({}));
+        let p = govern_table(&s, &governed("messages"));
+        assert!(p.is_empty(), "{p:?}");
+        assert!(p.repairs.is_empty());
+    }
+
+    #[test]
+    fn drift_is_repaired() {
+        let s = settings(json!({}));
+        let mut t = governed("messages");
+        t.force = false;
+        let p = govern_table(&s, &t);
+        assert_eq!(p.statements, vec!["ALTER TABLE \"public\".\"messages\" FORCE ROW LEVEL SECURITY"]);
+
+        let mut t = governed("messages");
+        t.policies[0].using = Some("true".into());
+        let p = govern_table(&s, &t);
+        assert_eq!(p.statements[0], "DROP POLICY \"bulkhead_isolation\" ON \"public\".\"messages\"");
+        assert!(p.statements[1].starts_with("CREATE POLICY"));
+
+        let mut t = governed("messages");
+        t.policies.push(PolicyState {
+            name: "open door".into(),
+            permissive: true,
+            command: "r".into(),
+            roles: vec!["public".into()],
+            applies_to_tenants: true,
+            using: Some("true".into()),
+            check: None,
+        });
+        t.policies.push(PolicyState {
+            name: "service".into(),
+            permissive: true,
+            command: "*".into(),
+            roles: vec!["service_role".into()],
+            applies_to_tenants: false,
+            using: Some("true".into()),
+            check: None,
+        });
+        t.policies.push(PolicyState {
+            name: "narrow".into(),
+            permissive: false,
+            command: "*".into(),
+            roles: vec!["public".into()],
+            applies_to_tenants: true,
+            using: Some("false".into()),
+            check: None,
+        });
+        let p = govern_table(&s, &t);
+        assert_eq!(p.statements, vec!["DROP POLICY \"open door\" ON \"public\".\"messages\""]);
+
+        let mut t = governed("messages");
+        t.group.truncate = true;
+        let p = govern_table(&s, &t);
+        assert!(p.statements[0].starts_with("REVOKE TRUNCATE, TRIGGER, REFERENCES"));
+    }
+
+    #[test]
+    fn indexes_are_created_concurrently_on_request() {
+        let s = settings(json!({"createIndexes": true}));
+        let mut t = governed("messages");
+        t.indexed = false;
+        let p = govern_table(&s, &t);
+        assert!(p.statements.is_empty());
+        assert_eq!(p.concurrent.len(), 1);
+        assert!(p.concurrent[0].starts_with("CREATE INDEX CONCURRENTLY IF NOT EXISTS \"bulkhead_org_idx_"));
+        assert!(p.concurrent[0].ends_with("ON \"public\".\"messages\" (\"org_id\")"));
+    }
+
+    #[test]
+    fn override_tables_get_a_read_only_companion() {
+        let s = settings(json!({
+            "overrides": [{"table": "skills", "sharedReadColumn": "scope", "sharedReadValue": "system"}]
+        }));
+        let p = govern_table(&s, &table("skills"));
+        let sql = p.statements.join(";\n");
+        assert!(sql.contains("CREATE POLICY \"bulkhead_shared_read\" ON \"public\".\"skills\" FOR SELECT USING (\"scope\" = 'system')"));
+        assert!(sql.contains("IS DISTINCT FROM 'system'"));
+    }
+
+    #[test]
+    fn bootstrap_creates_then_converges() {
+        let s = settings(json!({}));
+        let p = bootstrap(&s, &Catalog::default());
+        let sql = p.statements.join(";\n");
+        for want in [
+            "CREATE SCHEMA IF NOT EXISTS \"bulkhead\"",
+            "CREATE SCHEMA IF NOT EXISTS \"auth\"",
+            "CREATE ROLE \"bulkhead_tenant\" NOLOGIN NOSUPERUSER NOBYPASSRLS",
+            "CREATE TABLE IF NOT EXISTS \"bulkhead\".\"tenant_roles\"",
+            "FOR SELECT USING (role_name = current_user::text)",
+            "GRANT SELECT ON \"bulkhead\".\"tenant_roles\" TO \"bulkhead_tenant\"",
+            "CREATE OR REPLACE FUNCTION \"auth\".\"org_id\"()",
+            "CREATE TABLE IF NOT EXISTS \"public\".\"organizations\"",
+        ] {
+            assert!(sql.contains(want), "missing {want}");
+        }
+        assert!(p.repairs.is_empty(), "creating is not repairing");
+        // Mapping must exist before the function that reads it is created.
+        let map_at = p.statements.iter().position(|x| x.contains("CREATE TABLE IF NOT EXISTS \"bulkhead\"")).unwrap();
+        let fn_at = p.statements.iter().position(|x| x.contains("CREATE OR REPLACE FUNCTION")).unwrap();
+        assert!(map_at < fn_at);
+
+        let mut cat = Catalog::default();
+        cat.function = Some(FunctionState {
+            body: "\nSELECT 'acme'\n".into(),
+            volatility: "s".into(),
+            security_definer: false,
+            config: vec![IDENTITY_CONFIG.into()],
+            owner: "postgres".into(),
+            result: "text".into(),
+        });
+        cat.group = Some(RoleState { name: "bulkhead_tenant".into(), bypass_rls: true, ..Default::default() });
+        cat.group_mapped = true;
+        let p = bootstrap(&s, &cat);
+        let text: Vec<String> = p.repairs.iter().map(|r| r.0.clone()).collect();
+        assert!(text.iter().any(|r| r.contains("identity function")), "{text:?}");
+        assert!(text.iter().any(|r| r.contains("BYPASSRLS")), "{text:?}");
+        assert!(text.iter().any(|r| r.contains("mapped to an organization")), "{text:?}");
+    }
+
+    #[test]
+    fn tenant_roles_are_created_locked_down_and_repaired() {
+        let s = settings(json!({}));
+        let p = tenant_role(&s, "bulkhead_org_acme", None, Some("SCRAM-SHA-256$4096:c2FsdA==$a:b"));
+        assert_eq!(
+            p.statements[0],
+            "CREATE ROLE \"bulkhead_org_acme\" LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE NOREPLICATION INHERIT PASSWORD 'SCRAM-SHA-256$4096:c2FsdA==$a:b'"
+        );
+        assert_eq!(p.statements[1], "GRANT \"bulkhead_tenant\" TO \"bulkhead_org_acme\"");
+        let st = RoleState {
+            name: "bulkhead_org_acme".into(),
+            bypass_rls: true,
+            can_login: true,
+            in_group: true,
+            other_memberships: vec!["bulkhead_org_peer".into()],
+            ..Default::default()
+        };
+        let p = tenant_role(&s, "bulkhead_org_acme", Some(&st), None);
+        assert_eq!(
+            p.statements,
+            vec![
+                "ALTER ROLE \"bulkhead_org_acme\" NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE NOREPLICATION INHERIT",
+                "REVOKE \"bulkhead_org_peer\" FROM \"bulkhead_org_acme\"",
+            ]
+        );
+        assert_eq!(p.repairs.len(), 2);
+        let fine = RoleState { name: "r".into(), can_login: true, in_group: true, ..Default::default() };
+        assert!(tenant_role(&s, "r", Some(&fine), None).is_empty());
+    }
+
+    #[test]
+    fn deletes_are_batched_and_bound() {
+        let s = settings(json!({}));
+        assert_eq!(
+            delete_batch(&s, &table("messages"), 500),
+            "DELETE FROM \"public\".\"messages\" WHERE ctid = ANY(ARRAY(SELECT ctid FROM \"public\".\"messages\" WHERE \"org_id\" = $1 LIMIT 500))"
+        );
+    }
+}

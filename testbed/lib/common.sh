@@ -1,0 +1,303 @@
+# shellcheck shell=bash disable=SC2034
+# Shared helpers for the testbed scripts (sourced, never run).
+#
+# Conventions:
+#   - progress goes to stderr, machine-readable results to stdout;
+#   - every process the testbed starts is recorded in $TB_DIR/pids/<name>.pid
+#     and logs to $TB_DIR/logs/<name>.log;
+#   - every such process has $TB_DIR somewhere in its command line, so that
+#     `pgrep -f "$TB_DIR"` finds leftovers.
+
+TB_K8S_VERSION=v1.36.3
+TB_HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+TB_DIR=$(realpath -m -- "${BULKHEAD_TESTBED_DIR:-/tmp/bulkhead-testbed}")
+TB_CACHE=${BULKHEAD_CACHE:-$HOME/.cache/bulkhead}
+TB_PG_BIN=/usr/lib/postgresql/15/bin
+# Components in start order; `down` stops them in reverse.
+TB_COMPONENTS=(etcd kube-apiserver postgres redis seaweedfs moto)
+
+# ---------------------------------------------------------------- logging
+
+tb_log() { printf '[testbed] %s\n' "$*" >&2; }
+tb_warn() { printf '[testbed] WARNING: %s\n' "$*" >&2; }
+tb_die() {
+	printf '[testbed] ERROR: %s\n' "$*" >&2
+	exit 1
+}
+
+# Seconds since the epoch with microseconds (bash 5).
+tb_now() { printf '%s' "${EPOCHREALTIME/,/.}"; }
+
+# tb_elapsed START -> "1.23s"
+tb_elapsed() {
+	awk -v a="$1" -v b="$(tb_now)" 'BEGIN { printf "%.2fs", b - a }'
+}
+
+# tb_step DESCRIPTION COMMAND... : run a command, report how long it took.
+tb_step() {
+	local desc=$1 t0
+	shift
+	t0=$(tb_now)
+	tb_log "--> ${desc}"
+	"$@"
+	tb_log "    ${desc}: done in $(tb_elapsed "$t0")"
+}
+
+# Print the last lines of a log file to stderr, indented.
+tb_tail_log() {
+	local file=$1 n=${2:-40}
+	if [[ -f $file ]]; then
+		printf '[testbed] ---- last %s lines of %s ----\n' "$n" "$file" >&2
+		tail -n "$n" "$file" | sed 's/^/    /' >&2
+		printf '[testbed] ---- end of %s ----\n' "$file" >&2
+	fi
+}
+
+# --------------------------------------------------------------- secrets
+
+# A random hex string (URL-safe, no quoting needed anywhere).
+tb_secret() { openssl rand -hex "${1:-16}"; }
+
+# --------------------------------------------------------------- ports
+
+# tb_free_ports N [M]: print N free loopback TCP ports, then M ports P for
+# which P+10000 is also free (SeaweedFS derives some gRPC ports that way).
+# All printed ports are distinct. Space separated, one line.
+tb_free_ports() {
+	python3 - "$1" "${2:-0}" <<'PY'
+import random
+import socket
+import sys
+
+plain, paired = int(sys.argv[1]), int(sys.argv[2])
+held = []
+taken = set()
+
+
+def grab(port):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.bind(("127.0.0.1", port))
+    except OSError:
+        s.close()
+        return None
+    held.append(s)
+    return s.getsockname()[1]
+
+
+out = []
+while len(out) < plain:
+    p = grab(0)
+    if p is not None and p not in taken:
+        taken.add(p)
+        out.append(p)
+tries = 0
+while len(out) < plain + paired:
+    tries += 1
+    if tries > 10000:
+        sys.exit("no free port pairs found")
+    p = random.randrange(20000, 30000)
+    if p in taken or p + 10000 in taken:
+        continue
+    if grab(p) is None:
+        continue
+    if grab(p + 10000) is None:
+        continue
+    taken.update((p, p + 10000))
+    out.append(p)
+print(" ".join(map(str, out)))
+for s in held:
+    s.close()
+PY
+}
+
+# tb_port_listening PORT: true if something listens on 127.0.0.1:PORT or any address.
+tb_port_listening() {
+	ss -Hltn "sport = :$1" 2>/dev/null | grep -q .
+}
+
+# --------------------------------------------------------------- processes
+
+tb_pidfile() { printf '%s/pids/%s.pid' "$TB_DIR" "$1"; }
+tb_logfile() { printf '%s/logs/%s.log' "$TB_DIR" "$1"; }
+
+# tb_pid NAME: print the recorded pid of a component (empty if none).
+tb_pid() {
+	local f
+	f=$(tb_pidfile "$1")
+	[[ -f $f ]] && tr -dc '0-9' <"$f"
+	return 0
+}
+
+# tb_alive NAME: the recorded process exists and is ours (its command line
+# mentions the testbed directory, which guards against pid reuse).
+tb_alive() {
+	local pid
+	pid=$(tb_pid "$1")
+	[[ -n $pid ]] || return 1
+	kill -0 "$pid" 2>/dev/null || return 1
+	[[ -r /proc/$pid/cmdline ]] || return 1
+	tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$TB_DIR/"
+}
+
+# tb_launch NAME COMMAND...: start COMMAND in its own session (so a Ctrl-C in
+# the calling terminal does not reach it), stdout/stderr to the log, record pid.
+# The pid is also the process-group id: this script never enables job
+# control, so the child is not a group leader and setsid(1) does not fork.
+tb_launch() {
+	local name=$1 log
+	shift
+	log=$(tb_logfile "$name")
+	printf '\n===== %s starting %s =====\n' "$(date -u +%FT%TZ)" "$name" >>"$log"
+	setsid "$@" >>"$log" 2>&1 </dev/null &
+	printf '%s\n' "$!" >"$(tb_pidfile "$name")"
+}
+
+# tb_wait_until TIMEOUT_S NAME DESCRIPTION COMMAND...: poll COMMAND until it
+# succeeds. Fails (with the log tail) if the process dies or time runs out.
+tb_wait_until() {
+	local timeout=$1 name=$2 desc=$3 t0 deadline
+	shift 3
+	t0=$(tb_now)
+	deadline=$((SECONDS + timeout))
+	while ! "$@" >/dev/null 2>&1; do
+		if ! tb_alive "$name"; then
+			tb_tail_log "$(tb_logfile "$name")"
+			tb_die "${name} exited while waiting for ${desc} (log: $(tb_logfile "$name"))"
+		fi
+		if ((SECONDS >= deadline)); then
+			tb_tail_log "$(tb_logfile "$name")"
+			tb_die "${name}: ${desc} not reached within ${timeout}s (log: $(tb_logfile "$name"))"
+		fi
+		sleep 0.2
+	done
+	tb_log "    ${name}: ${desc} after $(tb_elapsed "$t0")"
+}
+
+# tb_ancestors: pids of this shell and all its ancestors, one per line.
+tb_ancestors() {
+	local p=$$
+	while [[ -n $p && $p != 0 ]]; do
+		printf '%s\n' "$p"
+		p=$(awk '{print $4}' "/proc/$p/stat" 2>/dev/null || true)
+	done
+}
+
+# tb_leftovers: pids of processes whose command line mentions $TB_DIR,
+# excluding this script and its ancestors.
+tb_leftovers() {
+	local anc pid pattern
+	anc=$(tb_ancestors)
+	# pgrep takes an extended regular expression: escape the directory name.
+	pattern=$(printf '%s/' "$TB_DIR" | sed 's/[][\.*^$+?(){}|]/\\&/g')
+	for pid in $(pgrep -f -- "$pattern" || true); do
+		grep -qx -- "$pid" <<<"$anc" && continue
+		[[ -d /proc/$pid ]] || continue
+		printf '%s\n' "$pid"
+	done
+}
+
+# ------------------------------------------------------------ stopping
+
+# PostgreSQL's "smart" shutdown (TERM) waits for clients; INT is "fast".
+tb_stop_signal() { if [[ $1 == postgres ]]; then echo INT; else echo TERM; fi; }
+
+# tb_group_alive PID: the process or any member of its process group lives.
+tb_group_alive() {
+	kill -0 "$1" 2>/dev/null && return 0
+	pgrep -g "$1" >/dev/null 2>&1
+}
+
+# tb_stop_all quiet|verbose: stop every recorded component (signal all, wait up to
+# TB_STOP_TIMEOUT seconds, then KILL), then any leftover process whose command
+# line mentions $TB_DIR/. Returns non-zero if something survived.
+tb_stop_all() {
+	local quiet='' f name pid sig t0 deadline
+	[[ $1 == quiet ]] && quiet=1
+	local -a pids=() names=()
+	t0=$(tb_now)
+	shopt -s nullglob
+	for f in "$TB_DIR"/pids/*.pid; do
+		name=$(basename "$f" .pid)
+		pid=$(tb_pid "$name")
+		if tb_alive "$name"; then
+			sig=$(tb_stop_signal "$name")
+			[[ -n $quiet ]] || tb_log "    stopping $name (pid $pid, SIG$sig)"
+			kill -s "$sig" "$pid" 2>/dev/null || true
+			pids+=("$pid")
+			names+=("$name")
+		fi
+	done
+	shopt -u nullglob
+	deadline=$((SECONDS + ${TB_STOP_TIMEOUT:-30}))
+	local i any
+	while :; do
+		any=0
+		for i in "${!pids[@]}"; do
+			tb_group_alive "${pids[$i]}" && any=1
+		done
+		((any)) || break
+		((SECONDS < deadline)) || break
+		sleep 0.2
+	done
+	for i in "${!pids[@]}"; do
+		if tb_group_alive "${pids[$i]}"; then
+			tb_warn "${names[$i]} (pid ${pids[$i]}) did not stop in time: SIGKILL"
+			kill -KILL -- "-${pids[$i]}" 2>/dev/null || true
+			kill -KILL "${pids[$i]}" 2>/dev/null || true
+		fi
+	done
+	rm -f "$TB_DIR"/pids/*.pid
+
+	# Anything else still running from this directory (e.g. after pid files were lost).
+	local -a left
+	mapfile -t left < <(tb_leftovers)
+	if ((${#left[@]})); then
+		tb_warn "stopping leftover processes: $(ps -o pid=,args= -p "$(
+			IFS=,
+			echo "${left[*]}"
+		)" | cut -c1-120 | tr '\n' ';')"
+		kill -TERM "${left[@]}" 2>/dev/null || true
+		deadline=$((SECONDS + 5))
+		while ((SECONDS < deadline)) && [[ -n $(tb_leftovers) ]]; do sleep 0.2; done
+		mapfile -t left < <(tb_leftovers)
+		if ((${#left[@]})); then
+			kill -KILL "${left[@]}" 2>/dev/null || true
+		fi
+		sleep 0.2
+	fi
+	tb_cleanup_sockets
+	[[ -n $quiet ]] || tb_log "    stopped in $(tb_elapsed "$t0")"
+	[[ -z $(tb_leftovers) ]]
+}
+
+# tb_stop_one NAME: stop a single component.
+tb_stop_one() {
+	local name=$1 pid sig deadline
+	pid=$(tb_pid "$name")
+	if tb_alive "$name"; then
+		sig=$(tb_stop_signal "$name")
+		kill -s "$sig" "$pid" 2>/dev/null || true
+		deadline=$((SECONDS + ${TB_STOP_TIMEOUT:-30}))
+		while tb_group_alive "$pid" && ((SECONDS < deadline)); do sleep 0.2; done
+		kill -KILL -- "-$pid" 2>/dev/null || true
+		kill -KILL "$pid" 2>/dev/null || true
+	fi
+	rm -f "$(tb_pidfile "$name")"
+}
+
+# SeaweedFS puts its gRPC unix sockets in /tmp, named by port. A clean stop
+# removes them; after a SIGKILL they stay behind.
+tb_cleanup_sockets() {
+	[[ -f $TB_DIR/state.env ]] || return 0
+	local port
+	while read -r port; do
+		rm -f /tmp/seaweedfs-*-grpc-"$port".sock
+	done < <(sed -n 's/^WEED_.*GRPC_PORT=\([0-9]*\)$/\1/p; s/^S3_GRPC_PORT=\([0-9]*\)$/\1/p' "$TB_DIR/state.env")
+}
+
+# tb_state_ports: every TCP port recorded in the state file.
+tb_state_ports() {
+	[[ -f $TB_DIR/state.env ]] || return 0
+	sed -n 's/^[A-Z0-9_]*_PORT=\([0-9][0-9]*\)$/\1/p' "$TB_DIR/state.env"
+}

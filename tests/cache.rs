@@ -1,0 +1,1016 @@
+//! Cache layer against the testbed's Redis: every probe passes while isolation holds, and fails
+//! (with a finding) once the ACL user is widened behind the operator's back; `ensure` repairs it.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use bulkhead::api::DeletionPolicy;
+use bulkhead::api::platform::{CachePlatform, SecretKeySelector};
+use bulkhead::layers::cache::{self, CacheLayer};
+use bulkhead::layers::{Credentials, Layer, LayerError, Tenant, Verification};
+use bulkhead::tenant::OrgId;
+use common::{Testbed, unique};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use redis::Value;
+use redis::aio::MultiplexedConnection;
+
+fn spec() -> CachePlatform {
+    CachePlatform {
+        admin_url_secret_ref: SecretKeySelector {
+            name: "redis-admin".into(),
+            namespace: None,
+            key: "url".into(),
+        },
+        nodes: vec![],
+        discover_nodes: false,
+        tenant_endpoint: None,
+        key_prefix: "org:{orgId}:".into(),
+        channel_prefix: "org:{orgId}:".into(),
+        user_prefix: "bulkhead-org-".into(),
+        allow_scripting: false,
+        acl_file: false,
+    }
+}
+
+fn org_id() -> String {
+    unique("cache")
+}
+
+fn tenant(org: &str, peers: &[&str]) -> Tenant {
+    Tenant {
+        name: org.to_owned(),
+        org_id: OrgId::parse(org).unwrap(),
+        display_name: org.to_owned(),
+        namespace: format!("org-{org}"),
+        deletion_policy: DeletionPolicy::Retain,
+        rotate: false,
+        peers: std::iter::once(OrgId::sentinel())
+            .chain(peers.iter().map(|p| OrgId::parse(p).unwrap()))
+            .collect(),
+        owner: OwnerReference {
+            api_version: "bulkhead.dev/v1alpha1".into(),
+            kind: "Organization".into(),
+            name: org.to_owned(),
+            uid: "00000000-0000-0000-0000-000000000000".into(),
+            ..Default::default()
+        },
+    }
+}
+
+async fn layer_with(spec: &CachePlatform) -> CacheLayer {
+    let layer = CacheLayer::connect(spec, Testbed::get().redis_admin_url())
+        .await
+        .expect("connect");
+    layer.prepare().await.expect("prepare");
+    layer
+}
+
+async fn layer() -> CacheLayer {
+    layer_with(&spec()).await
+}
+
+async fn admin() -> MultiplexedConnection {
+    redis::Client::open(Testbed::get().redis_admin_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("admin connection")
+}
+
+async fn admin_cmd(args: &[&str]) -> redis::RedisResult<Value> {
+    let mut c = redis::cmd(args[0]);
+    for a in &args[1..] {
+        c.arg(*a);
+    }
+    c.query_async(&mut admin().await).await
+}
+
+async fn tenant_conn(creds: &Credentials) -> redis::RedisResult<MultiplexedConnection> {
+    let client = redis::Client::open(creds.get(cache::KEY_URL).unwrap())?;
+    client.get_multiplexed_async_connection().await
+}
+
+/// Provisions `org` with `peers` and returns its credentials.
+async fn provision(layer: &CacheLayer, t: &Tenant) -> Credentials {
+    let mut creds = Credentials::default();
+    let repairs = layer.ensure(t, &mut creds).await.expect("ensure");
+    assert!(
+        repairs.is_empty(),
+        "first ensure is a creation, not a repair: {repairs:?}"
+    );
+    creds
+}
+
+fn is_noperm(err: &str) -> bool {
+    err.to_ascii_uppercase().starts_with("NOPERM")
+}
+
+fn failed(v: &Verification) -> Vec<String> {
+    v.probes
+        .iter()
+        .filter(|p| !p.passed)
+        .map(|p| format!("{}: {}", p.name, p.detail))
+        .collect()
+}
+
+fn probe<'a>(v: &'a Verification, starts: &str) -> &'a bulkhead::layers::Probe {
+    v.probes
+        .iter()
+        .find(|p| p.name.starts_with(starts))
+        .unwrap_or_else(|| panic!("no probe {starts:?} in {:#?}", v.probes))
+}
+
+fn assert_clean(v: &Verification) {
+    assert!(v.findings.is_empty(), "findings: {:?}", v.findings);
+    assert!(v.verified(), "failed probes: {:?}", failed(v));
+}
+
+async fn cleanup_delete(layer: &CacheLayer, org: &str) {
+    let mut t = tenant(org, &[]);
+    t.deletion_policy = DeletionPolicy::Delete;
+    layer.cleanup(&t).await.expect("cleanup");
+}
+
+#[tokio::test]
+async fn isolation_holds_every_probe_passes_and_credentials_work() {
+    let layer = layer().await;
+    let (a, b) = (org_id(), org_id());
+    let ta = tenant(&a, &[&b]);
+    let tb = tenant(&b, &[&a]);
+    let creds_a = provision(&layer, &ta).await;
+    let creds_b = provision(&layer, &tb).await;
+
+    let v = layer.verify(&ta, &creds_a).await.unwrap();
+    assert_clean(&v);
+    let names: BTreeSet<String> = v.probes.iter().map(|p| p.name.clone()).collect();
+    let sentinel = "org:bulkhead-sentinel:canary";
+    for want in [
+        format!("SET org:{a}:bulkhead:probe as {a}"),
+        format!("INCR org:{a}:ratelimit:bulkhead-probe as {a}"),
+        format!("EXPIRE org:{a}:ratelimit:bulkhead-probe as {a}"),
+        format!("KEYS * as {a}"),
+        format!("SCAN 0 as {a}"),
+        format!("FLUSHALL as {a}"),
+        format!("CONFIG GET maxmemory as {a}"),
+        format!("ACL LIST as {a}"),
+        format!("GET {sentinel} as {a}"),
+        format!("SET {sentinel} as {a}"),
+        format!("DEL {sentinel} as {a}"),
+        format!("GET org:{b}:canary as {a}"),
+        format!("MGET org:{a}:canary org:{b}:canary as {a}"),
+        format!("PUBLISH org:{b}:events as {a}"),
+        format!("SUBSCRIBE org:{b}:events as {a}"),
+        format!("EVAL GET org:{b}:canary (undeclared key) as {a}"),
+    ] {
+        assert!(
+            names.contains(&want),
+            "missing probe {want:?} in {names:#?}"
+        );
+    }
+    // Scripting is off: EVAL itself is refused, and the detail says so.
+    assert!(
+        probe(&v, &format!("EVAL GET org:{b}:canary (undeclared"))
+            .detail
+            .contains("eval")
+    );
+    assert_clean(&layer.verify(&tb, &creds_b).await.unwrap());
+
+    // The Secret's content is usable as written.
+    assert_eq!(
+        creds_a.get(cache::KEY_USERNAME),
+        Some(format!("bulkhead-org-{a}").as_str())
+    );
+    assert_eq!(
+        creds_a.get(cache::KEY_KEY_PREFIX),
+        Some(format!("org:{a}:").as_str())
+    );
+    assert_eq!(
+        creds_a.get(cache::KEY_CHANNEL_PREFIX),
+        Some(format!("org:{a}:").as_str())
+    );
+    assert!(
+        creds_a
+            .get(cache::KEY_URL)
+            .unwrap()
+            .starts_with(&format!("redis://bulkhead-org-{a}:"))
+    );
+    let mut conn = tenant_conn(&creds_a).await.expect("tenant URL works");
+    let whoami = redis::cmd("ACL")
+        .arg("WHOAMI")
+        .query_async::<String>(&mut conn)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        is_noperm(&whoami),
+        "ACL is denied to tenants, even WHOAMI: {whoami}"
+    );
+    let _: () = redis::cmd("SET")
+        .arg(format!("org:{a}:session:s1"))
+        .arg("x")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let peer: redis::RedisResult<Value> = redis::cmd("GET")
+        .arg(format!("org:{b}:session:s1"))
+        .query_async(&mut conn)
+        .await;
+    assert!(is_noperm(&peer.unwrap_err().to_string()));
+
+    // A second pass changes nothing: no ACL write, no repair, same password.
+    let before = layer.acl_changes();
+    let mut again = creds_a.clone();
+    assert!(layer.ensure(&ta, &mut again).await.unwrap().is_empty());
+    assert_eq!(
+        layer.acl_changes(),
+        before,
+        "an unchanged user is not rewritten"
+    );
+    assert_eq!(again, creds_a);
+
+    cleanup_delete(&layer, &a).await;
+    cleanup_delete(&layer, &b).await;
+}
+
+/// Widens the user with `rules` behind the operator's back, checks the finding and the failing
+/// probes, then checks that `ensure` reports a repair and verification is clean again.
+async fn tamper_and_repair(
+    layer: &CacheLayer,
+    t: &Tenant,
+    creds: &mut Credentials,
+    rules: &[&str],
+    finding: &str,
+    failing: &[String],
+) {
+    let user = layer.identity(&t.org_id).unwrap();
+    let mut args = vec!["ACL", "SETUSER", user.as_str()];
+    args.extend_from_slice(rules);
+    admin_cmd(&args).await.expect("tamper");
+    let v = layer.verify(t, creds).await.unwrap();
+    assert!(
+        v.findings.iter().any(|f| f.contains(finding)),
+        "{rules:?}: no finding {finding:?} in {:?}",
+        v.findings
+    );
+    assert!(!v.isolated());
+    let bad = failed(&v);
+    for f in failing {
+        assert!(
+            bad.iter().any(|b| b.starts_with(f.as_str())),
+            "{rules:?}: probe {f:?} did not fail; failed: {bad:#?}"
+        );
+    }
+    let repairs = layer.ensure(t, creds).await.unwrap();
+    assert!(
+        repairs.iter().any(|r| r.0.contains(finding)),
+        "{rules:?}: repairs {repairs:?}"
+    );
+    assert_clean(&layer.verify(t, creds).await.unwrap());
+}
+
+#[tokio::test]
+async fn widened_key_pattern_fails_probes_and_is_repaired() {
+    let layer = layer().await;
+    let (a, b) = (org_id(), org_id());
+    let ta = tenant(&a, &[&b]);
+    let mut creds = provision(&layer, &ta).await;
+    provision(&layer, &tenant(&b, &[])).await;
+    let s = "org:bulkhead-sentinel:canary";
+    let failing = [
+        format!("GET {s} as {a}"),
+        format!("SET {s} as {a}"),
+        format!("DEL {s} as {a}"),
+        format!("GET org:{b}:canary as {a}"),
+        format!("MGET org:{a}:canary org:{b}:canary as {a}"),
+    ];
+    tamper_and_repair(
+        &layer,
+        &ta,
+        &mut creds,
+        &["~*"],
+        "key patterns widened",
+        &failing,
+    )
+    .await;
+    tamper_and_repair(
+        &layer,
+        &ta,
+        &mut creds,
+        &["allkeys"],
+        "key patterns widened",
+        &failing,
+    )
+    .await;
+    // The canary the widened user could have written is untouched: SET ran queued and discarded.
+    let canary = admin_cmd(&["GET", s]).await.unwrap();
+    assert_eq!(
+        canary,
+        Value::BulkString(
+            bulkhead::layers::cache::rules::CANARY_VALUE
+                .as_bytes()
+                .to_vec()
+        )
+    );
+    cleanup_delete(&layer, &a).await;
+    cleanup_delete(&layer, &b).await;
+}
+
+#[tokio::test]
+async fn added_commands_fail_probes_and_are_repaired() {
+    let layer = layer().await;
+    let a = org_id();
+    let ta = tenant(&a, &[]);
+    let mut creds = provision(&layer, &ta).await;
+    let every = [
+        format!("KEYS * as {a}"),
+        format!("SCAN 0 as {a}"),
+        format!("RANDOMKEY as {a}"),
+        format!("DBSIZE as {a}"),
+        format!("FLUSHALL as {a}"),
+        format!("CONFIG GET maxmemory as {a}"),
+        format!("ACL LIST as {a}"),
+        format!("PUBSUB CHANNELS as {a}"),
+    ];
+    tamper_and_repair(
+        &layer,
+        &ta,
+        &mut creds,
+        &["+@all"],
+        "command rules changed",
+        &every,
+    )
+    .await;
+    tamper_and_repair(
+        &layer,
+        &ta,
+        &mut creds,
+        &["+keys"],
+        "command rules changed",
+        &[format!("KEYS * as {a}")],
+    )
+    .await;
+    tamper_and_repair(
+        &layer,
+        &ta,
+        &mut creds,
+        &["+flushall"],
+        "command rules changed",
+        &[format!("FLUSHALL as {a}")],
+    )
+    .await;
+    tamper_and_repair(
+        &layer,
+        &ta,
+        &mut creds,
+        &["+scan"],
+        "command rules changed",
+        &[format!("SCAN 0 as {a}")],
+    )
+    .await;
+    tamper_and_repair(
+        &layer,
+        &ta,
+        &mut creds,
+        &["+config|get"],
+        "command rules changed",
+        &[format!("CONFIG GET maxmemory as {a}")],
+    )
+    .await;
+    tamper_and_repair(
+        &layer,
+        &ta,
+        &mut creds,
+        &["+acl"],
+        "command rules changed",
+        &[format!("ACL LIST as {a}")],
+    )
+    .await;
+    // The FLUSHALL probe never ran: the sentinel's canary is still there.
+    assert!(matches!(
+        admin_cmd(&["GET", "org:bulkhead-sentinel:canary"])
+            .await
+            .unwrap(),
+        Value::BulkString(_)
+    ));
+    cleanup_delete(&layer, &a).await;
+}
+
+#[tokio::test]
+async fn widened_channels_fail_pubsub_probes_and_are_repaired() {
+    let layer = layer().await;
+    let (a, b) = (org_id(), org_id());
+    let ta = tenant(&a, &[&b]);
+    let mut creds = provision(&layer, &ta).await;
+    let failing = [
+        format!("PUBLISH org:{b}:events as {a}"),
+        format!("SUBSCRIBE org:{b}:events as {a}"),
+    ];
+    tamper_and_repair(
+        &layer,
+        &ta,
+        &mut creds,
+        &["&*"],
+        "channel patterns widened",
+        &failing,
+    )
+    .await;
+    tamper_and_repair(
+        &layer,
+        &ta,
+        &mut creds,
+        &["allchannels"],
+        "channel patterns widened",
+        &failing,
+    )
+    .await;
+    cleanup_delete(&layer, &a).await;
+}
+
+#[tokio::test]
+async fn scripting_allowed_still_refuses_peer_keys_inside_scripts() {
+    let mut s = spec();
+    s.allow_scripting = true;
+    s.user_prefix = format!("{}-", unique("bkscript"));
+    let layer = layer_with(&s).await;
+    let a = org_id();
+    let ta = tenant(&a, &[]);
+    let mut creds = provision(&layer, &ta).await;
+    let v = layer.verify(&ta, &creds).await.unwrap();
+    assert_clean(&v);
+    let hidden = probe(&v, "EVAL GET org:bulkhead-sentinel:canary (undeclared");
+    assert!(
+        hidden.detail.starts_with("refused inside the script"),
+        "{}",
+        hidden.detail
+    );
+    let declared = probe(&v, "EVAL GET org:bulkhead-sentinel:canary (declared");
+    assert!(
+        declared.detail.to_ascii_uppercase().contains("NOPERM"),
+        "{}",
+        declared.detail
+    );
+    // Own keys work from a script.
+    let mut conn = tenant_conn(&creds).await.unwrap();
+    let n: i64 = redis::cmd("EVAL")
+        .arg("return redis.call('INCR', KEYS[1])")
+        .arg(1)
+        .arg(format!("org:{a}:ratelimit:x"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    // Script management stays denied.
+    let flush: redis::RedisResult<Value> = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await;
+    assert!(is_noperm(&flush.unwrap_err().to_string()));
+    let failing = [
+        format!("EVAL GET org:bulkhead-sentinel:canary (declared key) as {a}"),
+        format!("EVAL GET org:bulkhead-sentinel:canary (undeclared key) as {a}"),
+    ];
+    tamper_and_repair(
+        &layer,
+        &ta,
+        &mut creds,
+        &["~*"],
+        "key patterns widened",
+        &failing,
+    )
+    .await;
+    cleanup_delete(&layer, &a).await;
+    admin_cmd(&["ACL", "DELUSER", &layer.rules().reference_user()])
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn deleted_user_and_changed_password_are_found_and_repaired() {
+    let layer = layer().await;
+    let a = org_id();
+    let ta = tenant(&a, &[]);
+    let mut creds = provision(&layer, &ta).await;
+    let user = layer.identity(&ta.org_id).unwrap();
+
+    admin_cmd(&["ACL", "DELUSER", &user]).await.unwrap();
+    let v = layer.verify(&ta, &creds).await.unwrap();
+    assert!(
+        v.findings.iter().any(|f| f.contains("missing")),
+        "{:?}",
+        v.findings
+    );
+    assert!(!probe(&v, &format!("AUTH as {a}")).passed);
+    let repairs = layer.ensure(&ta, &mut creds).await.unwrap();
+    assert!(
+        repairs.iter().any(|r| r.0.contains("ACL user is missing")),
+        "{repairs:?}"
+    );
+    assert_clean(&layer.verify(&ta, &creds).await.unwrap());
+
+    // Someone logs in with a password of their own; the repair also evicts that session.
+    admin_cmd(&["ACL", "SETUSER", &user, ">intruder-password"])
+        .await
+        .unwrap();
+    let intruder =
+        redis::Client::open(format!("redis://{user}:intruder-password@{}", endpoint())).unwrap();
+    let mut intruder = intruder
+        .get_multiplexed_async_connection()
+        .await
+        .expect("intruder logs in");
+    let v = layer.verify(&ta, &creds).await.unwrap();
+    assert!(
+        v.findings.iter().any(|f| f.contains("password changed")),
+        "{:?}",
+        v.findings
+    );
+    let repairs = layer.ensure(&ta, &mut creds).await.unwrap();
+    assert!(
+        repairs.iter().any(|r| r.0.contains("password changed")),
+        "{repairs:?}"
+    );
+    let after: redis::RedisResult<Value> = redis::cmd("PING").query_async(&mut intruder).await;
+    assert!(after.is_err(), "the intruder's session survived the repair");
+    assert_clean(&layer.verify(&ta, &creds).await.unwrap());
+
+    // Replaced password (resetpass): the organization cannot log in, the AUTH probe fails.
+    admin_cmd(&["ACL", "SETUSER", &user, "resetpass", ">other"])
+        .await
+        .unwrap();
+    let v = layer.verify(&ta, &creds).await.unwrap();
+    assert!(!probe(&v, &format!("AUTH as {a}")).passed);
+    assert!(
+        layer
+            .ensure(&ta, &mut creds)
+            .await
+            .unwrap()
+            .iter()
+            .any(|r| r.0.contains("password changed"))
+    );
+
+    // nopass is a flag drift.
+    admin_cmd(&["ACL", "SETUSER", &user, "nopass"])
+        .await
+        .unwrap();
+    let v = layer.verify(&ta, &creds).await.unwrap();
+    assert!(
+        v.findings.iter().any(|f| f.contains("flags changed")),
+        "{:?}",
+        v.findings
+    );
+    assert!(!layer.ensure(&ta, &mut creds).await.unwrap().is_empty());
+    assert_clean(&layer.verify(&ta, &creds).await.unwrap());
+
+    // Rotation replaces the password without reporting drift; the old one stops working.
+    let old = creds.clone();
+    let mut rotating = ta.clone();
+    rotating.rotate = true;
+    assert!(
+        layer
+            .ensure(&rotating, &mut creds)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_ne!(creds.get(cache::KEY_PASSWORD), old.get(cache::KEY_PASSWORD));
+    assert!(tenant_conn(&old).await.is_err());
+    assert_clean(&layer.verify(&ta, &creds).await.unwrap());
+    cleanup_delete(&layer, &a).await;
+}
+
+fn endpoint() -> String {
+    let url = Testbed::get().redis_admin_url();
+    url.rsplit('@')
+        .next()
+        .unwrap()
+        .trim_end_matches('/')
+        .to_owned()
+}
+
+#[tokio::test]
+async fn users_lost_in_a_restart_are_recreated_by_the_next_pass() {
+    let mut s = spec();
+    s.user_prefix = format!("{}-", unique("bkrestart"));
+    let layer = layer_with(&s).await;
+    let orgs: Vec<String> = (0..3).map(|_| org_id()).collect();
+    let mut all = Vec::new();
+    for o in &orgs {
+        let t = tenant(o, &[]);
+        let c = provision(&layer, &t).await;
+        all.push((t, c));
+    }
+    // A restart without persistence: every user this operator owns is gone (ACL USERS lists
+    // names only and is cheap; the operator itself never needs it).
+    let Value::Array(users) = admin_cmd(&["ACL", "USERS"]).await.unwrap() else {
+        panic!("ACL USERS")
+    };
+    for u in users {
+        let Value::BulkString(u) = u else { continue };
+        let u = String::from_utf8(u).unwrap();
+        if u.starts_with(&s.user_prefix) {
+            admin_cmd(&["ACL", "DELUSER", &u]).await.unwrap();
+        }
+    }
+    layer.prepare().await.unwrap();
+    for (t, c) in &mut all {
+        assert!(!layer.verify(t, c).await.unwrap().verified());
+        let repairs = layer.ensure(t, c).await.unwrap();
+        assert!(
+            repairs.iter().any(|r| r.0.contains("missing")),
+            "{repairs:?}"
+        );
+        assert_clean(&layer.verify(t, c).await.unwrap());
+    }
+    for o in &orgs {
+        cleanup_delete(&layer, o).await;
+    }
+    admin_cmd(&["ACL", "DELUSER", &layer.rules().reference_user()])
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn bad_settings_and_ids_are_refused_before_any_redis_call() {
+    // Nothing listens on port 1: a Config error (not Unreachable) proves no connection was tried.
+    for (field, value) in [
+        ("key", "org:{orgId}"),
+        ("key", "org:*:{orgId}:"),
+        ("key", "org:{orgId}-"),
+        ("channel", "chan:[{orgId}]:"),
+        ("channel", "{orgId}"),
+        ("user", "bulk head"),
+        ("user", ""),
+    ] {
+        let mut s = spec();
+        match field {
+            "key" => s.key_prefix = value.into(),
+            "channel" => s.channel_prefix = value.into(),
+            _ => s.user_prefix = value.into(),
+        }
+        let err = CacheLayer::connect(&s, "redis://default:x@127.0.0.1:1")
+            .await
+            .err()
+            .expect("refused");
+        assert!(
+            matches!(err, LayerError::Config(_)),
+            "{field} {value:?}: {err:?}"
+        );
+    }
+    let layer = layer().await;
+    for bad in [
+        "acme*", "ac?me", "a[b]c", "a\\b", "a{b}", "ACME", "a:b", "a b", "-a", "",
+    ] {
+        let err = layer.plan_for(bad, "pw").expect_err(bad);
+        assert!(matches!(err, LayerError::Refused(_)), "{bad:?}: {err:?}");
+    }
+    let users = admin_cmd(&["ACL", "USERS"]).await.unwrap();
+    let Value::Array(users) = users else { panic!() };
+    for u in users {
+        let Value::BulkString(u) = u else { continue };
+        let u = String::from_utf8(u).unwrap();
+        assert!(
+            !u.contains(['*', '?', '[', '\\', '{']),
+            "a user with a glob name exists: {u}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn cleanup_retain_switches_the_user_off_and_keeps_keys() {
+    let layer = layer().await;
+    let a = org_id();
+    let ta = tenant(&a, &[]);
+    let creds = provision(&layer, &ta).await;
+    let mut conn = tenant_conn(&creds).await.unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(format!("org:{a}:session:1"))
+        .arg("v")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    layer.cleanup(&ta).await.unwrap();
+    let user = layer.identity(&ta.org_id).unwrap();
+    let Value::Array(info) = admin_cmd(&["ACL", "GETUSER", &user]).await.unwrap() else {
+        panic!("user kept")
+    };
+    let flags = format!("{:?}", info[1]);
+    assert!(flags.contains("off"), "{flags}");
+    assert_eq!(info[3], Value::Array(vec![]), "passwords reset");
+    let open: redis::RedisResult<Value> = redis::cmd("GET")
+        .arg(format!("org:{a}:session:1"))
+        .query_async(&mut conn)
+        .await;
+    assert!(open.is_err(), "an open session survived the switch-off");
+    assert!(
+        tenant_conn(&creds).await.is_err(),
+        "the organization can no longer log in"
+    );
+    assert_eq!(
+        admin_cmd(&["GET", &format!("org:{a}:session:1")])
+            .await
+            .unwrap(),
+        Value::BulkString(b"v".to_vec())
+    );
+    let v = layer.verify(&ta, &creds).await.unwrap();
+    assert!(
+        !v.verified() && !v.isolated(),
+        "a switched-off user is not reported as isolated and verified"
+    );
+    cleanup_delete(&layer, &a).await;
+}
+
+#[tokio::test]
+async fn cleanup_delete_removes_the_user_and_only_the_orgs_keys() {
+    let layer = layer().await;
+    let a = org_id();
+    let neighbour = format!("{a}-1"); // its prefix starts with a's id: must survive
+    let ta = tenant(&a, &[]);
+    let creds = provision(&layer, &ta).await;
+    let mut conn = tenant_conn(&creds).await.unwrap();
+    let mut pipe = redis::pipe();
+    for i in 0..1_234 {
+        pipe.cmd("SET")
+            .arg(format!("org:{a}:k:{i}"))
+            .arg(i)
+            .ignore();
+    }
+    let _: () = pipe.query_async(&mut conn).await.unwrap();
+    admin_cmd(&["SET", &format!("org:{neighbour}:keep"), "1"])
+        .await
+        .unwrap();
+
+    let mut td = ta.clone();
+    td.deletion_policy = DeletionPolicy::Delete;
+    layer.cleanup(&td).await.unwrap();
+    let user = layer.identity(&ta.org_id).unwrap();
+    assert_eq!(
+        admin_cmd(&["ACL", "GETUSER", &user]).await.unwrap(),
+        Value::Nil
+    );
+    let left = layer.delete_keys(&ta.org_id).await.unwrap();
+    assert_eq!(left, 0, "every key was already unlinked");
+    assert_eq!(
+        admin_cmd(&[
+            "EXISTS",
+            &format!("org:{a}:k:7"),
+            &format!("org:{a}:canary")
+        ])
+        .await
+        .unwrap(),
+        Value::Int(0)
+    );
+    assert_eq!(
+        admin_cmd(&["EXISTS", &format!("org:{neighbour}:keep")])
+            .await
+            .unwrap(),
+        Value::Int(1)
+    );
+    assert!(matches!(
+        admin_cmd(&["GET", "org:bulkhead-sentinel:canary"])
+            .await
+            .unwrap(),
+        Value::BulkString(_)
+    ));
+    admin_cmd(&["DEL", &format!("org:{neighbour}:keep")])
+        .await
+        .unwrap();
+    // Cleanup is idempotent.
+    layer.cleanup(&td).await.unwrap();
+}
+
+fn acl_save_calls(info: &Value) -> u64 {
+    let text = match info {
+        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        Value::VerbatimString { text, .. } => text.clone(),
+        _ => String::new(),
+    };
+    text.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_acl|save:calls="))
+        .and_then(|r| r.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn acl_save_runs_once_per_batch_when_an_aclfile_is_configured() {
+    let mut s = spec();
+    s.acl_file = true;
+    s.user_prefix = format!("{}-", unique("bksave"));
+    let layer = layer_with(&s).await;
+    tokio::time::sleep(Duration::from_secs(5)).await; // let prepare's own save happen
+    let before = acl_save_calls(&admin_cmd(&["INFO", "commandstats"]).await.unwrap());
+    let orgs: Vec<String> = (0..4).map(|_| org_id()).collect();
+    for o in &orgs {
+        provision(&layer, &tenant(o, &[])).await;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut after = before;
+    while after == before && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        after = acl_save_calls(&admin_cmd(&["INFO", "commandstats"]).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    after = acl_save_calls(&admin_cmd(&["INFO", "commandstats"]).await.unwrap());
+    assert_eq!(
+        after,
+        before + 1,
+        "one ACL SAVE for the batch of four organizations"
+    );
+    let file = std::fs::read_to_string(Testbed::get().var("BULKHEAD_REDIS_ACLFILE")).unwrap();
+    for o in &orgs {
+        assert!(
+            file.contains(&format!("user {}{o} on", s.user_prefix)),
+            "{o} not persisted"
+        );
+        assert!(!file.contains('>'), "aclfile holds only hashes");
+    }
+    // Without aclFile, nothing is ever saved.
+    assert!(!layer_with(&spec()).await.persist_acl().await.unwrap());
+    for o in &orgs {
+        cleanup_delete(&layer, o).await;
+    }
+    admin_cmd(&["ACL", "DELUSER", &layer.rules().reference_user()])
+        .await
+        .unwrap();
+    layer.persist_acl().await.unwrap();
+}
+
+/// A replica of the testbed's Redis, started for one test on a free port in a temp dir.
+struct Replica {
+    child: std::process::Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl Replica {
+    async fn start() -> Replica {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(unique("bulkhead-replica"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let url = url_parts(Testbed::get().redis_admin_url());
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args(["--dir", dir.to_str().unwrap(), "--logfile", "replica.log"])
+            .args(["--replicaof", &url.host, &url.port])
+            .args([
+                "--masteruser",
+                &url.user,
+                "--masterauth",
+                &url.password,
+                "--requirepass",
+                &url.password,
+            ])
+            .spawn()
+            .expect("redis-server on PATH");
+        let replica = Replica { child, port, dir };
+        // Wait until the primary lists it and the link is up.
+        for _ in 0..100 {
+            let role = admin_cmd(&["ROLE"]).await.unwrap();
+            if format!("{role:?}").contains(&port.to_string()) {
+                return replica;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("replica on port {port} never attached");
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+struct UrlParts {
+    user: String,
+    password: String,
+    host: String,
+    port: String,
+}
+
+fn url_parts(url: &str) -> UrlParts {
+    let rest = url.trim_start_matches("redis://");
+    let (auth, hostport) = rest.rsplit_once('@').unwrap();
+    let (user, password) = auth.split_once(':').unwrap();
+    let (host, port) = hostport.trim_end_matches('/').rsplit_once(':').unwrap();
+    let user = if user.is_empty() { "default" } else { user };
+    UrlParts {
+        user: user.into(),
+        password: password.into(),
+        host: host.into(),
+        port: port.into(),
+    }
+}
+
+#[tokio::test]
+async fn acls_are_applied_and_verified_on_every_node() {
+    let replica = Replica::start().await;
+    let node = format!("127.0.0.1:{}", replica.port);
+    let mut s = spec();
+    s.user_prefix = format!("{}-", unique("bkrepl"));
+    s.discover_nodes = true;
+    let layer = layer_with(&s).await;
+    assert!(
+        layer.nodes().contains(&node),
+        "ROLE discovery missed {node}: {:?}",
+        layer.nodes()
+    );
+    let mut s2 = s.clone();
+    s2.discover_nodes = false;
+    s2.nodes = vec![node.clone()];
+    let layer = layer_with(&s2).await;
+    assert_eq!(layer.nodes().len(), 2);
+
+    let a = org_id();
+    let ta = tenant(&a, &[]);
+    let mut creds = provision(&layer, &ta).await;
+    let v = layer.verify(&ta, &creds).await.unwrap();
+    assert_clean(&v);
+    assert!(
+        v.probes
+            .iter()
+            .any(|p| p.name == format!("GET org:bulkhead-sentinel:canary as {a} on {node}"))
+    );
+
+    // Widen the user on the replica only: the finding names the replica, the probe there fails.
+    let user = layer.identity(&ta.org_id).unwrap();
+    let url = url_parts(Testbed::get().redis_admin_url());
+    let replica_admin =
+        redis::Client::open(format!("redis://{}:{}@{node}", url.user, url.password)).unwrap();
+    let mut rconn = replica_admin
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(&user)
+        .arg("~*")
+        .query_async(&mut rconn)
+        .await
+        .unwrap();
+    let v = layer.verify(&ta, &creds).await.unwrap();
+    assert!(
+        v.findings
+            .iter()
+            .any(|f| f.contains(&node) && f.contains("key patterns widened")),
+        "{:?}",
+        v.findings
+    );
+    let bad = failed(&v);
+    assert!(
+        bad.iter().any(|b| b.starts_with(&format!(
+            "GET org:bulkhead-sentinel:canary as {a} on {node}"
+        ))),
+        "{bad:?}"
+    );
+    let repairs = layer.ensure(&ta, &mut creds).await.unwrap();
+    assert!(repairs.iter().any(|r| r.0.contains(&node)), "{repairs:?}");
+    assert_clean(&layer.verify(&ta, &creds).await.unwrap());
+
+    // Deleted on the replica only.
+    let _: i64 = redis::cmd("ACL")
+        .arg("DELUSER")
+        .arg(&user)
+        .query_async(&mut rconn)
+        .await
+        .unwrap();
+    assert!(!layer.verify(&ta, &creds).await.unwrap().isolated());
+    assert!(
+        layer
+            .ensure(&ta, &mut creds)
+            .await
+            .unwrap()
+            .iter()
+            .any(|r| r.0.contains("missing"))
+    );
+
+    cleanup_delete(&layer, &a).await;
+    let gone: Value = redis::cmd("ACL")
+        .arg("GETUSER")
+        .arg(&user)
+        .query_async(&mut rconn)
+        .await
+        .unwrap();
+    assert_eq!(gone, Value::Nil, "cleanup reached the replica");
+    admin_cmd(&["ACL", "DELUSER", &layer.rules().reference_user()])
+        .await
+        .unwrap();
+    drop(replica);
+}

@@ -1,0 +1,262 @@
+//! Shared set-up for tests that run against the local testbed (`testbed/up`).
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+/// The testbed's endpoints, read from the env file that `testbed/up` writes.
+#[derive(Debug, Clone)]
+pub struct Testbed {
+    vars: BTreeMap<String, String>,
+}
+
+impl Testbed {
+    /// Loads the testbed's env file and exports it into this process (so kube's `Config::infer`
+    /// finds the KUBECONFIG). Panics with a clear message when the testbed is not up: tests
+    /// against real components never pass silently without them.
+    pub fn get() -> &'static Testbed {
+        static TESTBED: OnceLock<Testbed> = OnceLock::new();
+        TESTBED.get_or_init(|| {
+            bulkhead::install_crypto_provider();
+            let path = std::env::var_os("BULKHEAD_TESTBED_ENV")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    let dir = std::env::var_os("BULKHEAD_TESTBED_DIR")
+                        .map(PathBuf::from)
+                        .unwrap_or_else(|| PathBuf::from("/tmp/bulkhead-testbed"));
+                    dir.join("env")
+                });
+            let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+                panic!(
+                    "testbed env file {} unreadable ({e}); start the testbed with `testbed/up`",
+                    path.display()
+                )
+            });
+            let mut vars = BTreeMap::new();
+            for line in text.lines() {
+                let line = line.trim();
+                let Some(rest) = line.strip_prefix("export ") else {
+                    continue;
+                };
+                let Some((k, v)) = rest.split_once('=') else {
+                    continue;
+                };
+                let v = v.trim_matches(|c| c == '\'' || c == '"').to_owned();
+                vars.insert(k.to_owned(), v);
+            }
+            for (k, v) in &vars {
+                if k != "PATH" {
+                    // SAFETY: runs once, before any test thread reads the environment through us.
+                    unsafe { std::env::set_var(k, v) };
+                }
+            }
+            Testbed { vars }
+        })
+    }
+
+    pub fn var(&self, key: &str) -> &str {
+        self.vars
+            .get(key)
+            .map(String::as_str)
+            .unwrap_or_else(|| panic!("testbed env has no {key}"))
+    }
+
+    pub fn pg_admin_url(&self) -> &str {
+        self.var("BULKHEAD_PG_ADMIN_URL")
+    }
+    pub fn redis_admin_url(&self) -> &str {
+        self.var("BULKHEAD_REDIS_ADMIN_URL")
+    }
+    pub fn s3_endpoint(&self) -> &str {
+        self.var("BULKHEAD_S3_ENDPOINT")
+    }
+    pub fn s3_access_key(&self) -> &str {
+        self.var("BULKHEAD_S3_ACCESS_KEY")
+    }
+    pub fn s3_secret_key(&self) -> &str {
+        self.var("BULKHEAD_S3_SECRET_KEY")
+    }
+    pub fn moto_endpoint(&self) -> &str {
+        self.var("BULKHEAD_MOTO_ENDPOINT")
+    }
+    pub fn kubeconfig(&self) -> &str {
+        self.var("KUBECONFIG")
+    }
+    /// Directory of the testbed's kubectl and helm.
+    pub fn k8s_bin(&self) -> &str {
+        self.var("BULKHEAD_K8S_BIN")
+    }
+
+    /// A kube client for the testbed's API server, as its admin.
+    pub async fn kube(&self) -> kube::Client {
+        let _ = self;
+        kube::Client::try_default()
+            .await
+            .expect("kube client for the testbed")
+    }
+}
+
+/// A name unique to this test run, so tests sharing one testbed never collide.
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}-{}-{n}", std::process::id() % 100_000)
+}
+
+/// Applies the crate's CRDs to the testbed's API server and waits until they are established.
+pub async fn install_crds(client: &kube::Client) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{Api, Patch, PatchParams};
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in bulkhead::api::crds() {
+        let name = crd.metadata.name.clone().expect("crd name");
+        api.patch(
+            &name,
+            &PatchParams::apply("bulkhead-tests").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .expect("apply crd");
+        wait_for(
+            &format!("CRD {name} established"),
+            std::time::Duration::from_secs(60),
+            || {
+                let api = api.clone();
+                let name = name.clone();
+                async move {
+                    let c = api.get(&name).await.ok()?;
+                    let established = c
+                        .status?
+                        .conditions?
+                        .iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True");
+                    established.then_some(())
+                }
+            },
+        )
+        .await;
+    }
+}
+
+/// Polls `check` every 250 ms until it yields a value; panics with `what` after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: std::time::Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
+
+/// Creates a namespace (idempotent).
+pub async fn ensure_namespace(client: &kube::Client, name: &str) {
+    use k8s_openapi::api::core::v1::Namespace;
+    use kube::api::{Api, Patch, PatchParams};
+    let api: Api<Namespace> = Api::all(client.clone());
+    let ns: Namespace = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": name }
+    }))
+    .expect("namespace");
+    api.patch(
+        name,
+        &PatchParams::apply("bulkhead-tests").force(),
+        &Patch::Apply(&ns),
+    )
+    .await
+    .expect("apply namespace");
+}
+
+/// Creates or replaces a Secret with string data.
+pub async fn put_secret(client: &kube::Client, namespace: &str, name: &str, data: &[(&str, &str)]) {
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::api::{Api, Patch, PatchParams};
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let string_data: BTreeMap<String, String> = data
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": { "name": name, "namespace": namespace },
+        "stringData": string_data,
+    }))
+    .expect("secret");
+    api.patch(
+        name,
+        &PatchParams::apply("bulkhead-tests").force(),
+        &Patch::Apply(&secret),
+    )
+    .await
+    .expect("apply secret");
+}
+
+/// A running `bulkhead run` process for one platform; killed when dropped. Its log is kept in a
+/// file so tests can search it (e.g. for leaked credentials).
+pub struct Operator {
+    child: std::process::Child,
+    pub log_path: PathBuf,
+}
+
+impl Operator {
+    /// Starts the operator binary of this crate, handling only `platform`, with `namespace` as its
+    /// own namespace.
+    pub fn start(platform: &str, namespace: &str) -> Operator {
+        Self::start_with(platform, namespace, &[])
+    }
+
+    pub fn start_with(platform: &str, namespace: &str, extra_args: &[&str]) -> Operator {
+        let tb = Testbed::get();
+        let dir = std::env::temp_dir().join("bulkhead-test-logs");
+        std::fs::create_dir_all(&dir).expect("log dir");
+        let log_path = dir.join(format!("{}.log", unique(platform)));
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+            .arg("run")
+            .args([
+                "--platform",
+                platform,
+                "--namespace",
+                namespace,
+                "--metrics-addr",
+                "127.0.0.1:0",
+            ])
+            .args(extra_args)
+            .env("KUBECONFIG", tb.kubeconfig())
+            .env("RUST_LOG", "info,bulkhead=debug,kube=warn")
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start the operator");
+        Operator { child, log_path }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

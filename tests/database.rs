@@ -1,0 +1,707 @@
+//! Database layer against the testbed's PostgreSQL: every probe both ways, repairs, odd names,
+//! cleanup, the audit command. Each test works in a database and roles of its own.
+
+mod common;
+
+use std::time::Duration;
+
+use bulkhead::api::DeletionPolicy;
+use bulkhead::api::platform::{DatabasePlatform, IsolationPlatformStatus};
+use bulkhead::layers::database::{self, DatabaseLayer, KEY_PASSWORD, KEY_URL, KEY_USER};
+use bulkhead::layers::{Credentials, Layer, Tenant, Verification};
+use bulkhead::tenant::OrgId;
+use serde_json::json;
+use tokio_postgres::{Client, NoTls};
+
+const SEED: &str = r#"
+CREATE TABLE conversations (id bigserial PRIMARY KEY, org_id text NOT NULL, title text, created_at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE messages (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, org_id text NOT NULL, conversation_id bigint, body text);
+CREATE TABLE agents (id bigserial PRIMARY KEY, org_id text NOT NULL, name text);
+CREATE TABLE skills (id bigserial PRIMARY KEY, org_id text NOT NULL, scope text NOT NULL DEFAULT 'org', name text);
+CREATE TABLE projects (id bigserial PRIMARY KEY, org_id text NOT NULL, name text);
+CREATE TABLE members (id bigserial PRIMARY KEY, org_id text NOT NULL, email text);
+CREATE TABLE audit_logs (id bigserial PRIMARY KEY, org_id text NOT NULL, action text, at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE files (id bigserial PRIMARY KEY, org_id text NOT NULL, key text);
+CREATE TABLE api_keys (id bigserial PRIMARY KEY, org_id text NOT NULL, hash text);
+CREATE TABLE embeddings (id bigserial PRIMARY KEY, org_id text NOT NULL, content text, embedding float8[]);
+CREATE INDEX ON conversations (org_id, created_at);
+CREATE INDEX ON messages (org_id);
+CREATE INDEX ON agents (org_id);
+CREATE INDEX ON skills (org_id);
+CREATE INDEX ON projects (org_id);
+CREATE INDEX ON members (org_id);
+CREATE INDEX ON audit_logs (org_id);
+CREATE INDEX ON files (org_id);
+CREATE INDEX ON api_keys (org_id);
+CREATE INDEX ON embeddings (org_id);
+INSERT INTO skills (org_id, scope, name) VALUES ('bulkhead-sentinel', 'system', 'summarize');
+"#;
+
+const TABLES: [&str; 10] =
+    ["conversations", "messages", "agents", "skills", "projects", "members", "audit_logs", "files", "api_keys", "embeddings"];
+
+/// A database of its own, with the seed's tables, and the names of the roles the test creates.
+struct TestDb {
+    name: String,
+    url: String,
+    server_url: String,
+    role_prefix: String,
+    group: String,
+    tag: String,
+}
+
+fn with_db(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, format!("?{q}")),
+        None => (url, String::new()),
+    };
+    let (server, _) = base.rsplit_once('/').expect("admin URL has a database path");
+    format!("{server}/{db}{query}")
+}
+
+async fn connect(url: &str) -> Client {
+    let (client, conn) = tokio_postgres::connect(url, NoTls).await.expect("connect");
+    tokio::spawn(conn);
+    client
+}
+
+impl TestDb {
+    async fn new() -> Self {
+        let tb = common::Testbed::get();
+        let tag = common::unique("d").replace('-', "_");
+        let name = format!("bh_test{tag}");
+        let server_url = tb.pg_admin_url().to_owned();
+        let admin = connect(&server_url).await;
+        admin.batch_execute(&format!("CREATE DATABASE \"{name}\"")).await.expect("create database");
+        let url = with_db(&server_url, &name);
+        let db = TestDb {
+            url,
+            server_url,
+            role_prefix: format!("bht{tag}_"),
+            group: format!("bhg{tag}"),
+            tag,
+            name,
+        };
+        db.admin().await.batch_execute(SEED).await.expect("seed tables");
+        db
+    }
+
+    async fn admin(&self) -> Client {
+        connect(&self.url).await
+    }
+
+    fn spec(&self, extra: serde_json::Value) -> DatabasePlatform {
+        let mut base = json!({
+            "adminUrlSecretRef": {"name": "pg", "key": "url"},
+            "rolePrefix": self.role_prefix,
+            "groupRole": self.group,
+            "overrides": [{"table": "skills", "sharedReadColumn": "scope", "sharedReadValue": "system"}],
+        });
+        for (k, v) in extra.as_object().expect("object") {
+            base[k] = v.clone();
+        }
+        serde_json::from_value(base).expect("spec")
+    }
+
+    async fn layer(&self, extra: serde_json::Value) -> DatabaseLayer {
+        DatabaseLayer::connect(&self.spec(extra), &self.url).await.expect("connect layer").with_audit_ttl(Duration::ZERO)
+    }
+
+    fn org(&self, name: &str) -> OrgId {
+        OrgId::parse(&format!("{name}{}", self.tag.replace('_', "-"))).expect("org id")
+    }
+
+    /// Drops the database and every role the test created.
+    async fn finish(self) {
+        let admin = connect(&self.server_url).await;
+        admin.batch_execute(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name)).await.expect("drop db");
+        let rows = admin
+            .query(
+                "SELECT rolname::text FROM pg_roles WHERE starts_with(rolname, $1) OR rolname = $2 OR starts_with(rolname, $3)",
+                &[&self.role_prefix, &self.group, &format!("bhx{}", self.tag)],
+            )
+            .await
+            .expect("list roles");
+        for r in rows {
+            let name: String = r.get(0);
+            admin.batch_execute(&format!("DROP ROLE IF EXISTS \"{}\"", name.replace('"', "\"\""))).await.expect("drop role");
+        }
+    }
+}
+
+fn tenant(org: &OrgId, display: &str, peers: &[&OrgId], policy: DeletionPolicy) -> Tenant {
+    let mut all = vec![OrgId::sentinel()];
+    all.extend(peers.iter().map(|p| (*p).clone()));
+    Tenant {
+        name: org.as_str().to_owned(),
+        org_id: org.clone(),
+        display_name: display.to_owned(),
+        namespace: format!("org-{org}"),
+        deletion_policy: policy,
+        rotate: false,
+        peers: all,
+        owner: Default::default(),
+    }
+}
+
+fn failures(v: &Verification) -> String {
+    v.failures().join("\n")
+}
+
+fn assert_holds(v: &Verification, who: &str) {
+    assert!(v.isolated() && v.verified(), "{who} should be isolated and verified:\n{}", failures(v));
+}
+
+/// Asserts that verification fails and that some failing check mentions `needle`.
+fn assert_breaks(v: &Verification, needle: &str) {
+    let all = v.failures();
+    assert!(!(v.isolated() && v.verified()), "isolation reported as holding, expected {needle:?}");
+    assert!(all.iter().any(|f| f.contains(needle)), "no failure mentions {needle:?}:\n{}", all.join("\n"));
+}
+
+/// Two organizations, both provisioned and each with its canaries.
+struct Pair {
+    db: TestDb,
+    layer: DatabaseLayer,
+    a: Tenant,
+    b: Tenant,
+    ca: Credentials,
+    cb: Credentials,
+}
+
+async fn pair(extra: serde_json::Value) -> Pair {
+    let db = TestDb::new().await;
+    let layer = db.layer(extra).await;
+    layer.prepare().await.expect("prepare");
+    let (oa, ob) = (db.org("acme"), db.org("beta"));
+    let a = tenant(&oa, "Acme", &[&ob], DeletionPolicy::Delete);
+    let b = tenant(&ob, "Beta", &[&oa], DeletionPolicy::Delete);
+    let mut ca = Credentials::default();
+    let mut cb = Credentials::default();
+    layer.ensure(&a, &mut ca).await.expect("ensure a");
+    layer.ensure(&b, &mut cb).await.expect("ensure b");
+    Pair { db, layer, a, b, ca, cb }
+}
+
+impl Pair {
+    async fn verify_a(&self) -> Verification {
+        self.layer.verify(&self.a, &self.ca).await.expect("verify a")
+    }
+    async fn tenant_client(&self) -> Client {
+        connect(self.ca.get(KEY_URL).expect("url")).await
+    }
+}
+
+#[tokio::test]
+async fn prepare_governs_every_table_and_is_idempotent() {
+    let db = TestDb::new().await;
+    let layer = db.layer(json!({})).await;
+    let first = layer.prepare().await.expect("prepare");
+    assert_eq!(first.len(), TABLES.len(), "each new table is reported once: {first:?}");
+    let again = layer.prepare().await.expect("prepare again");
+    assert!(again.is_empty(), "second prepare repairs nothing: {again:?}");
+
+    let mut status = IsolationPlatformStatus::default();
+    layer.platform_status(&mut status).await.expect("status");
+    let audit = status.database.expect("database audit");
+    assert_eq!(audit.coverage, "10/10");
+    assert!(audit.findings.is_empty(), "{:?}", audit.findings);
+
+    let admin = db.admin().await;
+    for t in TABLES {
+        let row = admin
+            .query_one(
+                "SELECT relrowsecurity, relforcerowsecurity, (SELECT count(*) FROM pg_policy WHERE polrelid = c.oid)
+                 FROM pg_class c WHERE oid = ('public.' || $1)::regclass",
+                &[&t],
+            )
+            .await
+            .unwrap();
+        let policies: i64 = row.get(2);
+        assert!(row.get::<_, bool>(0) && row.get::<_, bool>(1), "{t}");
+        assert_eq!(policies, if t == "skills" { 2 } else { 1 }, "{t}");
+    }
+    // The sentinel's registry row and canaries are in place.
+    let n: i64 = admin.query_one("SELECT count(*) FROM organizations WHERE id = 'bulkhead-sentinel'", &[]).await.unwrap().get(0);
+    assert_eq!(n, 1);
+    let n: i64 = admin.query_one("SELECT count(*) FROM messages WHERE org_id = 'bulkhead-sentinel'", &[]).await.unwrap().get(0);
+    assert_eq!(n, 1);
+    // The group role holds the privileges; no per-organization grant exists.
+    let acl: String = admin.query_one("SELECT relacl::text FROM pg_class WHERE relname = 'messages'", &[]).await.unwrap().get(0);
+    assert!(acl.contains(&db.group), "{acl}");
+    assert!(!acl.contains(&db.role_prefix), "{acl}");
+    drop(layer);
+    db.finish().await;
+}
+
+#[tokio::test]
+async fn probes_pass_when_isolation_holds() {
+    let p = pair(json!({})).await;
+    let va = p.verify_a().await;
+    assert_holds(&va, "acme");
+    let vb = p.layer.verify(&p.b, &p.cb).await.expect("verify b");
+    assert_holds(&vb, "beta");
+    let names: Vec<&str> = va.probes.iter().map(|x| x.name.as_str()).collect();
+    for want in [
+        "log in as",
+        "identity of",
+        "read other organizations' rows in public.messages",
+        "read own rows in public.messages",
+        "insert own row into public.messages",
+        "insert into public.messages as bulkhead-sentinel",
+        "update bulkhead-sentinel's rows in public.messages",
+        "delete bulkhead-sentinel's rows in public.messages",
+        "disable row-level security on public.messages",
+        "drop the policy of public.messages",
+        "set role",
+        "read rows as the group role",
+        "spoof the identity setting as",
+        "similarity search over public.embeddings",
+    ] {
+        assert!(names.iter().any(|n| n.starts_with(want)), "no probe {want:?} in {names:?}");
+    }
+    // Shared skills are readable by all, writable by none.
+    let c = p.tenant_client().await;
+    let n: i64 = c.query_one("SELECT count(*) FROM skills WHERE scope = 'system'", &[]).await.unwrap().get(0);
+    assert_eq!(n, 1);
+    let n = c.execute("UPDATE skills SET name = 'mine' WHERE scope = 'system'", &[]).await.unwrap();
+    assert_eq!(n, 0);
+    let n = c.execute("DELETE FROM skills WHERE scope = 'system'", &[]).await.unwrap();
+    assert_eq!(n, 0);
+    let err = c.execute("INSERT INTO skills (scope, name) VALUES ('system', 'evil')", &[]).await.unwrap_err();
+    assert!(err.to_string().contains("row-level security"), "{err}");
+    // Inserts are stamped with the caller's org.
+    let org: String = c.query_one("INSERT INTO conversations (title) VALUES ('hi') RETURNING org_id", &[]).await.unwrap().get(0);
+    assert_eq!(org, p.a.org_id.as_str());
+    drop(c);
+    let Pair { db, layer, .. } = p;
+    drop(layer);
+    db.finish().await;
+}
+
+/// Breaks isolation as the admin behind the operator's back, checks that verification sees
+/// it, then that `prepare` (or `ensure`) repairs it and verification passes again.
+async fn break_and_repair(sql: &str, needle: &str, repaired_by_ensure: bool) {
+    let mut p = pair(json!({})).await;
+    assert_holds(&p.verify_a().await, "before the breach");
+    let admin = p.db.admin().await;
+    let sql = sql.replace("{A}", &p.layer.role_of(&p.a.org_id)).replace("{B}", &p.layer.role_of(&p.b.org_id)).replace("{G}", &p.db.group);
+    admin.batch_execute(&sql).await.unwrap_or_else(|e| panic!("breach {sql}: {e}"));
+    assert_breaks(&p.verify_a().await, needle);
+    let repairs = if repaired_by_ensure {
+        p.layer.ensure(&p.a, &mut p.ca).await.expect("ensure")
+    } else {
+        p.layer.prepare().await.expect("prepare")
+    };
+    assert!(!repairs.is_empty(), "the repair is reported");
+    assert_holds(&p.verify_a().await, "after the repair");
+    let Pair { db, layer, .. } = p;
+    drop(layer);
+    db.finish().await;
+}
+
+#[tokio::test]
+async fn disabled_rls_is_found_and_repaired() {
+    break_and_repair("ALTER TABLE messages DISABLE ROW LEVEL SECURITY", "read other organizations' rows in public.messages", false).await;
+}
+
+#[tokio::test]
+async fn dropped_force_is_found_and_repaired() {
+    break_and_repair("ALTER TABLE files NO FORCE ROW LEVEL SECURITY", "row-level security is not forced", false).await;
+}
+
+#[tokio::test]
+async fn dropped_policy_is_found_and_repaired() {
+    break_and_repair("DROP POLICY bulkhead_isolation ON agents", "policy bulkhead_isolation is missing", false).await;
+}
+
+#[tokio::test]
+async fn widening_permissive_policy_is_found_and_dropped() {
+    break_and_repair("CREATE POLICY everyone ON members USING (true)", "read other organizations' rows in public.members", false).await;
+}
+
+#[tokio::test]
+async fn altered_policy_is_found_and_restored() {
+    break_and_repair(
+        "ALTER POLICY bulkhead_isolation ON api_keys USING (org_id = (SELECT auth.org_id()) OR true)",
+        "read other organizations' rows in public.api_keys",
+        false,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn unprotected_embeddings_leak_through_similarity_search_until_repaired() {
+    break_and_repair("ALTER TABLE embeddings DISABLE ROW LEVEL SECURITY", "similarity search over public.embeddings", false).await;
+}
+
+#[tokio::test]
+async fn new_unprotected_table_is_found_and_governed() {
+    break_and_repair(
+        "CREATE TABLE notes (id bigserial PRIMARY KEY, org_id text NOT NULL, body text);
+         CREATE INDEX ON notes (org_id);
+         GRANT SELECT, INSERT, UPDATE, DELETE ON notes TO {G};
+         INSERT INTO notes (org_id, body) VALUES ('bulkhead-sentinel', 'secret')",
+        "public.notes",
+        false,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn replaced_identity_function_is_found_and_restored() {
+    break_and_repair(
+        "CREATE OR REPLACE FUNCTION auth.org_id() RETURNS text LANGUAGE sql STABLE
+         SET search_path = pg_catalog, pg_temp AS $$ SELECT current_setting('app.org', true) $$",
+        "identity function's body differs",
+        false,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn writable_role_mapping_is_found_and_revoked() {
+    break_and_repair("GRANT INSERT, UPDATE ON bulkhead.tenant_roles TO {G}", "tenants can write the role mapping", false).await;
+}
+
+#[tokio::test]
+async fn truncate_privilege_is_found_and_revoked() {
+    break_and_repair("GRANT TRUNCATE ON projects TO {G}", "TRUNCATE", false).await;
+}
+
+#[tokio::test]
+async fn bypassrls_is_found_and_repaired() {
+    break_and_repair("ALTER ROLE \"{A}\" BYPASSRLS", "BYPASSRLS", true).await;
+}
+
+#[tokio::test]
+async fn membership_in_another_org_role_is_found_and_revoked() {
+    break_and_repair("GRANT \"{B}\" TO \"{A}\"", "member of another organization's role", true).await;
+}
+
+#[tokio::test]
+async fn tenant_owned_table_is_found_and_probed() {
+    let p = pair(json!({})).await;
+    let admin = p.db.admin().await;
+    let a = p.layer.role_of(&p.a.org_id);
+    admin.batch_execute(&format!("ALTER TABLE audit_logs OWNER TO \"{a}\"")).await.unwrap();
+    let v = p.verify_a().await;
+    assert_breaks(&v, "owned by tenant role");
+    assert_breaks(&v, "disable row-level security on public.audit_logs: allowed");
+    // Ownership is not changed by the operator; the owner fixes it, then all is well.
+    admin.batch_execute("ALTER TABLE audit_logs OWNER TO CURRENT_USER").await.unwrap();
+    assert_holds(&p.verify_a().await, "after the owner was restored");
+    let Pair { db, layer, .. } = p;
+    drop(layer);
+    db.finish().await;
+}
+
+#[tokio::test]
+async fn security_definer_function_is_found() {
+    let p = pair(json!({})).await;
+    let admin = p.db.admin().await;
+    admin
+        .batch_execute(
+            "CREATE FUNCTION public.all_messages() RETURNS SETOF messages LANGUAGE sql SECURITY DEFINER
+             AS $$ SELECT * FROM messages $$",
+        )
+        .await
+        .unwrap();
+    // It really leaks: the tenant reads the sentinel's canary through it.
+    let c = p.tenant_client().await;
+    let n: i64 = c.query_one("SELECT count(*) FROM public.all_messages() WHERE org_id <> auth.org_id()", &[]).await.unwrap().get(0);
+    assert!(n > 0);
+    assert_breaks(&p.verify_a().await, "SECURITY DEFINER function executable by tenants");
+    admin.batch_execute("DROP FUNCTION public.all_messages()").await.unwrap();
+    assert_holds(&p.verify_a().await, "after the function was dropped");
+    drop(c);
+    let Pair { db, layer, .. } = p;
+    drop(layer);
+    db.finish().await;
+}
+
+#[tokio::test]
+async fn the_group_role_sees_nothing() {
+    let p = pair(json!({})).await;
+    let c = p.tenant_client().await;
+    c.batch_execute(&format!("SET ROLE \"{}\"", p.db.group)).await.expect("members may become the group in PG15");
+    for t in TABLES {
+        let filter = if t == "skills" { " WHERE scope <> 'system'" } else { "" };
+        let n: i64 = c.query_one(&format!("SELECT count(*) FROM {t}{filter}"), &[]).await.unwrap().get(0);
+        assert_eq!(n, 0, "{t}");
+    }
+    // Mapping the group to an organization behind the operator's back is found and undone.
+    let admin = p.db.admin().await;
+    admin
+        .execute("INSERT INTO bulkhead.tenant_roles (role_name, org_id) VALUES ($1, 'bulkhead-sentinel')", &[&p.db.group])
+        .await
+        .unwrap();
+    assert_breaks(&p.verify_a().await, "read rows as the group role");
+    assert!(!p.layer.prepare().await.unwrap().is_empty());
+    assert_holds(&p.verify_a().await, "after the mapping was removed");
+    drop(c);
+    let Pair { db, layer, .. } = p;
+    drop(layer);
+    db.finish().await;
+}
+
+#[tokio::test]
+async fn odd_display_names_are_stored_verbatim() {
+    let db = TestDb::new().await;
+    let layer = db.layer(json!({})).await;
+    layer.prepare().await.unwrap();
+    let names = [
+        "O'Brien & Sons",
+        "\"; DROP TABLE messages; --",
+        "'); DELETE FROM organizations; --",
+        "Ünïcødé 株式会社 🚀",
+        "SELECT",
+        "$$ $bulkhead$ \\ backslash",
+        "semi;colon",
+    ];
+    let admin = db.admin().await;
+    for (i, name) in names.iter().enumerate() {
+        let org = db.org(&format!("odd{i}"));
+        let t = tenant(&org, name, &[], DeletionPolicy::Delete);
+        let mut c = Credentials::default();
+        layer.ensure(&t, &mut c).await.expect("ensure");
+        let stored: String = admin.query_one("SELECT display_name FROM organizations WHERE id = $1", &[&org.as_str()]).await.unwrap().get(0);
+        assert_eq!(&stored, name);
+    }
+    let n: i64 = admin.query_one("SELECT count(*) FROM messages", &[]).await.unwrap().get(0);
+    assert!(n > 0, "messages survived");
+    drop(layer);
+    db.finish().await;
+}
+
+#[tokio::test]
+async fn credentials_work_are_kept_and_rotate() {
+    let mut p2 = pair(json!({})).await;
+    let first = p2.ca.clone();
+    assert_eq!(first.get(KEY_USER), Some(p2.layer.role_of(&p2.a.org_id).as_str()));
+    let url = first.get(KEY_URL).unwrap().to_owned();
+    assert!(url.starts_with(&format!("postgres://{}:", p2.layer.role_of(&p2.a.org_id))));
+    assert!(url.ends_with(&format!("/{}", p2.db.name)));
+    // Kept across passes.
+    p2.layer.ensure(&p2.a, &mut p2.ca).await.unwrap();
+    assert_eq!(p2.ca.get(KEY_PASSWORD), first.get(KEY_PASSWORD));
+    // Rotated on request; the old password stops working.
+    p2.a.rotate = true;
+    p2.layer.ensure(&p2.a, &mut p2.ca).await.unwrap();
+    p2.a.rotate = false;
+    assert_ne!(p2.ca.get(KEY_PASSWORD), first.get(KEY_PASSWORD));
+    assert!(tokio_postgres::connect(&url, NoTls).await.is_err(), "old password refused");
+    assert_holds(&p2.verify_a().await, "with the rotated password");
+    // The plaintext never reached the catalog: a SCRAM verifier is stored.
+    let admin = p2.db.admin().await;
+    let stored: String = admin
+        .query_one("SELECT rolpassword FROM pg_authid WHERE rolname = $1", &[&p2.layer.role_of(&p2.a.org_id)])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(stored.starts_with("SCRAM-SHA-256$4096:"));
+    // A wrong password in the credentials shows as a failed login probe.
+    let mut wrong = p2.ca.clone();
+    wrong.set(KEY_PASSWORD, "not-the-password");
+    assert_breaks(&p2.layer.verify(&p2.a, &wrong).await.unwrap(), "log in as");
+    let Pair { db, layer, .. } = p2;
+    drop(layer);
+    db.finish().await;
+}
+
+#[tokio::test]
+async fn long_org_ids_get_hashed_role_names() {
+    let db = TestDb::new().await;
+    let layer = db.layer(json!({})).await;
+    layer.prepare().await.unwrap();
+    let long = OrgId::parse(&format!("{}{}", "l".repeat(60 - db.tag.len()), db.tag.replace('_', "-"))).unwrap();
+    let role = layer.role_of(&long);
+    assert!(role.len() <= 63, "{role}");
+    let t = tenant(&long, "Long", &[], DeletionPolicy::Delete);
+    let mut c = Credentials::default();
+    layer.ensure(&t, &mut c).await.unwrap();
+    assert_holds(&layer.verify(&t, &c).await.unwrap(), "long id");
+    layer.cleanup(&t).await.unwrap();
+    drop(layer);
+    db.finish().await;
+}
+
+#[tokio::test]
+async fn cleanup_retain_revokes_login_and_keeps_rows() {
+    let mut p = pair(json!({})).await;
+    p.a.deletion_policy = DeletionPolicy::Retain;
+    let admin = p.db.admin().await;
+    let session = p.tenant_client().await;
+    let before: i64 = admin.query_one("SELECT count(*) FROM messages WHERE org_id = $1", &[&p.a.org_id.as_str()]).await.unwrap().get(0);
+    p.layer.cleanup(&p.a).await.unwrap();
+    assert!(tokio_postgres::connect(p.ca.get(KEY_URL).unwrap(), NoTls).await.is_err(), "login revoked");
+    assert!(session.query_one("SELECT 1", &[]).await.is_err(), "open sessions were ended");
+    let after: i64 = admin.query_one("SELECT count(*) FROM messages WHERE org_id = $1", &[&p.a.org_id.as_str()]).await.unwrap().get(0);
+    assert_eq!(before, after);
+    assert!(before > 0);
+    // The organization comes back: ensure restores its login.
+    p.layer.ensure(&p.a, &mut p.ca).await.unwrap();
+    assert_holds(&p.verify_a().await, "after coming back");
+    let Pair { db, layer, .. } = p;
+    drop(layer);
+    db.finish().await;
+}
+
+#[tokio::test]
+async fn cleanup_delete_removes_only_that_org() {
+    let p = pair(json!({})).await;
+    let admin = p.db.admin().await;
+    admin
+        .batch_execute(
+            "ALTER TABLE messages ADD CONSTRAINT messages_conv FOREIGN KEY (conversation_id) REFERENCES conversations (id)",
+        )
+        .await
+        .unwrap();
+    let a = p.a.org_id.as_str();
+    for i in 0..30 {
+        let conv: i64 = admin
+            .query_one("INSERT INTO conversations (org_id, title) VALUES ($1, $2) RETURNING id", &[&a, &format!("c{i}")])
+            .await
+            .unwrap()
+            .get(0);
+        admin.execute("INSERT INTO messages (org_id, conversation_id, body) VALUES ($1, $2, 'x')", &[&a, &conv]).await.unwrap();
+    }
+    let count_others = "SELECT (SELECT count(*) FROM messages WHERE org_id <> $1) + (SELECT count(*) FROM conversations WHERE org_id <> $1)";
+    let others: i64 = admin.query_one(count_others, &[&a]).await.unwrap().get(0);
+    p.layer.cleanup(&p.a).await.expect("cleanup");
+    for t in TABLES {
+        let n: i64 = admin.query_one(&format!("SELECT count(*) FROM {t} WHERE org_id = $1"), &[&a]).await.unwrap().get(0);
+        assert_eq!(n, 0, "{t}");
+    }
+    let left: i64 = admin.query_one(count_others, &[&a]).await.unwrap().get(0);
+    assert_eq!(left, others, "other organizations' rows untouched");
+    let role = p.layer.role_of(&p.a.org_id);
+    let exists: bool = admin.query_one("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)", &[&role]).await.unwrap().get(0);
+    assert!(!exists);
+    let mapped: i64 = admin.query_one("SELECT count(*) FROM bulkhead.tenant_roles WHERE org_id = $1", &[&a]).await.unwrap().get(0);
+    assert_eq!(mapped, 0);
+    let reg: i64 = admin.query_one("SELECT count(*) FROM organizations WHERE id = $1", &[&a]).await.unwrap().get(0);
+    assert_eq!(reg, 0);
+    // The peer is unaffected.
+    assert_holds(&p.layer.verify(&p.b, &p.cb).await.unwrap(), "beta after acme was deleted");
+    let Pair { db, layer, .. } = p;
+    drop(layer);
+    db.finish().await;
+}
+
+async fn app_role(db: &TestDb, admin: &Client) -> String {
+    let name = format!("bhx{}_app", db.tag);
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE \"{name}\" LOGIN PASSWORD 'app-pass';
+             GRANT USAGE ON SCHEMA auth, bulkhead TO \"{name}\";
+             GRANT SELECT ON ALL TABLES IN SCHEMA public TO \"{name}\";"
+        ))
+        .await
+        .unwrap();
+    name
+}
+
+fn url_as(db: &TestDb, user: &str, password: &str) -> String {
+    let rest = db.url.split_once('@').unwrap().1;
+    format!("postgres://{user}:{password}@{rest}")
+}
+
+#[tokio::test]
+async fn setting_mode_lets_a_pooled_role_choose_but_pins_tenant_roles() {
+    let p = pair(json!({"identityMode": "setting"})).await;
+    assert_holds(&p.verify_a().await, "setting mode");
+    let admin = p.db.admin().await;
+    let app = app_role(&p.db, &admin).await;
+    let mut c = connect(&url_as(&p.db, &app, "app-pass")).await;
+    let n: i64 = c.query_one("SELECT count(*) FROM messages", &[]).await.unwrap().get(0);
+    assert_eq!(n, 0, "no identity, no rows");
+    let tx = c.transaction().await.unwrap();
+    tx.execute("SELECT set_config('bulkhead.org_id', $1, true)", &[&p.b.org_id.as_str()]).await.unwrap();
+    let orgs: Vec<String> = tx.query("SELECT DISTINCT org_id FROM messages", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(orgs, vec![p.b.org_id.as_str().to_owned()]);
+    tx.rollback().await.unwrap();
+    drop(c);
+    let Pair { db, layer, .. } = p;
+    drop(layer);
+    db.finish().await;
+}
+
+#[tokio::test]
+async fn jwt_mode_reads_the_claim() {
+    let p = pair(json!({"identityMode": "jwt"})).await;
+    assert_holds(&p.verify_a().await, "jwt mode");
+    let admin = p.db.admin().await;
+    let app = app_role(&p.db, &admin).await;
+    let mut c = connect(&url_as(&p.db, &app, "app-pass")).await;
+    let tx = c.transaction().await.unwrap();
+    let claims = json!({"org_id": p.a.org_id.as_str(), "sub": "u1"}).to_string();
+    tx.execute("SELECT set_config('request.jwt.claims', $1, true)", &[&claims]).await.unwrap();
+    let orgs: Vec<String> = tx.query("SELECT DISTINCT org_id FROM messages", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(orgs, vec![p.a.org_id.as_str().to_owned()]);
+    tx.rollback().await.unwrap();
+    drop(c);
+    let Pair { db, layer, .. } = p;
+    drop(layer);
+    db.finish().await;
+}
+
+#[tokio::test]
+async fn missing_index_is_reported_or_created() {
+    let db = TestDb::new().await;
+    db.admin().await.batch_execute("DROP INDEX files_org_id_idx").await.unwrap();
+    let layer = db.layer(json!({})).await;
+    layer.prepare().await.unwrap();
+    let mut status = IsolationPlatformStatus::default();
+    layer.platform_status(&mut status).await.unwrap();
+    let audit = status.database.unwrap();
+    assert_eq!(audit.coverage, "10/10", "an index is not isolation");
+    assert!(audit.findings.iter().any(|f| f.contains("public.files") && f.contains("no index")), "{:?}", audit.findings);
+    let layer = db.layer(json!({"createIndexes": true})).await;
+    layer.prepare().await.unwrap();
+    let mut status = IsolationPlatformStatus::default();
+    layer.platform_status(&mut status).await.unwrap();
+    assert!(status.database.unwrap().findings.is_empty());
+    drop(layer);
+    db.finish().await;
+}
+
+#[tokio::test]
+async fn audit_command_exit_semantics() {
+    let db = TestDb::new().await;
+    let spec = db.spec(json!({}));
+    // Before prepare: everything is missing.
+    let (out, found) = database::run_audit_cli(&db.url, &spec, false).await.unwrap();
+    assert!(found);
+    assert!(out.contains("RLS coverage: 0/10"), "{out}");
+    let layer = db.layer(json!({})).await;
+    layer.prepare().await.unwrap();
+    let (out, found) = database::run_audit_cli(&db.url, &spec, false).await.unwrap();
+    assert!(!found, "{out}");
+    assert!(out.contains("No findings."));
+    db.admin().await.batch_execute("ALTER TABLE messages DISABLE ROW LEVEL SECURITY").await.unwrap();
+    let (out, found) = database::run_audit_cli(&db.url, &spec, false).await.unwrap();
+    assert!(found);
+    assert!(out.contains("BREACH") && out.contains("public.messages") && out.contains("row-level security is disabled"), "{out}");
+    let (out, found) = database::run_audit_cli(&db.url, &spec, true).await.unwrap();
+    assert!(found);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v["coverage"], "9/10");
+    assert_eq!(v["findings"][0]["severity"], "breach");
+    // Bad URL: an error, never the password.
+    let err = database::run_audit_cli("postgres://u:sekrit@127.0.0.1:1/x", &spec, false).await.unwrap_err().to_string();
+    assert!(!err.contains("sekrit"), "{err}");
+    drop(layer);
+    db.finish().await;
+}
+
+#[tokio::test]
+async fn bad_configuration_changes_nothing() {
+    let db = TestDb::new().await;
+    let bad = db.spec(json!({"settingName": "x'; DROP TABLE messages; --"}));
+    let err = DatabaseLayer::connect(&bad, &db.url).await.unwrap_err();
+    assert_eq!(err.reason(), "ConfigurationError");
+    let n: i64 = db.admin().await.query_one("SELECT count(*) FROM pg_tables WHERE tablename = 'messages'", &[]).await.unwrap().get(0);
+    assert_eq!(n, 1);
+    db.finish().await;
+}

@@ -1,0 +1,181 @@
+//! End-to-end against the testbed's real API server: CEL validation of the CRDs, and an
+//! Organization's whole life under a running operator.
+
+mod common;
+
+use std::time::Duration;
+
+use bulkhead::api::{IsolationPlatform, Organization};
+use common::{Operator, Testbed, install_crds, unique, wait_for};
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+fn org(name: &str, spec: serde_json::Value) -> serde_json::Value {
+    json!({ "apiVersion": "bulkhead.dev/v1alpha1", "kind": "Organization", "metadata": { "name": name }, "spec": spec })
+}
+
+async fn create_raw(client: &kube::Client, body: serde_json::Value) -> Result<Organization, kube::Error> {
+    let api: Api<Organization> = Api::all(client.clone());
+    let obj: Organization = match serde_json::from_value(body.clone()) {
+        Ok(o) => o,
+        // Bodies the Rust type cannot even hold (missing orgId) go through the dynamic API.
+        Err(_) => {
+            let ar = kube::discovery::ApiResource::erase::<Organization>(&());
+            let dynapi: Api<kube::api::DynamicObject> = Api::all_with(client.clone(), &ar);
+            let dynobj: kube::api::DynamicObject = serde_json::from_value(body).unwrap();
+            return dynapi.create(&PostParams::default(), &dynobj).await.map(|d| {
+                serde_json::from_value(serde_json::to_value(d).unwrap()).unwrap()
+            });
+        }
+    };
+    api.create(&PostParams::default(), &obj).await
+}
+
+fn refusal(res: Result<Organization, kube::Error>) -> String {
+    match res {
+        Ok(o) => panic!("the API server accepted an invalid Organization: {:?}", o.spec),
+        Err(kube::Error::Api(s)) => {
+            assert_eq!(s.code, 422, "expected 422 Invalid, got {s:?}");
+            s.message
+        }
+        Err(e) => panic!("unexpected error: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn the_api_server_refuses_bad_organizations_with_clear_messages() {
+    let client = Testbed::get().kube().await;
+    install_crds(&client).await;
+    let long = "a".repeat(64);
+    let cases: Vec<(serde_json::Value, &str)> = vec![
+        (json!({}), "orgId"),
+        (json!({ "orgId": "" }), "orgId"),
+        (json!({ "orgId": "Acme" }), "lowercase letters, digits or '-'"),
+        (json!({ "orgId": "acme*" }), "no glob characters"),
+        (json!({ "orgId": "ac?me" }), "no glob characters"),
+        (json!({ "orgId": "a[b]" }), "no glob characters"),
+        (json!({ "orgId": "a{b}" }), "no glob characters"),
+        (json!({ "orgId": "a\\b" }), "no glob characters"),
+        (json!({ "orgId": "a b" }), "no glob characters"),
+        (json!({ "orgId": "o'brien" }), "no glob characters"),
+        (json!({ "orgId": "-acme" }), "starting and ending with a letter or digit"),
+        (json!({ "orgId": long }), "63"),
+        (json!({ "orgId": "bulkhead-sentinel" }), "reserved"),
+        (json!({ "orgId": "acme", "deletionPolicy": "Shred" }), "Unsupported value"),
+    ];
+    for (spec, want) in cases {
+        let name = unique("bad");
+        let msg = refusal(create_raw(&client, org(&name, spec.clone())).await);
+        assert!(msg.contains(want), "spec {spec}: message {msg:?} does not mention {want:?}");
+    }
+
+    // orgId is immutable once set.
+    let name = unique("immutable");
+    create_raw(&client, org(&name, json!({ "orgId": name }))).await.expect("valid org");
+    let api: Api<Organization> = Api::all(client.clone());
+    let err = api
+        .patch(&name, &PatchParams::default(), &Patch::Merge(json!({ "spec": { "orgId": "other" } })))
+        .await
+        .expect_err("orgId change must be refused");
+    match err {
+        kube::Error::Api(s) => assert!(s.message.contains("orgId is immutable"), "{}", s.message),
+        e => panic!("unexpected error: {e}"),
+    }
+    api.delete(&name, &DeleteParams::default()).await.expect("delete");
+}
+
+fn condition(o: &Organization, t: &str) -> Option<(String, String)> {
+    o.status.as_ref()?.conditions.iter().find(|c| c.type_ == t).map(|c| (format!("{:?}", c.status), c.reason.clone()))
+}
+
+#[tokio::test]
+async fn an_organization_gets_its_namespace_and_is_cleaned_up() {
+    let client = Testbed::get().kube().await;
+    install_crds(&client).await;
+    let platform_name = unique("e2e-platform");
+    let operator_ns = unique("e2e-operator");
+    common::ensure_namespace(&client, &operator_ns).await;
+    let platforms: Api<IsolationPlatform> = Api::all(client.clone());
+    let platform: IsolationPlatform = serde_json::from_value(json!({
+        "apiVersion": "bulkhead.dev/v1alpha1", "kind": "IsolationPlatform",
+        "metadata": { "name": platform_name },
+        "spec": { "network": { "namespaceTemplate": "e2e-{orgId}" }, "verification": { "intervalSeconds": 20 } }
+    }))
+    .unwrap();
+    platforms.create(&PostParams::default(), &platform).await.expect("platform");
+    let mut operator = Operator::start(&platform_name, &operator_ns);
+
+    let org_id = unique("acme");
+    let api: Api<Organization> = Api::all(client.clone());
+    let obj: Organization = serde_json::from_value(org(
+        &org_id,
+        json!({ "orgId": org_id, "displayName": "Acme \"Rockets\"; DROP TABLE x", "platformRef": platform_name }),
+    ))
+    .unwrap();
+    api.create(&PostParams::default(), &obj).await.expect("create org");
+
+    let ready = wait_for("Organization Ready", Duration::from_secs(90), || {
+        let api = api.clone();
+        let name = org_id.clone();
+        async move {
+            let o = api.get(&name).await.ok()?;
+            (condition(&o, "Ready").map(|c| c.0) == Some("True".into())).then_some(o)
+        }
+    })
+    .await;
+    assert!(ready.metadata.finalizers.as_ref().unwrap().contains(&"bulkhead.dev/cleanup".to_owned()));
+    let status = ready.status.clone().unwrap();
+    assert_eq!(status.observed_generation, ready.metadata.generation);
+    assert_eq!(condition(&ready, "NetworkIsolated").unwrap().0, "True");
+    assert_eq!(condition(&ready, "DatabaseIsolated").unwrap().1, "NotConfigured", "unbuilt layers never look isolated");
+    assert_eq!(condition(&ready, "IsolationVerified").unwrap().0, "True");
+
+    let ns_name = format!("e2e-{org_id}");
+    assert_eq!(status.namespace.as_deref(), Some(ns_name.as_str()));
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let ns = namespaces.get(&ns_name).await.expect("namespace");
+    let labels = ns.metadata.labels.clone().unwrap();
+    assert_eq!(labels["bulkhead.dev/org-id"], org_id);
+    assert_eq!(labels["pod-security.kubernetes.io/enforce"], "restricted");
+    let owner = &ns.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!((owner.kind.as_str(), owner.name.as_str()), ("Organization", org_id.as_str()));
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns_name);
+    secrets.get("bulkhead-credentials").await.expect("credentials Secret");
+
+    // A status write must not trigger another pass: the status stays put between passes.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rv = api.get(&org_id).await.unwrap().metadata.resource_version;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(api.get(&org_id).await.unwrap().metadata.resource_version, rv, "no reconcile storm");
+
+    // A removed label is repaired at once (the namespace is watched).
+    namespaces
+        .patch(&ns_name, &PatchParams::default(), &Patch::Merge(json!({ "metadata": { "labels": { "bulkhead.dev/org-id": null } } })))
+        .await
+        .unwrap();
+    wait_for("namespace label repaired", Duration::from_secs(30), || {
+        let namespaces = namespaces.clone();
+        let (ns_name, org_id) = (ns_name.clone(), org_id.clone());
+        async move {
+            let ns = namespaces.get(&ns_name).await.ok()?;
+            (ns.metadata.labels?.get("bulkhead.dev/org-id") == Some(&org_id)).then_some(())
+        }
+    })
+    .await;
+
+    // Deleting the Organization removes its namespace, then the finalizer.
+    api.delete(&org_id, &DeleteParams::default()).await.unwrap();
+    wait_for("Organization gone", Duration::from_secs(60), || {
+        let api = api.clone();
+        let name = org_id.clone();
+        async move { api.get_opt(&name).await.ok()?.is_none().then_some(()) }
+    })
+    .await;
+    let ns = namespaces.get_opt(&ns_name).await.unwrap();
+    assert!(ns.is_none_or(|n| n.metadata.deletion_timestamp.is_some()), "namespace deleted or terminating");
+    assert!(operator.alive(), "operator kept running:\n{}", operator.log());
+    operator.kill();
+    platforms.delete(&platform_name, &DeleteParams::default()).await.unwrap();
+    namespaces.delete(&operator_ns, &DeleteParams::default()).await.unwrap();
+}

@@ -1,0 +1,539 @@
+//! Storage layer against the testbed: `user` mode and the bucket guard on SeaweedFS (enforced for
+//! real), `role` and `abac` modes on moto (API shape and idempotency only: moto does not evaluate
+//! conditions or policy variables).
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use aws_sdk_s3::config::{BehaviorVersion, Credentials as AwsCredentials, Region};
+use aws_sdk_s3::primitives::ByteStream;
+use bulkhead::api::DeletionPolicy;
+use bulkhead::api::platform::StoragePlatform;
+use bulkhead::layers::storage::policy::{GUARD_BUCKET_SID, GUARD_SID, POLICY_VERSION};
+use bulkhead::layers::storage::{self, StorageLayer};
+use bulkhead::layers::{Credentials, Layer, LayerError, Tenant, Verification};
+use bulkhead::tenant::OrgId;
+use common::{Testbed, unique};
+use serde_json::{Value, json};
+
+fn platform(endpoint: &str, bucket: &str, extra: Value) -> StoragePlatform {
+    let mut v = json!({
+        "endpoint": endpoint,
+        "region": "us-east-1",
+        "bucket": bucket,
+        "adminSecretRef": {"name": "unused-in-tests"},
+        "forcePathStyle": true,
+    });
+    if let (Some(base), Value::Object(more)) = (v.as_object_mut(), extra) {
+        base.extend(more);
+    }
+    serde_json::from_value(v).expect("storage platform spec")
+}
+
+fn seaweed(bucket: &str) -> StorageLayer {
+    let tb = Testbed::get();
+    StorageLayer::connect(&platform(tb.s3_endpoint(), bucket, json!({})), tb.s3_access_key(), tb.s3_secret_key()).expect("connect")
+}
+
+fn moto(bucket: &str, extra: Value) -> StorageLayer {
+    let tb = Testbed::get();
+    StorageLayer::connect(&platform(tb.moto_endpoint(), bucket, extra), tb.var("BULKHEAD_MOTO_ACCESS_KEY"), tb.var("BULKHEAD_MOTO_SECRET_KEY"))
+        .expect("connect")
+}
+
+/// A bucket name unique to this run (S3 bucket names allow no '_' and at most 63 characters).
+fn bucket(tag: &str) -> String {
+    unique(&format!("bh-{tag}"))
+}
+
+fn org(tag: &str) -> OrgId {
+    OrgId::parse(&unique(tag)).expect("valid org id")
+}
+
+fn tenant(org: &OrgId, peers: &[&OrgId]) -> Tenant {
+    Tenant {
+        name: org.to_string(),
+        org_id: org.clone(),
+        display_name: format!("Org \"{org}\" O'Brien & Co"),
+        namespace: format!("org-{org}"),
+        deletion_policy: DeletionPolicy::Delete,
+        rotate: false,
+        peers: std::iter::once(OrgId::sentinel()).chain(peers.iter().map(|p| (*p).clone())).collect(),
+        owner: Default::default(),
+    }
+}
+
+/// Raw admin clients, to change things behind the operator's back.
+struct Admin {
+    s3: aws_sdk_s3::Client,
+    iam: aws_sdk_iam::Client,
+}
+
+fn admin(endpoint: &str, key: &str, secret: &str) -> Admin {
+    let creds = AwsCredentials::new(key, secret, None, None, "test-admin");
+    let s3 = aws_sdk_s3::config::Builder::new()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .credentials_provider(creds.clone())
+        .endpoint_url(endpoint)
+        .force_path_style(true)
+        .build();
+    let iam = aws_sdk_iam::config::Builder::new()
+        .behavior_version(aws_sdk_iam::config::BehaviorVersion::latest())
+        .region(aws_sdk_iam::config::Region::new("us-east-1"))
+        .credentials_provider(creds)
+        .endpoint_url(endpoint)
+        .build();
+    Admin { s3: aws_sdk_s3::Client::from_conf(s3), iam: aws_sdk_iam::Client::from_conf(iam) }
+}
+
+fn seaweed_admin() -> Admin {
+    let tb = Testbed::get();
+    admin(tb.s3_endpoint(), tb.s3_access_key(), tb.s3_secret_key())
+}
+
+fn moto_admin() -> Admin {
+    let tb = Testbed::get();
+    admin(tb.moto_endpoint(), tb.var("BULKHEAD_MOTO_ACCESS_KEY"), tb.var("BULKHEAD_MOTO_SECRET_KEY"))
+}
+
+async fn provision(layer: &StorageLayer, t: &Tenant) -> Credentials {
+    let mut creds = Credentials::default();
+    layer.ensure(t, &mut creds).await.expect("ensure");
+    creds
+}
+
+fn failed(v: &Verification) -> Vec<String> {
+    v.probes.iter().filter(|p| !p.passed).map(|p| format!("{}: {}", p.name, p.detail)).collect()
+}
+
+fn assert_clean(v: &Verification) {
+    assert!(v.findings.is_empty(), "findings: {:?}", v.findings);
+    assert!(v.verified(), "failed probes: {:?}", failed(v));
+}
+
+fn probe_passed(v: &Verification, name: &str) -> bool {
+    v.probes.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no probe {name:?} in {:?}", v.probes)).passed
+}
+
+async fn guard_text(a: &Admin, bucket: &str) -> Value {
+    let out = a.s3.get_bucket_policy().bucket(bucket).send().await.expect("bucket policy");
+    serde_json::from_str(out.policy().unwrap_or_default()).expect("policy JSON")
+}
+
+async fn cleanup_all(layer: &StorageLayer, tenants: &[&Tenant]) {
+    for t in tenants {
+        layer.cleanup(t).await.expect("cleanup");
+    }
+    let _ = layer.delete_prefix(&OrgId::sentinel()).await;
+}
+
+#[tokio::test]
+async fn user_mode_isolates_prefixes_and_every_probe_passes() {
+    let b = bucket("iso");
+    let layer = seaweed(&b);
+    layer.prepare().await.expect("prepare");
+    let (a, o) = (org("sa"), org("sb"));
+    let (ta, tb_) = (tenant(&a, &[&o]), tenant(&o, &[&a]));
+    let ca = provision(&layer, &ta).await;
+    let cb = provision(&layer, &tb_).await;
+
+    for key in [storage::KEY_BUCKET, storage::KEY_PREFIX, storage::KEY_ENDPOINT, storage::KEY_REGION, storage::KEY_ACCESS_KEY_ID, storage::KEY_SECRET_ACCESS_KEY] {
+        assert!(ca.get(key).is_some_and(|v| !v.is_empty()), "{key} missing");
+    }
+    assert_eq!(ca.get(storage::KEY_PREFIX), Some(format!("{a}/").as_str()));
+    assert_eq!(ca.get(storage::KEY_BUCKET), Some(b.as_str()));
+    assert!(ca.get(storage::KEY_ROLE_ARN).is_none());
+    assert_eq!(layer.identity(&a), Some(a.to_string()));
+    assert!(!format!("{ca:?}").contains(ca.get(storage::KEY_SECRET_ACCESS_KEY).unwrap()));
+
+    let v = layer.verify(&ta, &ca).await.expect("verify");
+    assert_clean(&v);
+    // Own prefix four ways + presign, five per peer (sentinel and b), four bucket-level.
+    assert_eq!(v.probes.len(), 5 + 5 * 2 + 4, "{:?}", v.probes);
+    let names: BTreeSet<&str> = v.probes.iter().map(|p| p.name.as_str()).collect();
+    for want in [
+        format!("GET {o}/bulkhead-canary as {a}"),
+        format!("GET bulkhead-sentinel/bulkhead-canary as {a}"),
+        format!("PUT {o}/bulkhead-probe-from-{a} as {a}"),
+        format!("DELETE {o}/bulkhead-probe-from-{a} as {a}"),
+        format!("LIST {o}/ as {a}"),
+        format!("presigned GET {o}/bulkhead-canary as {a}"),
+        format!("presigned GET {a}/bulkhead-canary as {a}"),
+        format!("ListBuckets as {a}"),
+        format!("GetBucketPolicy {b} as {a}"),
+        format!("PutBucketPolicy {b} as {a}"),
+        format!("LIST whole bucket {b} as {a}"),
+    ] {
+        assert!(names.contains(want.as_str()), "missing probe {want}: {names:?}");
+    }
+    assert_clean(&layer.verify(&tb_, &cb).await.expect("verify b"));
+
+    // A second pass changes nothing and keeps the key.
+    let mut again = ca.clone();
+    let repairs = layer.ensure(&ta, &mut again).await.expect("ensure again");
+    assert!(repairs.is_empty(), "{repairs:?}");
+    assert_eq!(again, ca);
+    assert!(layer.prepare().await.expect("prepare again").is_empty());
+
+    cleanup_all(&layer, &[&ta, &tb_]).await;
+}
+
+#[tokio::test]
+async fn widened_policy_is_held_by_the_guard_and_caught_when_the_guard_goes_too() {
+    let b = bucket("wide");
+    let layer = seaweed(&b);
+    let adm = seaweed_admin();
+    layer.prepare().await.expect("prepare");
+    let (a, o) = (org("wa"), org("wb"));
+    let (ta, tb_) = (tenant(&a, &[&o]), tenant(&o, &[&a]));
+    let ca = provision(&layer, &ta).await;
+    provision(&layer, &tb_).await;
+    assert_clean(&layer.verify(&ta, &ca).await.unwrap());
+
+    // Behind the operator's back: a's policy now allows everything in the bucket.
+    let widened = json!({"Version": POLICY_VERSION, "Statement": [{"Effect": "Allow", "Action": "s3:*",
+        "Resource": [format!("arn:aws:s3:::{b}"), format!("arn:aws:s3:::{b}/*")]}]});
+    let arn = adm.iam.get_policy().policy_arn(format!("arn:aws:iam::000000000000:policy/bulkhead/bulkhead-{a}")).send().await.unwrap();
+    let arn = arn.policy().unwrap().arn().unwrap().to_owned();
+    adm.iam.create_policy_version().policy_arn(&arn).policy_document(widened.to_string()).set_as_default(true).send().await.unwrap();
+
+    let v = layer.verify(&ta, &ca).await.unwrap();
+    assert!(v.findings.iter().any(|f| f.contains("differs from the plan")), "{:?}", v.findings);
+    // The guard still refuses every cross-tenant attempt.
+    assert!(v.verified(), "the guard should hold: {:?}", failed(&v));
+
+    // Now the guard goes too, keeping a foreign statement: isolation is broken and the probes say so.
+    let foreign = json!({"Sid": "OperatorsOwn", "Effect": "Allow", "Principal": {"AWS": "arn:aws:iam::000000000000:user/nobody-here"},
+        "Action": "s3:GetObject", "Resource": format!("arn:aws:s3:::{b}/public/*")});
+    let only_foreign = json!({"Version": POLICY_VERSION, "Statement": [foreign.clone()]});
+    adm.s3.put_bucket_policy().bucket(&b).policy(only_foreign.to_string()).send().await.unwrap();
+    let v = layer.verify(&ta, &ca).await.unwrap();
+    assert!(v.findings.iter().any(|f| f.contains("no guard statement")), "{:?}", v.findings);
+    assert!(!probe_passed(&v, &format!("GET {o}/bulkhead-canary as {a}")));
+    assert!(!probe_passed(&v, &format!("presigned GET {o}/bulkhead-canary as {a}")));
+    assert!(!probe_passed(&v, &format!("LIST {o}/ as {a}")));
+    assert!(!probe_passed(&v, &format!("GET bulkhead-sentinel/bulkhead-canary as {a}")));
+    assert!(!v.verified());
+    let mut status = bulkhead::api::IsolationPlatformStatus::default();
+    layer.platform_status(&mut status).await.unwrap();
+    assert!(!status.storage.as_ref().unwrap().guard_in_place);
+
+    // The next pass repairs both, and keeps the foreign statement.
+    let prep = layer.prepare().await.unwrap();
+    assert!(prep.iter().any(|r| r.0.contains("guard")), "{prep:?}");
+    let mut creds = ca.clone();
+    let rep = layer.ensure(&ta, &mut creds).await.unwrap();
+    assert!(rep.iter().any(|r| r.0.contains("widened or edited")), "{rep:?}");
+    assert_eq!(creds, ca, "repairing the policy keeps the key");
+    assert_clean(&layer.verify(&ta, &creds).await.unwrap());
+    let policy = guard_text(&adm, &b).await;
+    let sts = policy["Statement"].as_array().unwrap();
+    assert!(sts.contains(&foreign), "foreign statement preserved: {policy}");
+    assert_eq!(sts.iter().filter(|s| s["Sid"] == GUARD_SID || s["Sid"] == GUARD_BUCKET_SID).count(), 2);
+
+    cleanup_all(&layer, &[&ta, &tb_]).await;
+}
+
+#[tokio::test]
+async fn extra_attached_and_inline_policies_are_found_and_removed() {
+    let b = bucket("extra");
+    let layer = seaweed(&b);
+    let adm = seaweed_admin();
+    layer.prepare().await.unwrap();
+    let a = org("xa");
+    let ta = tenant(&a, &[]);
+    let ca = provision(&layer, &ta).await;
+    let wide = json!({"Version": POLICY_VERSION, "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]});
+    let extra = adm.iam.create_policy().policy_name(unique("extra")).policy_document(wide.to_string()).send().await.unwrap();
+    let extra_arn = extra.policy().unwrap().arn().unwrap().to_owned();
+    adm.iam.attach_user_policy().user_name(a.as_str()).policy_arn(&extra_arn).send().await.unwrap();
+    let v = layer.verify(&ta, &ca).await.unwrap();
+    assert!(v.findings.iter().any(|f| f.contains("is attached to user")), "{:?}", v.findings);
+    let mut creds = ca.clone();
+    let rep = layer.ensure(&ta, &mut creds).await.unwrap();
+    assert!(rep.iter().any(|r| r.0.contains("detached")), "{rep:?}");
+    assert_clean(&layer.verify(&ta, &creds).await.unwrap());
+    adm.iam.delete_policy().policy_arn(&extra_arn).send().await.unwrap();
+    cleanup_all(&layer, &[&ta]).await;
+}
+
+#[tokio::test]
+async fn guard_edits_are_found_and_repaired_and_reformatting_is_not_an_edit() {
+    let b = bucket("guard");
+    let layer = seaweed(&b);
+    let adm = seaweed_admin();
+    // The operator's own statements exist before bulkhead arrives.
+    adm.s3.create_bucket().bucket(&b).send().await.unwrap();
+    let foreign = json!({"Sid": "Backups", "Effect": "Allow", "Principal": {"AWS": "arn:aws:iam::000000000000:user/backup-svc"},
+        "Action": ["s3:GetObject"], "Resource": [format!("arn:aws:s3:::{b}/backups/*")]});
+    adm.s3.put_bucket_policy().bucket(&b).policy(json!({"Version": POLICY_VERSION, "Statement": [foreign.clone()]}).to_string()).send().await.unwrap();
+    let prep = layer.prepare().await.unwrap();
+    assert!(prep.iter().any(|r| r.0.contains("guard")));
+    let installed = guard_text(&adm, &b).await;
+    assert!(installed["Statement"].as_array().unwrap().contains(&foreign));
+    let guard = installed["Statement"].as_array().unwrap().iter().find(|s| s["Sid"] == GUARD_SID).unwrap().clone();
+    let guard_bucket = installed["Statement"].as_array().unwrap().iter().find(|s| s["Sid"] == GUARD_BUCKET_SID).unwrap().clone();
+
+    let a = org("ga");
+    let ta = tenant(&a, &[]);
+    let ca = provision(&layer, &ta).await;
+    assert_clean(&layer.verify(&ta, &ca).await.unwrap());
+
+    // Reordered keys and lists, pretty-printed: no update, no repair.
+    let mut reordered = guard.clone();
+    let mut nr: Vec<Value> = reordered["NotResource"].as_array().unwrap().clone();
+    nr.reverse();
+    reordered["NotResource"] = Value::Array(nr);
+    let pretty = serde_json::to_string_pretty(&json!({"Statement": [guard_bucket.clone(), reordered, foreign.clone()], "Version": POLICY_VERSION})).unwrap();
+    adm.s3.put_bucket_policy().bucket(&b).policy(pretty).send().await.unwrap();
+    assert!(layer.prepare().await.unwrap().is_empty(), "reformatting is not drift");
+    let (state, bytes) = layer.guard_state().await.unwrap();
+    assert_eq!(state, storage::policy::GuardState::InPlace);
+    assert!(bytes > 0);
+
+    // Edited: the guard now exempts everyone's prefix. Found, then repaired.
+    let mut edited = guard.clone();
+    edited["NotResource"] = json!([format!("arn:aws:s3:::{b}/*"), format!("arn:aws:s3:::{b}")]);
+    adm.s3.put_bucket_policy().bucket(&b).policy(json!({"Version": POLICY_VERSION, "Statement": [foreign.clone(), edited, guard_bucket.clone()]}).to_string()).send().await.unwrap();
+    let v = layer.verify(&ta, &ca).await.unwrap();
+    assert!(v.findings.iter().any(|f| f.contains("were edited")), "{:?}", v.findings);
+    let mut status = bulkhead::api::IsolationPlatformStatus::default();
+    layer.platform_status(&mut status).await.unwrap();
+    assert!(!status.storage.as_ref().unwrap().guard_in_place);
+    let prep = layer.prepare().await.unwrap();
+    assert!(prep.iter().any(|r| r.0.contains("edited")), "{prep:?}");
+    let repaired = guard_text(&adm, &b).await;
+    assert!(repaired["Statement"].as_array().unwrap().contains(&foreign));
+    layer.platform_status(&mut status).await.unwrap();
+    assert!(status.storage.as_ref().unwrap().guard_in_place);
+    assert_clean(&layer.verify(&ta, &ca).await.unwrap());
+
+    cleanup_all(&layer, &[&ta]).await;
+}
+
+#[tokio::test]
+async fn deleted_access_key_is_found_and_replaced() {
+    let b = bucket("key");
+    let layer = seaweed(&b);
+    let adm = seaweed_admin();
+    layer.prepare().await.unwrap();
+    let a = org("ka");
+    let ta = tenant(&a, &[]);
+    let ca = provision(&layer, &ta).await;
+    adm.iam.delete_access_key().user_name(a.as_str()).access_key_id(ca.get(storage::KEY_ACCESS_KEY_ID).unwrap()).send().await.unwrap();
+    let v = layer.verify(&ta, &ca).await.unwrap();
+    assert!(v.findings.iter().any(|f| f.contains("no longer exists")), "{:?}", v.findings);
+    assert!(!probe_passed(&v, &format!("PUT {a}/bulkhead-probe as {a}")), "the deleted key must not work");
+    let mut creds = ca.clone();
+    let rep = layer.ensure(&ta, &mut creds).await.unwrap();
+    assert!(rep.iter().any(|r| r.0.contains("was deleted")), "{rep:?}");
+    assert_ne!(creds.get(storage::KEY_ACCESS_KEY_ID), ca.get(storage::KEY_ACCESS_KEY_ID));
+    assert_clean(&layer.verify(&ta, &creds).await.unwrap());
+    cleanup_all(&layer, &[&ta]).await;
+}
+
+#[tokio::test]
+async fn rotation_issues_a_new_key_and_the_old_one_stops_working() {
+    let b = bucket("rot");
+    let layer = seaweed(&b);
+    layer.prepare().await.unwrap();
+    let a = org("ra");
+    let mut ta = tenant(&a, &[]);
+    let old = provision(&layer, &ta).await;
+    ta.rotate = true;
+    let mut new = old.clone();
+    let rep = layer.ensure(&ta, &mut new).await.unwrap();
+    assert!(rep.iter().any(|r| r.0.contains("rotated")), "{rep:?}");
+    assert_ne!(new.get(storage::KEY_ACCESS_KEY_ID), old.get(storage::KEY_ACCESS_KEY_ID));
+    ta.rotate = false;
+    assert_clean(&layer.verify(&ta, &new).await.unwrap());
+    let v = layer.verify(&ta, &old).await.unwrap();
+    assert!(!probe_passed(&v, &format!("PUT {a}/bulkhead-probe as {a}")), "the old key still works: {:?}", v.probes);
+    cleanup_all(&layer, &[&ta]).await;
+}
+
+#[tokio::test]
+async fn cleanup_retain_keeps_objects_and_delete_removes_them_all() {
+    use futures::StreamExt;
+    let b = bucket("clean");
+    let layer = seaweed(&b);
+    let adm = seaweed_admin();
+    layer.prepare().await.unwrap();
+    let (keep, gone) = (org("keep"), org("gone"));
+    let mut tk = tenant(&keep, &[]);
+    tk.deletion_policy = DeletionPolicy::Retain;
+    let tg = tenant(&gone, &[]);
+    provision(&layer, &tk).await;
+    provision(&layer, &tg).await;
+    // More than one page and one DeleteObjects batch.
+    let n = 1_030;
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let (s3, b, gone) = (adm.s3.clone(), b.clone(), gone.clone());
+            async move { s3.put_object().bucket(b).key(format!("{gone}/f/{i:05}")).body(ByteStream::from_static(b"x")).send().await.unwrap() }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+    adm.s3.put_object().bucket(&b).key(format!("{keep}/file")).body(ByteStream::from_static(b"kept")).send().await.unwrap();
+
+    layer.cleanup(&tk).await.unwrap();
+    layer.cleanup(&tg).await.unwrap();
+    let listed = |p: String| {
+        let s3 = adm.s3.clone();
+        let b = b.clone();
+        async move { s3.list_objects_v2().bucket(b).prefix(p).send().await.unwrap().key_count().unwrap_or(0) }
+    };
+    assert_eq!(listed(format!("{keep}/")).await, 1, "Retain keeps the organization's objects (the canary goes)");
+    assert_eq!(listed(format!("{gone}/")).await, 0, "Delete removes every object");
+    for o in [&keep, &gone] {
+        let err = adm.iam.get_user().user_name(o.as_str()).send().await.unwrap_err();
+        assert_eq!(aws_sdk_iam::error::ProvideErrorMetadata::code(&err), Some("NoSuchEntity"));
+    }
+    // Cleanup twice is fine.
+    layer.cleanup(&tg).await.unwrap();
+    adm.s3.delete_object().bucket(&b).key(format!("{keep}/file")).send().await.unwrap();
+    let _ = layer.delete_prefix(&OrgId::sentinel()).await;
+}
+
+#[tokio::test]
+async fn odd_org_ids_provision_and_verify() {
+    let b = bucket("odd");
+    let layer = seaweed(&b);
+    layer.prepare().await.unwrap();
+    let long = format!("9{}", unique("x").replace('-', "0")).chars().chain(std::iter::repeat('z')).take(63).collect::<String>();
+    let ids: Vec<OrgId> = [unique("0"), unique("a"), long].iter().map(|s| OrgId::parse(s).unwrap()).collect();
+    let tenants: Vec<Tenant> = ids.iter().map(|id| tenant(id, &ids.iter().filter(|p| *p != id).collect::<Vec<_>>())).collect();
+    let mut all = Vec::new();
+    for t in &tenants {
+        all.push(provision(&layer, t).await);
+    }
+    for (t, c) in tenants.iter().zip(&all) {
+        assert_clean(&layer.verify(t, c).await.unwrap());
+    }
+    cleanup_all(&layer, &tenants.iter().collect::<Vec<_>>()).await;
+}
+
+#[tokio::test]
+async fn an_org_id_naming_an_exempt_user_is_refused_and_nothing_is_created() {
+    let tb = Testbed::get();
+    let b = bucket("exempt");
+    let name = unique("svc");
+    let spec = platform(tb.s3_endpoint(), &b, json!({"guardExemptUsers": [name]}));
+    let layer = StorageLayer::connect(&spec, tb.s3_access_key(), tb.s3_secret_key()).unwrap();
+    layer.prepare().await.unwrap();
+    let id = OrgId::parse(&name).unwrap();
+    let mut creds = Credentials::default();
+    let err = layer.ensure(&tenant(&id, &[]), &mut creds).await.unwrap_err();
+    assert!(matches!(err, LayerError::Refused(_)), "{err}");
+    assert!(creds.entries().is_empty());
+    let err = seaweed_admin().iam.get_user().user_name(&name).send().await.unwrap_err();
+    assert_eq!(aws_sdk_iam::error::ProvideErrorMetadata::code(&err), Some("NoSuchEntity"));
+    let _ = layer.delete_prefix(&OrgId::sentinel()).await;
+}
+
+#[tokio::test]
+async fn bad_configuration_is_refused_before_any_request() {
+    let tb = Testbed::get();
+    for bad in [
+        json!({"prefixTemplate": "tenants/"}),
+        json!({"prefixTemplate": "{orgId}"}),
+        json!({"prefixTemplate": "*/{orgId}/"}),
+        json!({"iamPath": "bulkhead"}),
+        json!({"mode": "role"}),
+    ] {
+        let spec = platform(tb.s3_endpoint(), "some-bucket", bad.clone());
+        assert!(matches!(StorageLayer::connect(&spec, "k", "s"), Err(LayerError::Config(_))), "{bad}");
+    }
+    let spec = platform(tb.s3_endpoint(), "Bad_Bucket", json!({}));
+    assert!(StorageLayer::connect(&spec, "k", "s").is_err());
+    let spec = platform(tb.s3_endpoint(), "good-bucket", json!({}));
+    assert!(StorageLayer::connect(&spec, "", "s").is_err());
+}
+
+#[tokio::test]
+async fn unreachable_backend_is_reported_as_such() {
+    let spec = platform("http://127.0.0.1:9", "some-bucket", json!({}));
+    let layer = StorageLayer::connect(&spec, "k", "s").unwrap();
+    let err = layer.prepare().await.unwrap_err();
+    assert_eq!(err.reason(), "BackendUnreachable", "{err}");
+}
+
+#[tokio::test]
+async fn role_mode_on_moto_creates_a_tagged_role_idempotently() {
+    let b = bucket("role");
+    let layer = moto(&b, json!({"mode": "role", "oidcIssuer": "oidc.cluster.test/id/TEST", "accountId": "123456789012", "serviceAccount": "app"}));
+    let adm = moto_admin();
+    layer.prepare().await.expect("prepare");
+    let a = org("rl");
+    let ta = tenant(&a, &[]);
+    let creds = provision(&layer, &ta).await;
+    let arn = creds.get(storage::KEY_ROLE_ARN).expect("role ARN").to_owned();
+    assert!(arn.ends_with(&format!(":role/bulkhead/{a}")), "{arn}");
+    assert!(creds.get(storage::KEY_ACCESS_KEY_ID).is_none());
+    assert_eq!(layer.identity(&a), Some(a.to_string()));
+    let tags = adm.iam.list_role_tags().role_name(a.as_str()).send().await.unwrap();
+    assert!(tags.tags().iter().any(|t| t.key() == "org_id" && t.value() == a.as_str()));
+    let role = adm.iam.get_role().role_name(a.as_str()).send().await.unwrap();
+    let trust = storage::policy::decode_document(role.role().unwrap().assume_role_policy_document().unwrap()).unwrap();
+    assert_eq!(trust["Statement"][0]["Condition"]["StringEquals"]["oidc.cluster.test/id/TEST:sub"], format!("system:serviceaccount:org-{a}:app"));
+
+    let mut again = creds.clone();
+    assert!(layer.ensure(&ta, &mut again).await.unwrap().is_empty());
+    assert_eq!(again, creds);
+    let v = layer.verify(&ta, &creds).await.unwrap();
+    assert!(v.findings.is_empty(), "{:?}", v.findings);
+    assert!(!v.probes.is_empty(), "the operator assumed the role and probed (moto's answers prove nothing)");
+
+    // Widened behind the operator's back: found and repaired (shape only on moto).
+    let wide = json!({"Version": POLICY_VERSION, "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]});
+    adm.iam.put_role_policy().role_name(a.as_str()).policy_name("bulkhead-prefix").policy_document(wide.to_string()).send().await.unwrap();
+    adm.iam.put_role_policy().role_name(a.as_str()).policy_name("sneaky").policy_document(wide.to_string()).send().await.unwrap();
+    let v = layer.verify(&ta, &creds).await.unwrap();
+    assert!(v.findings.iter().any(|f| f.contains("widened or edited")), "{:?}", v.findings);
+    assert!(v.findings.iter().any(|f| f.contains("sneaky")), "{:?}", v.findings);
+    let rep = layer.ensure(&ta, &mut again).await.unwrap();
+    assert_eq!(rep.len(), 2, "{rep:?}");
+    assert!(layer.verify(&ta, &creds).await.unwrap().findings.is_empty());
+
+    layer.cleanup(&ta).await.unwrap();
+    assert!(adm.iam.get_role().role_name(a.as_str()).send().await.is_err());
+    layer.cleanup(&ta).await.unwrap();
+}
+
+#[tokio::test]
+async fn abac_mode_on_moto_creates_one_shared_role_and_nothing_per_org() {
+    let b = bucket("abac");
+    let role = unique("bulkhead-tenant");
+    let layer = moto(&b, json!({"mode": "abac", "sharedRoleName": role, "accountId": "123456789012"}));
+    let adm = moto_admin();
+    let roles_before = adm.iam.list_roles().max_items(1000).send().await.unwrap().roles().len();
+    layer.prepare().await.expect("prepare");
+    assert!(layer.prepare().await.unwrap().is_empty(), "prepare is idempotent");
+    let shared = adm.iam.get_role().role_name(&role).send().await.unwrap();
+    let policy = adm.iam.get_role_policy().role_name(&role).policy_name("bulkhead-prefix").send().await.unwrap();
+    let doc = storage::policy::decode_document(policy.policy_document()).unwrap();
+    assert_eq!(doc["Statement"][0]["Resource"][0], format!("arn:aws:s3:::{b}/${{aws:PrincipalTag/org_id}}/*"));
+
+    let (a, o) = (org("aa"), org("ab"));
+    let (ta, tb_) = (tenant(&a, &[&o]), tenant(&o, &[&a]));
+    let ca = provision(&layer, &ta).await;
+    let cb = provision(&layer, &tb_).await;
+    assert_eq!(ca.get(storage::KEY_ROLE_ARN), Some(shared.role().unwrap().arn()));
+    assert_eq!(ca.get(storage::KEY_ROLE_ARN), cb.get(storage::KEY_ROLE_ARN));
+    assert_eq!(ca.get(storage::KEY_SESSION_TAG), Some(a.as_str()));
+    assert_eq!(layer.identity(&a), None);
+    let roles_after = adm.iam.list_roles().max_items(1000).send().await.unwrap().roles().len();
+    assert_eq!(roles_after, roles_before + 1, "one shared role, none per organization");
+    let v = layer.verify(&ta, &ca).await.unwrap();
+    assert!(v.findings.is_empty(), "{:?}", v.findings);
+    assert!(!v.probes.is_empty());
+
+    for t in [&ta, &tb_] {
+        layer.cleanup(t).await.unwrap();
+    }
+    adm.iam.delete_role_policy().role_name(&role).policy_name("bulkhead-prefix").send().await.unwrap();
+    adm.iam.delete_role().role_name(&role).send().await.unwrap();
+}
