@@ -2,6 +2,7 @@
 //! multi-tenant platform and keeps proving it holds.
 
 pub mod api;
+pub mod cli;
 pub mod layers;
 pub mod tenant;
 pub mod controller;

@@ -26,6 +26,24 @@ enum Command {
     Run(RunArgs),
     /// Print the CustomResourceDefinitions as YAML.
     Crd,
+    /// Print per organization and per layer whether it is isolated and verified.
+    Status,
+    /// Attack another organization's canaries with one organization's own credentials, in every
+    /// layer, and print each answer. Exits 1 when any attempt was not refused.
+    Probe(ProbeArgs),
+}
+
+#[derive(clap::Args)]
+struct ProbeArgs {
+    /// The Organization whose credentials are used.
+    #[arg(long = "as")]
+    attacker: String,
+    /// The Organization whose canaries are attacked; the operator's sentinel when omitted.
+    #[arg(long)]
+    against: Option<String>,
+    /// Namespace of the operator (where the platform's Secrets live).
+    #[arg(long, env = "BULKHEAD_NAMESPACE", default_value = "bulkhead-system")]
+    namespace: String,
 }
 
 #[derive(clap::Args)]
@@ -63,7 +81,68 @@ async fn main() -> ExitCode {
             }
         },
         Command::Run(args) => run(args).await,
+        Command::Status => status().await,
+        Command::Probe(args) => probe(args).await,
     }
+}
+
+async fn client() -> Result<kube::Client, ExitCode> {
+    kube::Client::try_default().await.map_err(|e| {
+        eprintln!("error: cannot build a Kubernetes client (KUBECONFIG or in-cluster config): {e}");
+        ExitCode::FAILURE
+    })
+}
+
+async fn status() -> ExitCode {
+    let client = match client().await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match kube::Api::<bulkhead::api::Organization>::all(client).list(&Default::default()).await {
+        Ok(list) => {
+            print!("{}", bulkhead::cli::status_table(&list.items));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: cannot list Organizations: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn probe(args: ProbeArgs) -> ExitCode {
+    let client = match client().await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let target = args.against.as_deref().unwrap_or("the sentinel");
+    let results = match bulkhead::cli::cross_tenant_probe(client, &args.namespace, &args.attacker, args.against.as_deref()).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut rows = vec![vec!["LAYER".to_owned(), "ATTEMPT".to_owned(), "RESULT".to_owned(), "ANSWER".to_owned()]];
+    let mut failed = false;
+    for (kind, res) in results {
+        match res {
+            Err(e) => {
+                failed = true;
+                rows.push(vec![kind.to_string(), "-".into(), "ERROR".into(), e]);
+            }
+            Ok(probes) => {
+                for p in probes {
+                    failed |= !p.passed;
+                    let result = if p.passed { "as required" } else { "BREACH" };
+                    rows.push(vec![kind.to_string(), p.name, result.into(), p.detail]);
+                }
+            }
+        }
+    }
+    println!("{} attacks {} with its own credentials:", args.attacker, target);
+    print!("{}", bulkhead::cli::render(&rows));
+    if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
 }
 
 async fn run(args: RunArgs) -> ExitCode {

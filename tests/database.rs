@@ -141,6 +141,8 @@ fn tenant(org: &OrgId, display: &str, peers: &[&OrgId], policy: DeletionPolicy) 
         rotate: false,
         peers: all,
         owner: Default::default(),
+        resource_quota: None,
+        limit_range: None,
     }
 }
 
@@ -269,7 +271,8 @@ async fn probes_pass_when_isolation_holds() {
     let n = c.execute("DELETE FROM skills WHERE scope = 'system'", &[]).await.unwrap();
     assert_eq!(n, 0);
     let err = c.execute("INSERT INTO skills (scope, name) VALUES ('system', 'evil')", &[]).await.unwrap_err();
-    assert!(err.to_string().contains("row-level security"), "{err}");
+    let msg = err.as_db_error().map(|d| d.message().to_owned()).unwrap_or_default();
+    assert!(msg.contains("row-level security"), "{err:?}");
     // Inserts are stamped with the caller's org.
     let org: String = c.query_one("INSERT INTO conversations (title) VALUES ('hi') RETURNING org_id", &[]).await.unwrap().get(0);
     assert_eq!(org, p.a.org_id.as_str());

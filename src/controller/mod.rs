@@ -374,6 +374,8 @@ async fn apply(org: Arc<Organization>, ctx: Arc<Context>) -> Result<Action, Erro
         rotate: rotation_due,
         peers: peers(&ctx, &org, &org_id),
         owner: owner_reference(&org),
+        resource_quota: org.spec.network.resource_quota.clone(),
+        limit_range: org.spec.network.limit_range.clone(),
     };
 
     let mut repairs: Vec<(Option<LayerKind>, Repair)> = Vec::new();
@@ -586,6 +588,8 @@ async fn cleanup(org: Arc<Organization>, ctx: Arc<Context>) -> Result<Action, Er
         rotate: false,
         peers: Vec::new(),
         owner: owner_reference(&org),
+        resource_quota: None,
+        limit_range: None,
     };
     for (kind, slot) in &rt.layers {
         if !layer_enabled(&org, *kind) {

@@ -233,6 +233,8 @@ mod tests {
             rotate: false,
             peers: vec![],
             owner: Default::default(),
+            resource_quota: None,
+            limit_range: None,
         }
     }
 

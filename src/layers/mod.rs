@@ -75,6 +75,10 @@ pub struct Tenant {
     pub peers: Vec<OrgId>,
     /// Owner reference pointing at the Organization, for objects the operator creates.
     pub owner: OwnerReference,
+    /// ResourceQuota for the organization's namespace, from its spec.
+    pub resource_quota: Option<k8s_openapi::api::core::v1::ResourceQuotaSpec>,
+    /// LimitRange for the organization's namespace, from its spec.
+    pub limit_range: Option<k8s_openapi::api::core::v1::LimitRangeSpec>,
 }
 
 /// The organization's credentials Secret content, keyed by the documented Secret keys. Each

@@ -149,7 +149,8 @@ tb_launch() {
 	shift
 	log=$(tb_logfile "$name")
 	printf '\n===== %s starting %s =====\n' "$(date -u +%FT%TZ)" "$name" >>"$log"
-	setsid "$@" >>"$log" 2>&1 </dev/null &
+	# fd 9 is the testbed lock: the daemon must not inherit it
+	setsid "$@" >>"$log" 2>&1 </dev/null 9>&- &
 	printf '%s\n' "$!" >"$(tb_pidfile "$name")"
 }
 
@@ -208,17 +209,14 @@ tb_group_alive() {
 	pgrep -g "$1" >/dev/null 2>&1
 }
 
-# tb_stop_all quiet|verbose: stop every recorded component (signal all, wait up to
-# TB_STOP_TIMEOUT seconds, then KILL), then any leftover process whose command
-# line mentions $TB_DIR/. Returns non-zero if something survived.
-tb_stop_all() {
-	local quiet='' f name pid sig t0 deadline
-	[[ $1 == quiet ]] && quiet=1
+# tb_stop_batch QUIET NAME...: signal the named components together, wait up
+# to TB_STOP_TIMEOUT seconds for them (and their process groups) to go, then
+# SIGKILL what is left.
+tb_stop_batch() {
+	local quiet=$1 name pid sig deadline i any
+	shift
 	local -a pids=() names=()
-	t0=$(tb_now)
-	shopt -s nullglob
-	for f in "$TB_DIR"/pids/*.pid; do
-		name=$(basename "$f" .pid)
+	for name in "$@"; do
 		pid=$(tb_pid "$name")
 		if tb_alive "$name"; then
 			sig=$(tb_stop_signal "$name")
@@ -227,10 +225,9 @@ tb_stop_all() {
 			pids+=("$pid")
 			names+=("$name")
 		fi
+		rm -f "$(tb_pidfile "$name")"
 	done
-	shopt -u nullglob
 	deadline=$((SECONDS + ${TB_STOP_TIMEOUT:-30}))
-	local i any
 	while :; do
 		any=0
 		for i in "${!pids[@]}"; do
@@ -247,7 +244,24 @@ tb_stop_all() {
 			kill -KILL "${pids[$i]}" 2>/dev/null || true
 		fi
 	done
-	rm -f "$TB_DIR"/pids/*.pid
+}
+
+# tb_stop_all quiet|verbose: stop every recorded component, kube-apiserver
+# first (it hangs on shutdown once etcd is gone), then any leftover process
+# whose command line mentions $TB_DIR/. Returns non-zero if something survived.
+tb_stop_all() {
+	local quiet='' f t0 deadline
+	[[ $1 == quiet ]] && quiet=1
+	t0=$(tb_now)
+	local -a rest=()
+	shopt -s nullglob
+	for f in "$TB_DIR"/pids/*.pid; do
+		f=$(basename "$f" .pid)
+		[[ $f == kube-apiserver ]] || rest+=("$f")
+	done
+	shopt -u nullglob
+	tb_stop_batch "$quiet" kube-apiserver
+	tb_stop_batch "$quiet" "${rest[@]}"
 
 	# Anything else still running from this directory (e.g. after pid files were lost).
 	local -a left

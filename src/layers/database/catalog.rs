@@ -182,7 +182,7 @@ SELECT n.nspname::text, c.relname::text, c.relkind::text, pg_catalog.pg_get_user
              JOIN pg_catalog.pg_class sq ON sq.oid = dp.objid AND sq.relkind = 'S'
              JOIN pg_catalog.pg_namespace sn ON sn.oid = sq.relnamespace
              WHERE dp.classid = 'pg_catalog.pg_class'::regclass AND dp.refobjid = c.oid AND dp.deptype IN ('a', 'i')
-               AND NOT COALESCE(pg_catalog.has_sequence_privilege(g.oid, sq.oid, 'USAGE'), false)
+               AND NOT COALESCE(CASE WHEN sq.relkind = 'S' THEN pg_catalog.has_sequence_privilege(g.oid, sq.oid, 'USAGE') END, true)
              ORDER BY sq.oid)
 FROM pg_catalog.pg_class c
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace

@@ -154,7 +154,8 @@ pub fn bootstrap(s: &Settings, cat: &Catalog) -> Plan {
                 "CREATE POLICY {} ON {mapping} FOR SELECT USING (role_name = current_user::text)",
                 quote_ident(MAPPING_POLICY)
             ));
-            p.push(format!("GRANT SELECT ON {mapping} TO {g}"));
+            // Safe for PUBLIC: the policy shows each role only its own row; pooled roles need it.
+            p.push(format!("GRANT SELECT ON {mapping} TO PUBLIC"));
         }
         Some(t) => {
             let mut fixed = Vec::new();
@@ -184,7 +185,7 @@ pub fn bootstrap(s: &Settings, cat: &Catalog) -> Plan {
                 fixed.push("revoked tenant write privileges");
             }
             if !t.group.select {
-                p.push(format!("GRANT SELECT ON {mapping} TO {g}"));
+                p.push(format!("GRANT SELECT ON {mapping} TO PUBLIC"));
             }
             if !fixed.is_empty() {
                 p.repair(format!("role mapping {}: {}", mapping.plain(), fixed.join(", ")));
@@ -635,7 +636,7 @@ mod tests {
             "CREATE ROLE \"bulkhead_tenant\" NOLOGIN NOSUPERUSER NOBYPASSRLS",
             "CREATE TABLE IF NOT EXISTS \"bulkhead\".\"tenant_roles\"",
             "FOR SELECT USING (role_name = current_user::text)",
-            "GRANT SELECT ON \"bulkhead\".\"tenant_roles\" TO \"bulkhead_tenant\"",
+            "GRANT SELECT ON \"bulkhead\".\"tenant_roles\" TO PUBLIC",
             "CREATE OR REPLACE FUNCTION \"auth\".\"org_id\"()",
             "CREATE TABLE IF NOT EXISTS \"public\".\"organizations\"",
         ] {

@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 
 use super::plan::NetworkConfig;
 use super::reach::{
-    AddrSet, Cluster, Endpoint, KeyDomain, LabelSpace, NAMESPACE_NAME_LABEL, NamespaceRef, PodSet, Port, Side,
+    AddrSet, Cluster, Endpoint, KeyDomain, LabelSpace, NAMESPACE_NAME_LABEL, NamespaceRef, PodSet,
+    Port, Side,
 };
 use crate::api::ORG_ID_LABEL;
 use crate::api::platform::NetworkMode;
@@ -33,7 +34,14 @@ struct Report {
 }
 
 impl Report {
-    fn deny(&mut self, name: String, dir: &'static str, side: &Side, opened: &str, other_side: Option<&Side>) {
+    fn deny(
+        &mut self,
+        name: String,
+        dir: &'static str,
+        side: &Side,
+        opened: &str,
+        other_side: Option<&Side>,
+    ) {
         let detail = if !side.allowed {
             "denied".to_owned()
         } else {
@@ -50,15 +58,26 @@ impl Report {
         };
         if side.allowed {
             for p in &side.allowed_by {
-                self.offenders.entry((p.clone(), dir)).or_default().push(opened.to_owned());
+                self.offenders
+                    .entry((p.clone(), dir))
+                    .or_default()
+                    .push(opened.to_owned());
             }
         }
-        self.verification.probes.push(Probe::new(name, !side.allowed, detail));
+        self.verification
+            .probes
+            .push(Probe::new(name, !side.allowed, detail));
     }
 
     fn allow(&mut self, name: String, reachable: bool) {
-        let detail = if reachable { "allowed" } else { "denied: the organization's own traffic is blocked" };
-        self.verification.probes.push(Probe::new(name, reachable, detail));
+        let detail = if reachable {
+            "allowed"
+        } else {
+            "denied: the organization's own traffic is blocked"
+        };
+        self.verification
+            .probes
+            .push(Probe::new(name, reachable, detail));
     }
 }
 
@@ -87,14 +106,24 @@ pub fn assess(cluster: &Cluster, cfg: &NetworkConfig, tenant: &Tenant) -> Verifi
             let mut foreign = Vec::new();
             for ns in &cfg.shared_namespaces {
                 own.push(Own {
-                    pods: PodSet { labels: org_label(KeyDomain::equals(id)), ..PodSet::any_in(ns, pod_ips.clone()) },
+                    pods: PodSet {
+                        labels: org_label(KeyDomain::equals(id)),
+                        ..PodSet::any_in(ns, pod_ips.clone())
+                    },
                     what: format!("{id}'s pods in {ns}"),
                 });
                 foreign.push(Foreign {
-                    pods: PodSet { labels: org_label(KeyDomain::not_in([id])), ..PodSet::any_in(ns, pod_ips.clone()) },
+                    pods: PodSet {
+                        labels: org_label(KeyDomain::not_in([id])),
+                        ..PodSet::any_in(ns, pod_ips.clone())
+                    },
                     what: format!("other pods of shared namespace {ns}"),
                 });
-                for peer in tenant.peers.iter().filter(|p| !p.is_sentinel() && p.as_str() != id) {
+                for peer in tenant
+                    .peers
+                    .iter()
+                    .filter(|p| !p.is_sentinel() && p.as_str() != id)
+                {
                     foreign.push(Foreign {
                         pods: PodSet {
                             labels: org_label(KeyDomain::equals(peer.as_str())),
@@ -121,7 +150,10 @@ pub fn assess(cluster: &Cluster, cfg: &NetworkConfig, tenant: &Tenant) -> Verifi
         .filter(|(ns, org)| org.as_str() != id && **ns != tenant.namespace)
         .collect();
     for peer in tenant.peers.iter().filter(|p| !p.is_sentinel()) {
-        for (ns, _) in others.iter().filter(|(_, org)| org.as_str() == peer.as_str()) {
+        for (ns, _) in others
+            .iter()
+            .filter(|(_, org)| org.as_str() == peer.as_str())
+        {
             foreign.push(Foreign {
                 pods: PodSet::any_in(ns, pod_ips.clone()),
                 what: format!("{peer}'s namespace {ns}"),
@@ -132,7 +164,10 @@ pub fn assess(cluster: &Cluster, cfg: &NetworkConfig, tenant: &Tenant) -> Verifi
     let adversary = |trusted: &[String]| PodSet {
         namespace: NamespaceRef::Unknown(
             LabelSpace::any()
-                .with(NAMESPACE_NAME_LABEL, KeyDomain::present_but(trusted.iter().map(String::as_str)))
+                .with(
+                    NAMESPACE_NAME_LABEL,
+                    KeyDomain::present_but(trusted.iter().map(String::as_str)),
+                )
                 .with(ORG_ID_LABEL, KeyDomain::not_in([id])),
         ),
         ..PodSet::any_in("", pod_ips.clone())
@@ -143,16 +178,40 @@ pub fn assess(cluster: &Cluster, cfg: &NetworkConfig, tenant: &Tenant) -> Verifi
     for o in &own {
         let me = Endpoint::Pods(o.pods.clone());
         let side = cluster.ingress(&Endpoint::Pods(adversary_in.clone()), &o.pods, &Port::Any);
-        r.deny(format!("ingress into {} from any other namespace", o.what), "ingress", &side, "any other namespace", None);
+        r.deny(
+            format!("ingress into {} from any other namespace", o.what),
+            "ingress",
+            &side,
+            "any other namespace",
+            None,
+        );
         let side = cluster.egress(&o.pods, &Endpoint::Pods(adversary_out.clone()), &Port::Any);
-        r.deny(format!("egress from {} to any other namespace", o.what), "egress", &side, "any other namespace", None);
+        r.deny(
+            format!("egress from {} to any other namespace", o.what),
+            "egress",
+            &side,
+            "any other namespace",
+            None,
+        );
 
         for f in &foreign {
             let them = Endpoint::Pods(f.pods.clone());
             let inbound = cluster.path(&them, &me, &Port::Any);
-            r.deny(format!("ingress into {} from {}", o.what, f.what), "ingress", &inbound.ingress, &f.what, Some(&inbound.egress));
+            r.deny(
+                format!("ingress into {} from {}", o.what, f.what),
+                "ingress",
+                &inbound.ingress,
+                &f.what,
+                Some(&inbound.egress),
+            );
             let outbound = cluster.path(&me, &them, &Port::Any);
-            r.deny(format!("egress from {} to {}", o.what, f.what), "egress", &outbound.egress, &f.what, Some(&outbound.ingress));
+            r.deny(
+                format!("egress from {} to {}", o.what, f.what),
+                "egress",
+                &outbound.egress,
+                &f.what,
+                Some(&outbound.ingress),
+            );
         }
 
         if !others.is_empty() {
@@ -175,14 +234,20 @@ pub fn assess(cluster: &Cluster, cfg: &NetworkConfig, tenant: &Tenant) -> Verifi
             }
             let n = others.len();
             r.deny(
-                format!("ingress into {} from other organizations' namespaces ({n} checked)", o.what),
+                format!(
+                    "ingress into {} from other organizations' namespaces ({n} checked)",
+                    o.what
+                ),
                 "ingress",
                 &sides_in,
                 &named(&admitted_in),
                 None,
             );
             r.deny(
-                format!("egress from {} to other organizations' namespaces ({n} checked)", o.what),
+                format!(
+                    "egress from {} to other organizations' namespaces ({n} checked)",
+                    o.what
+                ),
                 "egress",
                 &sides_out,
                 &named(&admitted_out),
@@ -195,11 +260,20 @@ pub fn assess(cluster: &Cluster, cfg: &NetworkConfig, tenant: &Tenant) -> Verifi
         r.allow(format!("within {}: pods reach each other", o.what), within);
         let dns = Endpoint::Pods(PodSet::any_in(&cfg.dns_namespace, pod_ips.clone()));
         let dns_ok = cluster.path(&me, &dns, &Port::udp(53)).egress.allowed;
-        r.allow(format!("egress from {} to DNS in {} (UDP 53)", o.what, cfg.dns_namespace), dns_ok);
+        r.allow(
+            format!(
+                "egress from {} to DNS in {} (UDP 53)",
+                o.what, cfg.dns_namespace
+            ),
+            dns_ok,
+        );
         for gw in &cfg.ingress_namespaces {
             let g = Endpoint::Pods(PodSet::any_in(gw, pod_ips.clone()));
             let ok = cluster.ingress(&g, &o.pods, &Port::Any).allowed;
-            r.allow(format!("ingress into {} from gateway namespace {gw}", o.what), ok);
+            r.allow(
+                format!("ingress into {} from gateway namespace {gw}", o.what),
+                ok,
+            );
         }
         if side_unisolated(cluster, &o.pods) {
             r.verification.findings.push(format!(
@@ -211,7 +285,10 @@ pub fn assess(cluster: &Cluster, cfg: &NetworkConfig, tenant: &Tenant) -> Verifi
 
     let own_namespaces: Vec<&str> = own.iter().map(|o| o.pods_namespace()).collect();
     for (policy, why) in cluster.unreadable() {
-        if own_namespaces.iter().any(|ns| policy.starts_with(&format!("{ns}/"))) {
+        if own_namespaces
+            .iter()
+            .any(|ns| policy.starts_with(&format!("{ns}/")))
+        {
             r.verification
                 .findings
                 .push(format!("NetworkPolicy {policy} could not be read ({why}); it is counted as allowing everything"));
@@ -250,7 +327,12 @@ fn merge(into: &mut Side, side: Side) {
 }
 
 fn named(namespaces: &[String]) -> String {
-    let mut s = namespaces.iter().take(MAX_NAMED).cloned().collect::<Vec<_>>().join(", ");
+    let mut s = namespaces
+        .iter()
+        .take(MAX_NAMED)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
     if namespaces.len() > MAX_NAMED {
         s.push_str(&format!(" and {} more", namespaces.len() - MAX_NAMED));
     }
@@ -260,7 +342,8 @@ fn named(namespaces: &[String]) -> String {
 /// Whether some of the pods are selected by no ingress or no egress policy at all.
 fn side_unisolated(cluster: &Cluster, pods: &PodSet) -> bool {
     let nobody = Endpoint::External(AddrSet::default());
-    cluster.ingress(&nobody, pods, &Port::Any).unisolated || cluster.egress(pods, &nobody, &Port::Any).unisolated
+    cluster.ingress(&nobody, pods, &Port::Any).unisolated
+        || cluster.egress(pods, &nobody, &Port::Any).unisolated
 }
 
 #[cfg(test)]

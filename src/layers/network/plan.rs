@@ -2,19 +2,21 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{LimitRange, LimitRangeSpec, ResourceQuota, ResourceQuotaSpec};
+use k8s_openapi::api::core::v1::{LimitRange, ResourceQuota};
 use k8s_openapi::api::networking::v1::{
-    IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
-    NetworkPolicySpec,
+    IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer,
+    NetworkPolicyPort, NetworkPolicySpec,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+    LabelSelector, LabelSelectorRequirement, ObjectMeta,
+};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::reach::{IpRange, NAMESPACE_NAME_LABEL};
 use crate::api::platform::{EgressTarget, NetworkMode, NetworkPlatform};
-use crate::api::{MANAGED_BY, ORGANIZATION_LABEL, ORG_ID_LABEL};
+use crate::api::{MANAGED_BY, ORG_ID_LABEL, ORGANIZATION_LABEL};
 use crate::layers::Tenant;
 
 /// Standard label marking objects bulkhead manages.
@@ -58,19 +60,26 @@ pub struct NetworkConfig {
 fn is_dns_label(s: &str, max: usize) -> bool {
     !s.is_empty()
         && s.len() <= max
-        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
 
 fn check_namespace(what: &str, ns: &str) -> Result<(), String> {
-    if is_dns_label(ns, 63) { Ok(()) } else { Err(format!("{what} {ns:?} is not a namespace name")) }
+    if is_dns_label(ns, 63) {
+        Ok(())
+    } else {
+        Err(format!("{what} {ns:?} is not a namespace name"))
+    }
 }
 
 /// Validates the platform's network section; every problem is named.
 pub fn validate(cfg: &NetworkPlatform) -> Result<NetworkConfig, String> {
     if cfg.mode == NetworkMode::SharedNamespace && cfg.shared_namespaces.is_empty() {
-        return Err("network mode sharedNamespace needs at least one of sharedNamespaces".to_owned());
+        return Err(
+            "network mode sharedNamespace needs at least one of sharedNamespaces".to_owned(),
+        );
     }
     for ns in &cfg.shared_namespaces {
         check_namespace("sharedNamespaces entry", ns)?;
@@ -111,7 +120,11 @@ pub fn validate(cfg: &NetworkPlatform) -> Result<NetworkConfig, String> {
     })
 }
 
-fn backend(t: &EgressTarget, pod_cidr_text: &[String], pod_cidrs: &[IpRange]) -> Result<Backend, String> {
+fn backend(
+    t: &EgressTarget,
+    pod_cidr_text: &[String],
+    pod_cidrs: &[IpRange],
+) -> Result<Backend, String> {
     if !is_dns_label(&t.name, MAX_TARGET_NAME) {
         return Err(format!(
             "egress target name {:?} must be 1-{MAX_TARGET_NAME} lowercase letters, digits or '-'",
@@ -119,7 +132,10 @@ fn backend(t: &EgressTarget, pod_cidr_text: &[String], pod_cidrs: &[IpRange]) ->
         ));
     }
     if let Some(p) = t.ports.iter().find(|p| !(1..=65535).contains(*p)) {
-        return Err(format!("egress target {:?} has port {p} outside 1-65535", t.name));
+        return Err(format!(
+            "egress target {:?} has port {p} outside 1-65535",
+            t.name
+        ));
     }
     let peer = match (&t.namespace, &t.cidr) {
         (Some(ns), None) => {
@@ -135,9 +151,13 @@ fn backend(t: &EgressTarget, pod_cidr_text: &[String], pod_cidrs: &[IpRange]) ->
         }
         (None, Some(cidr)) => {
             if !t.pod_labels.is_empty() {
-                return Err(format!("egress target {:?}: podLabels need a namespace, not a CIDR", t.name));
+                return Err(format!(
+                    "egress target {:?}: podLabels need a namespace, not a CIDR",
+                    t.name
+                ));
             }
-            let range = IpRange::parse_cidr(cidr).map_err(|e| format!("egress target {:?}: {e}", t.name))?;
+            let range = IpRange::parse_cidr(cidr)
+                .map_err(|e| format!("egress target {:?}: {e}", t.name))?;
             // A wide CIDR would open every pod of the cluster; carve the pod network out of it.
             let except: Vec<String> = pod_cidrs
                 .iter()
@@ -146,24 +166,42 @@ fn backend(t: &EgressTarget, pod_cidr_text: &[String], pod_cidrs: &[IpRange]) ->
                 .map(|(_, text)| text.clone())
                 .collect();
             NetworkPolicyPeer {
-                ip_block: Some(IPBlock { cidr: cidr.clone(), except: (!except.is_empty()).then_some(except) }),
+                ip_block: Some(IPBlock {
+                    cidr: cidr.clone(),
+                    except: (!except.is_empty()).then_some(except),
+                }),
                 namespace_selector: None,
                 pod_selector: None,
             }
         }
         (Some(_), Some(_)) => {
-            return Err(format!("egress target {:?} names both a namespace and a CIDR; give one", t.name));
+            return Err(format!(
+                "egress target {:?} names both a namespace and a CIDR; give one",
+                t.name
+            ));
         }
-        (None, None) => return Err(format!("egress target {:?} needs a namespace or a CIDR", t.name)),
+        (None, None) => {
+            return Err(format!(
+                "egress target {:?} needs a namespace or a CIDR",
+                t.name
+            ));
+        }
     };
-    Ok(Backend { name: t.name.clone(), peer, ports: t.ports.clone() })
+    Ok(Backend {
+        name: t.name.clone(),
+        peer,
+        ports: t.ports.clone(),
+    })
 }
 
 /// Selects namespaces by name (the label the API server sets on every namespace).
 fn names_selector(names: &[String]) -> LabelSelector {
     if let [one] = names {
         return LabelSelector {
-            match_labels: Some(BTreeMap::from([(NAMESPACE_NAME_LABEL.to_owned(), one.clone())])),
+            match_labels: Some(BTreeMap::from([(
+                NAMESPACE_NAME_LABEL.to_owned(),
+                one.clone(),
+            )])),
             match_expressions: None,
         };
     }
@@ -179,7 +217,10 @@ fn names_selector(names: &[String]) -> LabelSelector {
 
 fn org_pods(tenant: &Tenant) -> LabelSelector {
     LabelSelector {
-        match_labels: Some(BTreeMap::from([(ORG_ID_LABEL.to_owned(), tenant.org_id.to_string())])),
+        match_labels: Some(BTreeMap::from([(
+            ORG_ID_LABEL.to_owned(),
+            tenant.org_id.to_string(),
+        )])),
         match_expressions: None,
     }
 }
@@ -189,11 +230,19 @@ fn all() -> LabelSelector {
 }
 
 fn tcp(port: i32) -> NetworkPolicyPort {
-    NetworkPolicyPort { protocol: Some("TCP".to_owned()), port: Some(IntOrString::Int(port)), end_port: None }
+    NetworkPolicyPort {
+        protocol: Some("TCP".to_owned()),
+        port: Some(IntOrString::Int(port)),
+        end_port: None,
+    }
 }
 
 fn udp(port: i32) -> NetworkPolicyPort {
-    NetworkPolicyPort { protocol: Some("UDP".to_owned()), port: Some(IntOrString::Int(port)), end_port: None }
+    NetworkPolicyPort {
+        protocol: Some("UDP".to_owned()),
+        port: Some(IntOrString::Int(port)),
+        end_port: None,
+    }
 }
 
 fn dns_rule(cfg: &NetworkConfig) -> NetworkPolicyEgressRule {
@@ -267,13 +316,6 @@ pub struct NetworkPlan {
     pub hash: String,
 }
 
-/// The organization's optional namespace limits (`Organization.spec.network`).
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct NamespaceLimits {
-    pub resource_quota: Option<ResourceQuotaSpec>,
-    pub limit_range: Option<LimitRangeSpec>,
-}
-
 /// Labels on every object bulkhead creates for the organization.
 pub fn labels(tenant: &Tenant) -> BTreeMap<String, String> {
     BTreeMap::from([
@@ -285,7 +327,10 @@ pub fn labels(tenant: &Tenant) -> BTreeMap<String, String> {
 
 /// Label selector that finds every object bulkhead manages for the organization.
 pub fn managed_selector(tenant: &Tenant) -> String {
-    format!("{MANAGED_BY_LABEL}={MANAGED_BY},{ORG_ID_LABEL}={}", tenant.org_id)
+    format!(
+        "{MANAGED_BY_LABEL}={MANAGED_BY},{ORG_ID_LABEL}={}",
+        tenant.org_id
+    )
 }
 
 fn meta(tenant: &Tenant, namespace: &str, name: &str) -> ObjectMeta {
@@ -299,34 +344,66 @@ fn meta(tenant: &Tenant, namespace: &str, name: &str) -> ObjectMeta {
 }
 
 fn policy(tenant: &Tenant, namespace: &str, name: &str, spec: NetworkPolicySpec) -> NetworkPolicy {
-    NetworkPolicy { metadata: meta(tenant, namespace, name), spec: Some(spec) }
+    NetworkPolicy {
+        metadata: meta(tenant, namespace, name),
+        spec: Some(spec),
+    }
 }
 
 /// Builds the organization's objects. Pure: the same inputs give the same plan and hash.
-pub fn plan(cfg: &NetworkConfig, tenant: &Tenant, limits: &NamespaceLimits) -> NetworkPlan {
+pub fn plan(cfg: &NetworkConfig, tenant: &Tenant) -> NetworkPlan {
     let mut policies = Vec::new();
     match cfg.mode {
         NetworkMode::Namespace => {
             let ns = tenant.namespace.as_str();
-            policies.push(policy(tenant, ns, DEFAULT_DENY, spec(all(), Some(vec![]), Some(vec![]))));
-            let same = NetworkPolicyPeer { pod_selector: Some(all()), ..Default::default() };
+            policies.push(policy(
+                tenant,
+                ns,
+                DEFAULT_DENY,
+                spec(all(), Some(vec![]), Some(vec![])),
+            ));
+            let same = NetworkPolicyPeer {
+                pod_selector: Some(all()),
+                ..Default::default()
+            };
             policies.push(policy(
                 tenant,
                 ns,
                 ALLOW_SAME_NAMESPACE,
                 spec(
                     all(),
-                    Some(vec![NetworkPolicyIngressRule { from: Some(vec![same.clone()]), ports: None }]),
-                    Some(vec![NetworkPolicyEgressRule { to: Some(vec![same]), ports: None }]),
+                    Some(vec![NetworkPolicyIngressRule {
+                        from: Some(vec![same.clone()]),
+                        ports: None,
+                    }]),
+                    Some(vec![NetworkPolicyEgressRule {
+                        to: Some(vec![same]),
+                        ports: None,
+                    }]),
                 ),
             ));
-            policies.push(policy(tenant, ns, ALLOW_DNS, spec(all(), None, Some(vec![dns_rule(cfg)]))));
+            policies.push(policy(
+                tenant,
+                ns,
+                ALLOW_DNS,
+                spec(all(), None, Some(vec![dns_rule(cfg)])),
+            ));
             if let Some(rule) = gateway_rule(cfg) {
-                policies.push(policy(tenant, ns, ALLOW_GATEWAYS, spec(all(), Some(vec![rule]), None)));
+                policies.push(policy(
+                    tenant,
+                    ns,
+                    ALLOW_GATEWAYS,
+                    spec(all(), Some(vec![rule]), None),
+                ));
             }
             for b in &cfg.backends {
                 let name = format!("{EGRESS_PREFIX}{}", b.name);
-                policies.push(policy(tenant, ns, &name, spec(all(), None, Some(vec![backend_rule(b)]))));
+                policies.push(policy(
+                    tenant,
+                    ns,
+                    &name,
+                    spec(all(), None, Some(vec![backend_rule(b)])),
+                ));
             }
         }
         NetworkMode::SharedNamespace => {
@@ -336,34 +413,63 @@ pub fn plan(cfg: &NetworkConfig, tenant: &Tenant, limits: &NamespaceLimits) -> N
                 pod_selector: Some(org_pods(tenant)),
                 ip_block: None,
             };
-            let mut ingress = vec![NetworkPolicyIngressRule { from: Some(vec![own.clone()]), ports: None }];
+            let mut ingress = vec![NetworkPolicyIngressRule {
+                from: Some(vec![own.clone()]),
+                ports: None,
+            }];
             ingress.extend(gateway_rule(cfg));
-            let mut egress = vec![NetworkPolicyEgressRule { to: Some(vec![own]), ports: None }, dns_rule(cfg)];
+            let mut egress = vec![
+                NetworkPolicyEgressRule {
+                    to: Some(vec![own]),
+                    ports: None,
+                },
+                dns_rule(cfg),
+            ];
             egress.extend(cfg.backends.iter().map(backend_rule));
             let name = shared_policy_name(tenant);
             for ns in &cfg.shared_namespaces {
-                policies.push(policy(tenant, ns, &name, spec(org_pods(tenant), Some(ingress.clone()), Some(egress.clone()))));
+                policies.push(policy(
+                    tenant,
+                    ns,
+                    &name,
+                    spec(
+                        org_pods(tenant),
+                        Some(ingress.clone()),
+                        Some(egress.clone()),
+                    ),
+                ));
             }
         }
     }
-    let resource_quota = limits.resource_quota.clone().map(|spec| ResourceQuota {
+    let resource_quota = tenant.resource_quota.clone().map(|spec| ResourceQuota {
         metadata: meta(tenant, &tenant.namespace, RESOURCE_QUOTA),
         spec: Some(spec),
         status: None,
     });
-    let limit_range = limits
-        .limit_range
-        .clone()
-        .map(|spec| LimitRange { metadata: meta(tenant, &tenant.namespace, LIMIT_RANGE), spec: Some(spec) });
-    let mut plan = NetworkPlan { policies, resource_quota, limit_range, hash: String::new() };
+    let limit_range = tenant.limit_range.clone().map(|spec| LimitRange {
+        metadata: meta(tenant, &tenant.namespace, LIMIT_RANGE),
+        spec: Some(spec),
+    });
+    let mut plan = NetworkPlan {
+        policies,
+        resource_quota,
+        limit_range,
+        hash: String::new(),
+    };
     plan.hash = plan_hash(&plan);
     let hash = plan.hash.clone();
     let stamp = |m: &mut ObjectMeta| {
         m.annotations = Some(BTreeMap::from([(PLAN_ANNOTATION.to_owned(), hash.clone())]));
     };
-    plan.policies.iter_mut().for_each(|p| stamp(&mut p.metadata));
-    plan.resource_quota.iter_mut().for_each(|q| stamp(&mut q.metadata));
-    plan.limit_range.iter_mut().for_each(|l| stamp(&mut l.metadata));
+    plan.policies
+        .iter_mut()
+        .for_each(|p| stamp(&mut p.metadata));
+    plan.resource_quota
+        .iter_mut()
+        .for_each(|q| stamp(&mut q.metadata));
+    plan.limit_range
+        .iter_mut()
+        .for_each(|l| stamp(&mut l.metadata));
     plan
 }
 
@@ -392,8 +498,14 @@ pub fn normalize(spec: &NetworkPolicySpec) -> Value {
             p.protocol.get_or_insert_with(|| "TCP".to_owned());
         }
     };
-    s.ingress.iter_mut().flatten().for_each(|r| default_tcp(&mut r.ports));
-    s.egress.iter_mut().flatten().for_each(|r| default_tcp(&mut r.ports));
+    s.ingress
+        .iter_mut()
+        .flatten()
+        .for_each(|r| default_tcp(&mut r.ports));
+    s.egress
+        .iter_mut()
+        .flatten()
+        .for_each(|r| default_tcp(&mut r.ports));
     let mut v = serde_json::to_value(&s).unwrap_or(Value::Null);
     strip_empty(&mut v);
     v
@@ -419,19 +531,28 @@ fn strip_empty(v: &mut Value) {
 /// Whether a live policy has the planned spec.
 pub fn same_spec(live: &NetworkPolicy, planned: &NetworkPolicy) -> bool {
     let empty = NetworkPolicySpec::default();
-    normalize(live.spec.as_ref().unwrap_or(&empty)) == normalize(planned.spec.as_ref().unwrap_or(&empty))
+    normalize(live.spec.as_ref().unwrap_or(&empty))
+        == normalize(planned.spec.as_ref().unwrap_or(&empty))
 }
 
 /// Whether a live object carries what bulkhead requires of its metadata: its labels, the owner
 /// reference and the plan hash.
 pub fn same_meta(live: &ObjectMeta, planned: &ObjectMeta) -> bool {
-    let has_all = |want: &Option<BTreeMap<String, String>>, got: &Option<BTreeMap<String, String>>| {
-        want.iter().flatten().all(|(k, v)| got.as_ref().and_then(|g| g.get(k)) == Some(v))
+    let has_all = |want: &Option<BTreeMap<String, String>>,
+                   got: &Option<BTreeMap<String, String>>| {
+        want.iter()
+            .flatten()
+            .all(|(k, v)| got.as_ref().and_then(|g| g.get(k)) == Some(v))
     };
     let owned = planned.owner_references.iter().flatten().all(|want| {
-        live.owner_references.iter().flatten().any(|o| o.uid == want.uid && o.kind == want.kind && o.name == want.name)
+        live.owner_references
+            .iter()
+            .flatten()
+            .any(|o| o.uid == want.uid && o.kind == want.kind && o.name == want.name)
     });
-    has_all(&planned.labels, &live.labels) && has_all(&planned.annotations, &live.annotations) && owned
+    has_all(&planned.labels, &live.labels)
+        && has_all(&planned.annotations, &live.annotations)
+        && owned
 }
 
 #[cfg(test)]

@@ -49,7 +49,9 @@ enum Values {
 impl Values {
     fn intersect(&self, other: &Values) -> Values {
         match (self, other) {
-            (Values::Only(a), Values::Only(b)) => Values::Only(a.intersection(b).cloned().collect()),
+            (Values::Only(a), Values::Only(b)) => {
+                Values::Only(a.intersection(b).cloned().collect())
+            }
             (Values::Only(a), Values::AllBut(b)) | (Values::AllBut(b), Values::Only(a)) => {
                 Values::Only(a.difference(b).cloned().collect())
             }
@@ -78,7 +80,10 @@ pub struct KeyDomain {
 impl KeyDomain {
     /// Any state.
     pub fn any() -> Self {
-        Self { absent: true, values: Values::AllBut(BTreeSet::new()) }
+        Self {
+            absent: true,
+            values: Values::AllBut(BTreeSet::new()),
+        }
     }
     /// Present with exactly this value.
     pub fn equals(v: &str) -> Self {
@@ -86,15 +91,24 @@ impl KeyDomain {
     }
     /// Present with one of these values (`In`).
     pub fn one_of<'a>(vs: impl IntoIterator<Item = &'a str>) -> Self {
-        Self { absent: false, values: Values::Only(vs.into_iter().map(str::to_owned).collect()) }
+        Self {
+            absent: false,
+            values: Values::Only(vs.into_iter().map(str::to_owned).collect()),
+        }
     }
     /// Absent, or present with none of these values (`NotIn`).
     pub fn not_in<'a>(vs: impl IntoIterator<Item = &'a str>) -> Self {
-        Self { absent: true, values: Values::AllBut(vs.into_iter().map(str::to_owned).collect()) }
+        Self {
+            absent: true,
+            values: Values::AllBut(vs.into_iter().map(str::to_owned).collect()),
+        }
     }
     /// Present with none of these values.
     pub fn present_but<'a>(vs: impl IntoIterator<Item = &'a str>) -> Self {
-        Self { absent: false, values: Values::AllBut(vs.into_iter().map(str::to_owned).collect()) }
+        Self {
+            absent: false,
+            values: Values::AllBut(vs.into_iter().map(str::to_owned).collect()),
+        }
     }
     /// Present with any value (`Exists`).
     pub fn exists() -> Self {
@@ -102,13 +116,22 @@ impl KeyDomain {
     }
     /// Absent (`DoesNotExist`).
     pub fn absent() -> Self {
-        Self { absent: true, values: Values::Only(BTreeSet::new()) }
+        Self {
+            absent: true,
+            values: Values::Only(BTreeSet::new()),
+        }
     }
     fn intersect(&self, other: &KeyDomain) -> KeyDomain {
-        KeyDomain { absent: self.absent && other.absent, values: self.values.intersect(&other.values) }
+        KeyDomain {
+            absent: self.absent && other.absent,
+            values: self.values.intersect(&other.values),
+        }
     }
     fn complement(&self) -> KeyDomain {
-        KeyDomain { absent: !self.absent, values: self.values.complement() }
+        KeyDomain {
+            absent: !self.absent,
+            values: self.values.complement(),
+        }
     }
     fn is_empty(&self) -> bool {
         !self.absent && self.values.is_empty()
@@ -126,11 +149,20 @@ pub struct LabelSpace {
 impl LabelSpace {
     /// Every label map: labels chosen by an adversary.
     pub fn any() -> Self {
-        Self { keys: BTreeMap::new(), closed: false }
+        Self {
+            keys: BTreeMap::new(),
+            closed: false,
+        }
     }
     /// Exactly these labels.
     pub fn exactly(labels: &BTreeMap<String, String>) -> Self {
-        Self { keys: labels.iter().map(|(k, v)| (k.clone(), KeyDomain::equals(v))).collect(), closed: true }
+        Self {
+            keys: labels
+                .iter()
+                .map(|(k, v)| (k.clone(), KeyDomain::equals(v)))
+                .collect(),
+            closed: true,
+        }
     }
     /// Adds a constraint on one key.
     pub fn with(mut self, key: &str, domain: KeyDomain) -> Self {
@@ -151,14 +183,20 @@ impl LabelSpace {
     }
     /// Whether some label map of the set matches the selector.
     pub fn admits(&self, sel: &Selector) -> bool {
-        !self.is_empty() && sel.0.iter().all(|(k, d)| !self.domain(k).intersect(d).is_empty())
+        !self.is_empty()
+            && sel
+                .0
+                .iter()
+                .all(|(k, d)| !self.domain(k).intersect(d).is_empty())
     }
     /// Whether some label map of the set matches none of the selectors.
     fn escapes(&self, sels: &[&Selector], budget: &mut usize) -> bool {
         if self.is_empty() {
             return false;
         }
-        let Some((first, rest)) = sels.split_first() else { return true };
+        let Some((first, rest)) = sels.split_first() else {
+            return true;
+        };
         for (k, d) in &first.0 {
             if *budget == 0 {
                 return true;
@@ -196,7 +234,12 @@ impl Selector {
                 "NotIn" if !values.is_empty() => KeyDomain::not_in(vs),
                 "Exists" if values.is_empty() => KeyDomain::exists(),
                 "DoesNotExist" if values.is_empty() => KeyDomain::absent(),
-                op => return Err(format!("unsupported selector requirement {:?} {op} {values:?}", req.key)),
+                op => {
+                    return Err(format!(
+                        "unsupported selector requirement {:?} {op} {values:?}",
+                        req.key
+                    ));
+                }
             };
             add(&req.key, d);
         }
@@ -227,28 +270,46 @@ impl IpRange {
             Some((a, l)) => (a, Some(l)),
             None => (s, None),
         };
-        let ip: IpAddr = addr.trim().parse().map_err(|_| format!("{s:?} is not a CIDR"))?;
+        let ip: IpAddr = addr
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?} is not a CIDR"))?;
         let (v6, bits, value) = match ip {
             IpAddr::V4(v4) => (false, 32u32, u128::from(u32::from(v4))),
             IpAddr::V6(v6) => (true, 128u32, u128::from(v6)),
         };
         let len = match len {
-            Some(l) => l.trim().parse::<u32>().map_err(|_| format!("{s:?} has a bad prefix length"))?,
+            Some(l) => l
+                .trim()
+                .parse::<u32>()
+                .map_err(|_| format!("{s:?} has a bad prefix length"))?,
             None => bits,
         };
         if len > bits {
             return Err(format!("{s:?} has a prefix longer than {bits} bits"));
         }
         let host_bits = bits - len;
-        let host_mask = if host_bits == 128 { u128::MAX } else { (1u128 << host_bits) - 1 };
+        let host_mask = if host_bits == 128 {
+            u128::MAX
+        } else {
+            (1u128 << host_bits) - 1
+        };
         let start = value & !host_mask;
-        Ok(Self { v6, start, end: start | host_mask })
+        Ok(Self {
+            v6,
+            start,
+            end: start | host_mask,
+        })
     }
     fn intersect(&self, o: &IpRange) -> Option<IpRange> {
         if self.v6 != o.v6 || self.end < o.start || o.end < self.start {
             return None;
         }
-        Some(IpRange { v6: self.v6, start: self.start.max(o.start), end: self.end.min(o.end) })
+        Some(IpRange {
+            v6: self.v6,
+            start: self.start.max(o.start),
+            end: self.end.min(o.end),
+        })
     }
     /// Whether `self` lies entirely inside `o`.
     pub fn within(&self, o: &IpRange) -> bool {
@@ -270,25 +331,33 @@ impl AddrSet {
     }
     /// Parses CIDRs; the first bad one is the error.
     pub fn parse<'a>(cidrs: impl IntoIterator<Item = &'a str>) -> Result<Self, String> {
-        cidrs.into_iter().map(IpRange::parse_cidr).collect::<Result<Vec<_>, _>>().map(Self)
+        cidrs
+            .into_iter()
+            .map(IpRange::parse_cidr)
+            .collect::<Result<Vec<_>, _>>()
+            .map(Self)
     }
     /// Whether some address of the set lies in `block` and in none of `except`.
     pub fn meets_block(&self, block: &IpRange, except: &[IpRange]) -> bool {
-        self.0.iter().filter_map(|r| r.intersect(block)).any(|clip| {
-            let mut holes: Vec<IpRange> = except.iter().filter_map(|e| e.intersect(&clip)).collect();
-            holes.sort();
-            let mut cur = clip.start;
-            for h in holes {
-                if h.start > cur {
-                    return true;
+        self.0
+            .iter()
+            .filter_map(|r| r.intersect(block))
+            .any(|clip| {
+                let mut holes: Vec<IpRange> =
+                    except.iter().filter_map(|e| e.intersect(&clip)).collect();
+                holes.sort();
+                let mut cur = clip.start;
+                for h in holes {
+                    if h.start > cur {
+                        return true;
+                    }
+                    match h.end.checked_add(1) {
+                        Some(next) => cur = cur.max(next),
+                        None => return false,
+                    }
                 }
-                match h.end.checked_add(1) {
-                    Some(next) => cur = cur.max(next),
-                    None => return false,
-                }
-            }
-            cur <= clip.end
-        })
+                cur <= clip.end
+            })
     }
 }
 
@@ -311,8 +380,14 @@ struct PortRule {
 
 #[derive(Clone, Debug)]
 enum Peer {
-    Block { cidr: IpRange, except: Vec<IpRange> },
-    Pods { namespaces: Option<Selector>, pods: Option<Selector> },
+    Block {
+        cidr: IpRange,
+        except: Vec<IpRange>,
+    },
+    Pods {
+        namespaces: Option<Selector>,
+        pods: Option<Selector>,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -353,32 +428,58 @@ fn parse_peer(p: &NetworkPolicyPeer) -> Result<Peer, String> {
             return Err("a peer with ipBlock also has selectors".to_owned());
         }
         let cidr = IpRange::parse_cidr(&b.cidr)?;
-        let except = b.except.iter().flatten().map(|e| IpRange::parse_cidr(e)).collect::<Result<Vec<_>, _>>()?;
+        let except = b
+            .except
+            .iter()
+            .flatten()
+            .map(|e| IpRange::parse_cidr(e))
+            .collect::<Result<Vec<_>, _>>()?;
         return Ok(Peer::Block { cidr, except });
     }
     if p.namespace_selector.is_none() && p.pod_selector.is_none() {
         return Err("a peer without ipBlock, namespaceSelector or podSelector".to_owned());
     }
     Ok(Peer::Pods {
-        namespaces: p.namespace_selector.as_ref().map(Selector::parse).transpose()?,
+        namespaces: p
+            .namespace_selector
+            .as_ref()
+            .map(Selector::parse)
+            .transpose()?,
         pods: p.pod_selector.as_ref().map(Selector::parse).transpose()?,
     })
 }
 
-fn parse_rule(peers: Option<&Vec<NetworkPolicyPeer>>, ports: Option<&Vec<NetworkPolicyPort>>) -> Result<Rule, String> {
+fn parse_rule(
+    peers: Option<&Vec<NetworkPolicyPeer>>,
+    ports: Option<&Vec<NetworkPolicyPort>>,
+) -> Result<Rule, String> {
     let peers = match peers {
-        Some(list) if !list.is_empty() => Some(list.iter().map(parse_peer).collect::<Result<Vec<_>, _>>()?),
+        Some(list) if !list.is_empty() => {
+            Some(list.iter().map(parse_peer).collect::<Result<Vec<_>, _>>()?)
+        }
         _ => None,
     };
-    let ports = ports.into_iter().flatten().map(parse_port).collect::<Result<Vec<_>, _>>()?;
+    let ports = ports
+        .into_iter()
+        .flatten()
+        .map(parse_port)
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(Rule { peers, ports })
 }
 
 fn parse_policy(np: &NetworkPolicy) -> Result<Policy, String> {
     let namespace = np.metadata.namespace.clone().unwrap_or_default();
-    let id = format!("{namespace}/{}", np.metadata.name.clone().unwrap_or_default());
+    let id = format!(
+        "{namespace}/{}",
+        np.metadata.name.clone().unwrap_or_default()
+    );
     let spec = np.spec.clone().unwrap_or_default();
-    let selects = spec.pod_selector.as_ref().map(Selector::parse).transpose()?.unwrap_or_else(Selector::everything);
+    let selects = spec
+        .pod_selector
+        .as_ref()
+        .map(Selector::parse)
+        .transpose()?
+        .unwrap_or_else(Selector::everything);
     let has_egress_rules = spec.egress.as_ref().is_some_and(|e| !e.is_empty());
     let (ingress_type, egress_type) = match &spec.policy_types {
         Some(types) if !types.is_empty() => {
@@ -387,7 +488,10 @@ fn parse_policy(np: &NetworkPolicy) -> Result<Policy, String> {
                     return Err(format!("unknown policy type {t:?}"));
                 }
             }
-            (types.iter().any(|t| t == "Ingress"), types.iter().any(|t| t == "Egress"))
+            (
+                types.iter().any(|t| t == "Ingress"),
+                types.iter().any(|t| t == "Egress"),
+            )
         }
         _ => (true, has_egress_rules),
     };
@@ -413,16 +517,36 @@ fn parse_policy(np: &NetworkPolicy) -> Result<Policy, String> {
     } else {
         None
     };
-    Ok(Policy { id, namespace, selects, ingress, egress })
+    Ok(Policy {
+        id,
+        namespace,
+        selects,
+        ingress,
+        egress,
+    })
 }
 
 /// A policy the evaluator cannot read stands for the worst case: it selects every pod of its
 /// namespace and allows everything, in both directions.
 fn unreadable_policy(np: &NetworkPolicy) -> Policy {
     let namespace = np.metadata.namespace.clone().unwrap_or_default();
-    let id = format!("{namespace}/{}", np.metadata.name.clone().unwrap_or_default());
-    let all = || Some(vec![Rule { peers: None, ports: Vec::new() }]);
-    Policy { id, namespace, selects: Selector::everything(), ingress: all(), egress: all() }
+    let id = format!(
+        "{namespace}/{}",
+        np.metadata.name.clone().unwrap_or_default()
+    );
+    let all = || {
+        Some(vec![Rule {
+            peers: None,
+            ports: Vec::new(),
+        }])
+    };
+    Policy {
+        id,
+        namespace,
+        selects: Selector::everything(),
+        ingress: all(),
+        egress: all(),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -478,15 +602,24 @@ pub enum Endpoint {
 pub enum Port {
     /// Some port: the question is whether any traffic at all gets through.
     Any,
-    Number { protocol: String, port: i32 },
+    Number {
+        protocol: String,
+        port: i32,
+    },
 }
 
 impl Port {
     pub fn tcp(port: i32) -> Self {
-        Self::Number { protocol: "TCP".to_owned(), port }
+        Self::Number {
+            protocol: "TCP".to_owned(),
+            port,
+        }
     }
     pub fn udp(port: i32) -> Self {
-        Self::Number { protocol: "UDP".to_owned(), port }
+        Self::Number {
+            protocol: "UDP".to_owned(),
+            port,
+        }
     }
 }
 
@@ -502,7 +635,11 @@ pub struct Side {
 
 impl Side {
     fn unrestricted() -> Self {
-        Self { allowed: true, unisolated: true, allowed_by: Vec::new() }
+        Self {
+            allowed: true,
+            unisolated: true,
+            allowed_by: Vec::new(),
+        }
     }
 }
 
@@ -552,15 +689,21 @@ impl Cluster {
 
     /// Records (or replaces) a namespace's labels.
     pub fn set_namespace(&mut self, name: &str, mut labels: BTreeMap<String, String>) {
-        labels.entry(NAMESPACE_NAME_LABEL.to_owned()).or_insert_with(|| name.to_owned());
+        labels
+            .entry(NAMESPACE_NAME_LABEL.to_owned())
+            .or_insert_with(|| name.to_owned());
         self.namespaces.insert(name.to_owned(), labels);
     }
 
     /// Replaces every policy of `namespace` with `policies` (a fresher read of that namespace).
     pub fn replace_policies(&mut self, namespace: &str, policies: &[NetworkPolicy]) {
         self.policies.retain(|p| p.namespace != namespace);
-        self.unreadable.retain(|(id, _)| !id.starts_with(&format!("{namespace}/")));
-        for np in policies.iter().filter(|p| p.metadata.namespace.as_deref() == Some(namespace)) {
+        self.unreadable
+            .retain(|(id, _)| !id.starts_with(&format!("{namespace}/")));
+        for np in policies
+            .iter()
+            .filter(|p| p.metadata.namespace.as_deref() == Some(namespace))
+        {
             self.add_policy(np);
         }
     }
@@ -590,7 +733,10 @@ impl Cluster {
         match ns {
             NamespaceRef::Known(name) => match self.namespaces.get(name) {
                 Some(labels) => LabelSpace::exactly(labels),
-                None => LabelSpace::exactly(&BTreeMap::from([(NAMESPACE_NAME_LABEL.to_owned(), name.clone())])),
+                None => LabelSpace::exactly(&BTreeMap::from([(
+                    NAMESPACE_NAME_LABEL.to_owned(),
+                    name.clone(),
+                )])),
             },
             NamespaceRef::Unknown(space) => space.clone(),
         }
@@ -626,8 +772,17 @@ impl Cluster {
 
     /// `owner`: the pods whose namespace's policies decide; `peer`: the other end; `named`: the
     /// destination's named ports.
-    fn side(&self, dir: Direction, owner: &PodSet, peer: &Endpoint, named: Option<&NamedPorts>, port: &Port) -> Side {
-        let NamespaceRef::Known(ns) = &owner.namespace else { return Side::unrestricted() };
+    fn side(
+        &self,
+        dir: Direction,
+        owner: &PodSet,
+        peer: &Endpoint,
+        named: Option<&NamedPorts>,
+        port: &Port,
+    ) -> Side {
+        let NamespaceRef::Known(ns) = &owner.namespace else {
+            return Side::unrestricted();
+        };
         if owner.labels.is_empty() {
             return Side::default();
         }
@@ -651,15 +806,30 @@ impl Cluster {
                     Direction::Ingress => p.ingress.as_deref(),
                     Direction::Egress => p.egress.as_deref(),
                 };
-                rules.into_iter().flatten().any(|r| self.rule_allows(r, &p.namespace, peer, named, port))
+                rules
+                    .into_iter()
+                    .flatten()
+                    .any(|r| self.rule_allows(r, &p.namespace, peer, named, port))
             })
             .map(|p| p.id.clone())
             .collect();
-        Side { allowed: unisolated || !allowed_by.is_empty(), unisolated, allowed_by }
+        Side {
+            allowed: unisolated || !allowed_by.is_empty(),
+            unisolated,
+            allowed_by,
+        }
     }
 
-    fn rule_allows(&self, rule: &Rule, policy_ns: &str, peer: &Endpoint, named: Option<&NamedPorts>, port: &Port) -> bool {
-        let port_ok = rule.ports.is_empty() || rule.ports.iter().any(|p| port_matches(p, named, port));
+    fn rule_allows(
+        &self,
+        rule: &Rule,
+        policy_ns: &str,
+        peer: &Endpoint,
+        named: Option<&NamedPorts>,
+        port: &Port,
+    ) -> bool {
+        let port_ok =
+            rule.ports.is_empty() || rule.ports.iter().any(|p| port_matches(p, named, port));
         port_ok
             && match &rule.peers {
                 None => true,
@@ -669,7 +839,9 @@ impl Cluster {
 
     fn peer_matches(&self, peer: &Peer, policy_ns: &str, ep: &Endpoint) -> bool {
         match (peer, ep) {
-            (Peer::Block { cidr, except }, Endpoint::Pods(p)) => p.addresses.meets_block(cidr, except),
+            (Peer::Block { cidr, except }, Endpoint::Pods(p)) => {
+                p.addresses.meets_block(cidr, except)
+            }
             (Peer::Block { cidr, except }, Endpoint::External(a)) => a.meets_block(cidr, except),
             (Peer::Pods { .. }, Endpoint::External(_)) => false,
             (Peer::Pods { namespaces, pods }, Endpoint::Pods(p)) => {
@@ -688,9 +860,10 @@ fn port_matches(rule: &PortRule, named: Option<&NamedPorts>, port: &Port) -> boo
     match port {
         Port::Any => match &rule.port {
             PortRef::All | PortRef::Range(..) => true,
-            PortRef::Named(name) => {
-                named.is_none_or(|m| m.get(name).is_some_and(|(proto, _)| *proto == rule.protocol))
-            }
+            PortRef::Named(name) => named.is_none_or(|m| {
+                m.get(name)
+                    .is_some_and(|(proto, _)| *proto == rule.protocol)
+            }),
         },
         Port::Number { protocol, port } => {
             if *protocol != rule.protocol {
@@ -701,7 +874,9 @@ fn port_matches(rule: &PortRule, named: Option<&NamedPorts>, port: &Port) -> boo
                 PortRef::Range(a, b) => a <= port && port <= b,
                 PortRef::Named(name) => match named {
                     None => true,
-                    Some(m) => m.get(name).is_some_and(|(proto, n)| proto == protocol && n == port),
+                    Some(m) => m
+                        .get(name)
+                        .is_some_and(|(proto, n)| proto == protocol && n == port),
                 },
             }
         }

@@ -99,11 +99,19 @@ impl StorageLayer {
             probes.extend(self.peer_probes(c, org, peer).await);
         }
 
-        // Bucket-level operations. SeaweedFS answers ListBuckets with an empty list instead of a refusal.
+        // Bucket-level operations. Some servers (SeaweedFS) answer ListBuckets with the buckets the
+        // caller may touch instead of a refusal: revealing the shared bucket, whose name the
+        // organization holds anyway, is fine; any other bucket is not.
         let lb_name = format!("ListBuckets as {org}");
         probes.push(match c.list_buckets().send().await {
-            Ok(out) if out.buckets().is_empty() => Probe::new(lb_name, true, "answered with an empty list"),
-            Ok(out) => refused(lb_name, Ok(format!("{} bucket(s) listed", out.buckets().len()))),
+            Ok(out) => {
+                let others: Vec<&str> = out.buckets().iter().filter_map(|b| b.name()).filter(|n| *n != bucket.as_str()).collect();
+                if others.is_empty() {
+                    Probe::new(lb_name, true, format!("answered with {} bucket(s), none but the shared one", out.buckets().len()))
+                } else {
+                    refused(lb_name, Ok(format!("{} other bucket(s) listed", others.len())))
+                }
+            }
             Err(e) => refused(lb_name, Err(api_error("ListBuckets", &e))),
         });
         let whole = c.list_objects_v2().bucket(bucket).send().await.map(|o| format!("{} object(s) listed", o.contents().len())).map_err(|e| api_error("ListObjectsV2", &e));

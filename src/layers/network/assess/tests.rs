@@ -7,7 +7,7 @@ use serde_json::json;
 use super::*;
 use crate::api::DeletionPolicy;
 use crate::api::platform::NetworkPlatform;
-use crate::layers::network::plan::{NamespaceLimits, plan, validate};
+use crate::layers::network::plan::{plan, validate};
 use crate::tenant::OrgId;
 
 fn tenant(id: &str, peers: &[&str]) -> Tenant {
@@ -18,8 +18,16 @@ fn tenant(id: &str, peers: &[&str]) -> Tenant {
         namespace: format!("org-{id}"),
         deletion_policy: DeletionPolicy::Retain,
         rotate: false,
-        peers: std::iter::once(OrgId::sentinel()).chain(peers.iter().map(|p| OrgId::parse(p).unwrap())).collect(),
-        owner: OwnerReference { name: id.to_owned(), uid: id.to_owned(), ..Default::default() },
+        peers: std::iter::once(OrgId::sentinel())
+            .chain(peers.iter().map(|p| OrgId::parse(p).unwrap()))
+            .collect(),
+        owner: OwnerReference {
+            name: id.to_owned(),
+            uid: id.to_owned(),
+            ..Default::default()
+        },
+        resource_quota: None,
+        limit_range: None,
     }
 }
 
@@ -37,16 +45,22 @@ fn platform(shared: bool) -> NetworkPlatform {
 }
 
 fn foreign(ns: &str, name: &str, spec: serde_json::Value) -> NetworkPolicy {
-    serde_json::from_value(json!({"metadata": {"name": name, "namespace": ns}, "spec": spec})).unwrap()
+    serde_json::from_value(json!({"metadata": {"name": name, "namespace": ns}, "spec": spec}))
+        .unwrap()
 }
 
 fn cluster(cfg: &NetworkConfig, orgs: &[&Tenant], extra: &[NetworkPolicy]) -> Cluster {
     let mut policies: Vec<NetworkPolicy> =
-        orgs.iter().flat_map(|t| plan(cfg, t, &NamespaceLimits::default()).policies).collect();
+        orgs.iter().flat_map(|t| plan(cfg, t).policies).collect();
     policies.extend(extra.iter().cloned());
     let mut namespaces: Vec<(String, BTreeMap<String, String>)> = orgs
         .iter()
-        .map(|t| (t.namespace.clone(), BTreeMap::from([(ORG_ID_LABEL.to_owned(), t.org_id.to_string())])))
+        .map(|t| {
+            (
+                t.namespace.clone(),
+                BTreeMap::from([(ORG_ID_LABEL.to_owned(), t.org_id.to_string())]),
+            )
+        })
         .collect();
     for n in ["gateway", "kube-system", "data", "apps", "default"] {
         namespaces.push((n.to_owned(), BTreeMap::new()));
@@ -72,7 +86,10 @@ fn planned_policies_pass_every_probe() {
         "egress from org-a to DNS in kube-system (UDP 53)",
         "ingress into org-a from gateway namespace gateway",
     ] {
-        assert!(names.contains(&want), "missing probe {want:?} in {names:#?}");
+        assert!(
+            names.contains(&want),
+            "missing probe {want:?} in {names:#?}"
+        );
     }
 }
 
@@ -80,23 +97,54 @@ fn planned_policies_pass_every_probe() {
 fn a_foreign_allow_all_policy_is_caught_by_name_and_clears_when_removed() {
     let cfg = validate(&platform(false)).unwrap();
     let (a, b) = (tenant("a", &["b"]), tenant("b", &[]));
-    let allow_all = foreign("org-a", "allow-everyone", json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {}}]}]}));
+    let allow_all = foreign(
+        "org-a",
+        "allow-everyone",
+        json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {}}]}]}),
+    );
     let mut c = cluster(&cfg, &[&a, &b], std::slice::from_ref(&allow_all));
     let v = assess(&c, &cfg, &a);
     assert!(!v.isolated() && !v.verified());
-    assert!(v.findings.iter().any(|f| f.contains("NetworkPolicy org-a/allow-everyone admits ingress")), "{:?}", v.findings);
+    assert!(
+        v.findings
+            .iter()
+            .any(|f| f.contains("NetworkPolicy org-a/allow-everyone admits ingress")),
+        "{:?}",
+        v.findings
+    );
     let failed: Vec<&Probe> = v.probes.iter().filter(|p| !p.passed).collect();
-    assert!(failed.iter().any(|p| p.name == "ingress into org-a from any other namespace"));
-    assert!(failed.iter().all(|p| p.detail.contains("org-a/allow-everyone")), "{failed:#?}");
+    assert!(
+        failed
+            .iter()
+            .any(|p| p.name == "ingress into org-a from any other namespace")
+    );
+    assert!(
+        failed
+            .iter()
+            .all(|p| p.detail.contains("org-a/allow-everyone")),
+        "{failed:#?}"
+    );
     // B's egress policies still deny the path, and the detail says so.
-    let from_b = v.probes.iter().find(|p| p.name == "ingress into org-a from b's namespace org-b").unwrap();
-    assert!(!from_b.passed && from_b.detail.contains("other side's policies still deny"), "{from_b:?}");
+    let from_b = v
+        .probes
+        .iter()
+        .find(|p| p.name == "ingress into org-a from b's namespace org-b")
+        .unwrap();
+    assert!(
+        !from_b.passed && from_b.detail.contains("other side's policies still deny"),
+        "{from_b:?}"
+    );
     // Egress was not opened.
-    assert!(v.probes.iter().filter(|p| p.name.starts_with("egress")).all(|p| p.passed));
+    assert!(
+        v.probes
+            .iter()
+            .filter(|p| p.name.starts_with("egress"))
+            .all(|p| p.passed)
+    );
     // B is not affected by A's mistake.
     assert!(assess(&c, &cfg, &b).verified());
 
-    let planned = plan(&cfg, &a, &NamespaceLimits::default()).policies;
+    let planned = plan(&cfg, &a).policies;
     c.replace_policies("org-a", &planned);
     let v = assess(&c, &cfg, &a);
     assert!(v.isolated() && v.verified(), "{:?}", v.failures());
@@ -107,7 +155,11 @@ fn a_pod_selector_only_peer_elsewhere_does_not_matter_but_a_namespace_selector_d
     let cfg = validate(&platform(false)).unwrap();
     let (a, b) = (tenant("a", &["b"]), tenant("b", &[]));
     // In A's namespace a podSelector-only peer means A's own pods: harmless.
-    let own_only = foreign("org-a", "own", json!({"podSelector": {}, "ingress": [{"from": [{"podSelector": {"matchLabels": {"x": "y"}}}]}]}));
+    let own_only = foreign(
+        "org-a",
+        "own",
+        json!({"podSelector": {}, "ingress": [{"from": [{"podSelector": {"matchLabels": {"x": "y"}}}]}]}),
+    );
     assert!(assess(&cluster(&cfg, &[&a, &b], &[own_only]), &cfg, &a).verified());
     // A namespace selector that matches organization namespaces is not.
     let orgs = foreign(
@@ -116,14 +168,37 @@ fn a_pod_selector_only_peer_elsewhere_does_not_matter_but_a_namespace_selector_d
         json!({"podSelector": {"matchLabels": {"app": "web"}}, "ingress": [{"from": [{"namespaceSelector": {"matchExpressions": [{"key": "bulkhead.dev/org-id", "operator": "Exists"}]}}]}]}),
     );
     let v = assess(&cluster(&cfg, &[&a, &b], &[orgs]), &cfg, &a);
-    assert!(v.findings.iter().any(|f| f.contains("org-a/orgs") && f.contains("org-b")), "{:?}", v.findings);
+    assert!(
+        v.findings
+            .iter()
+            .any(|f| f.contains("org-a/orgs") && f.contains("org-b")),
+        "{:?}",
+        v.findings
+    );
     // An ipBlock covering the pod network is a path too; carving it out is not.
     let world = |except: serde_json::Value| {
-        foreign("org-a", "world", json!({"podSelector": {}, "policyTypes": ["Egress"], "egress": [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": except}}]}]}))
+        foreign(
+            "org-a",
+            "world",
+            json!({"podSelector": {}, "policyTypes": ["Egress"], "egress": [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": except}}]}]}),
+        )
     };
     let v = assess(&cluster(&cfg, &[&a, &b], &[world(json!([]))]), &cfg, &a);
-    assert!(v.findings.iter().any(|f| f.contains("org-a/world admits egress")), "{:?}", v.findings);
-    assert!(assess(&cluster(&cfg, &[&a, &b], &[world(json!(["10.0.0.0/8"]))]), &cfg, &a).verified());
+    assert!(
+        v.findings
+            .iter()
+            .any(|f| f.contains("org-a/world admits egress")),
+        "{:?}",
+        v.findings
+    );
+    assert!(
+        assess(
+            &cluster(&cfg, &[&a, &b], &[world(json!(["10.0.0.0/8"]))]),
+            &cfg,
+            &a
+        )
+        .verified()
+    );
 }
 
 #[test]
@@ -133,7 +208,13 @@ fn deleted_policies_leave_pods_unrestricted() {
     let mut c = cluster(&cfg, &[&a, &b], &[]);
     c.replace_policies("org-a", &[]);
     let v = assess(&c, &cfg, &a);
-    assert!(v.findings.iter().any(|f| f.contains("selected by no NetworkPolicy")), "{:?}", v.findings);
+    assert!(
+        v.findings
+            .iter()
+            .any(|f| f.contains("selected by no NetworkPolicy")),
+        "{:?}",
+        v.findings
+    );
     assert!(!v.verified());
 }
 
@@ -144,16 +225,37 @@ fn shared_namespace_mode_keeps_organizations_apart() {
     let c = cluster(&cfg, &[&a, &b], &[]);
     for t in [&a, &b] {
         let v = assess(&c, &cfg, t);
-        assert!(v.isolated() && v.verified(), "{}: {:?}", t.org_id, v.failures());
+        assert!(
+            v.isolated() && v.verified(),
+            "{}: {:?}",
+            t.org_id,
+            v.failures()
+        );
     }
     let v = assess(&c, &cfg, &a);
-    assert!(v.probes.iter().any(|p| p.name == "ingress into a's pods in apps from b's pods in apps" && p.passed));
+    assert!(
+        v.probes
+            .iter()
+            .any(|p| p.name == "ingress into a's pods in apps from b's pods in apps" && p.passed)
+    );
     // A policy in the shared namespace that lets every pod in breaks both organizations.
-    let open = foreign("apps", "open", json!({"podSelector": {}, "ingress": [{"from": [{"podSelector": {}}]}]}));
+    let open = foreign(
+        "apps",
+        "open",
+        json!({"podSelector": {}, "ingress": [{"from": [{"podSelector": {}}]}]}),
+    );
     let c = cluster(&cfg, &[&a, &b], &[open]);
     let v = assess(&c, &cfg, &a);
-    assert!(v.findings.iter().any(|f| f.contains("apps/open")), "{:?}", v.findings);
-    let p = v.probes.iter().find(|p| p.name == "ingress into a's pods in apps from b's pods in apps").unwrap();
+    assert!(
+        v.findings.iter().any(|f| f.contains("apps/open")),
+        "{:?}",
+        v.findings
+    );
+    let p = v
+        .probes
+        .iter()
+        .find(|p| p.name == "ingress into a's pods in apps from b's pods in apps")
+        .unwrap();
     assert!(!p.passed && p.detail.contains("apps/open"));
     // B's own policy selecting A's pods by mistake is caught too.
     let wrong = foreign(
@@ -162,5 +264,11 @@ fn shared_namespace_mode_keeps_organizations_apart() {
         json!({"podSelector": {"matchLabels": {"bulkhead.dev/org-id": "a"}}, "ingress": [{"from": [{"podSelector": {"matchLabels": {"bulkhead.dev/org-id": "b"}}}]}]}),
     );
     let v = assess(&cluster(&cfg, &[&a, &b], &[wrong]), &cfg, &a);
-    assert!(v.findings.iter().any(|f| f.contains("apps/bulkhead-b-typo")), "{:?}", v.findings);
+    assert!(
+        v.findings
+            .iter()
+            .any(|f| f.contains("apps/bulkhead-b-typo")),
+        "{:?}",
+        v.findings
+    );
 }

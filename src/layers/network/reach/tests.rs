@@ -14,7 +14,10 @@ fn policy(ns: &str, name: &str, spec: serde_json::Value) -> NetworkPolicy {
 }
 
 fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
 }
 
 fn cluster(policies: &[NetworkPolicy]) -> Cluster {
@@ -56,7 +59,11 @@ fn egress_ok(c: &Cluster, src: &PodSet, dst: &PodSet, port: &Port) -> bool {
 
 #[test]
 fn no_policy_selecting_a_pod_allows_everything() {
-    let c = cluster(&[policy("prod", "only-db", json!({"podSelector": {"matchLabels": {"role": "db"}}, "policyTypes": ["Ingress"]}))]);
+    let c = cluster(&[policy(
+        "prod",
+        "only-db",
+        json!({"podSelector": {"matchLabels": {"role": "db"}}, "policyTypes": ["Ingress"]}),
+    )]);
     let web = pod("prod", &[("role", "web")], "10.1.0.1");
     let src = pod("dev", &[], "10.2.0.1");
     let side = c.ingress(&ep(&src), &web, &Port::Any);
@@ -66,7 +73,11 @@ fn no_policy_selecting_a_pod_allows_everything() {
 
 #[test]
 fn a_selecting_policy_without_ingress_rules_denies_all_ingress() {
-    let c = cluster(&[policy("prod", "deny", json!({"podSelector": {"matchLabels": {"role": "db"}}, "policyTypes": ["Ingress"]}))]);
+    let c = cluster(&[policy(
+        "prod",
+        "deny",
+        json!({"podSelector": {"matchLabels": {"role": "db"}}, "policyTypes": ["Ingress"]}),
+    )]);
     let db = pod("prod", &[("role", "db")], "10.1.0.1");
     let same_ns = pod("prod", &[("role", "web")], "10.1.0.2");
     let side = c.ingress(&ep(&same_ns), &db, &Port::tcp(5432));
@@ -77,14 +88,28 @@ fn a_selecting_policy_without_ingress_rules_denies_all_ingress() {
 
 #[test]
 fn empty_pod_selector_selects_every_pod_of_the_namespace() {
-    let c = cluster(&[policy("prod", "default-deny", json!({"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}))]);
+    let c = cluster(&[policy(
+        "prod",
+        "default-deny",
+        json!({"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}),
+    )]);
     for l in [&[][..], &[("role", "db")][..], &[("anything", "x")][..]] {
         let p = pod("prod", l, "10.1.0.1");
-        assert!(!ingress_ok(&c, &pod("prod", &[], "10.1.0.9"), &p, &Port::Any));
+        assert!(!ingress_ok(
+            &c,
+            &pod("prod", &[], "10.1.0.9"),
+            &p,
+            &Port::Any
+        ));
         assert!(!egress_ok(&c, &p, &pod("dev", &[], "10.2.0.1"), &Port::Any));
     }
     // Other namespaces are not affected.
-    assert!(ingress_ok(&c, &pod("prod", &[], "10.1.0.1"), &pod("dev", &[], "10.2.0.1"), &Port::Any));
+    assert!(ingress_ok(
+        &c,
+        &pod("prod", &[], "10.1.0.1"),
+        &pod("dev", &[], "10.2.0.1"),
+        &Port::Any
+    ));
     // Even pods with adversary-chosen labels are selected.
     let any = PodSet::any_in("prod", AddrSet::parse(["10.0.0.0/8"]).unwrap());
     let side = c.ingress(&ext("1.2.3.4"), &any, &Port::Any);
@@ -94,23 +119,45 @@ fn empty_pod_selector_selects_every_pod_of_the_namespace() {
 #[test]
 fn policy_types_default_from_the_rules() {
     // Only ingress rules and no policyTypes: an Ingress policy; egress stays open.
-    let ingress_only = policy("prod", "i", json!({"podSelector": {}, "ingress": [{"from": [{"podSelector": {}}]}]}));
+    let ingress_only = policy(
+        "prod",
+        "i",
+        json!({"podSelector": {}, "ingress": [{"from": [{"podSelector": {}}]}]}),
+    );
     let c = cluster(&[ingress_only]);
     let a = pod("prod", &[], "10.1.0.1");
     let b = pod("dev", &[], "10.2.0.1");
     assert!(egress_ok(&c, &a, &b, &Port::Any));
     assert!(!ingress_ok(&c, &b, &a, &Port::Any));
-    assert!(ingress_ok(&c, &pod("prod", &[], "10.1.0.2"), &a, &Port::Any));
+    assert!(ingress_ok(
+        &c,
+        &pod("prod", &[], "10.1.0.2"),
+        &a,
+        &Port::Any
+    ));
 
     // An egress section and no policyTypes: Ingress and Egress, so ingress is denied as well.
-    let with_egress = policy("prod", "e", json!({"podSelector": {}, "egress": [{"to": [{"podSelector": {}}]}]}));
+    let with_egress = policy(
+        "prod",
+        "e",
+        json!({"podSelector": {}, "egress": [{"to": [{"podSelector": {}}]}]}),
+    );
     let c = cluster(&[with_egress]);
     assert!(!egress_ok(&c, &a, &b, &Port::Any));
     assert!(egress_ok(&c, &a, &pod("prod", &[], "10.1.0.2"), &Port::Any));
-    assert!(!ingress_ok(&c, &pod("prod", &[], "10.1.0.2"), &a, &Port::Any));
+    assert!(!ingress_ok(
+        &c,
+        &pod("prod", &[], "10.1.0.2"),
+        &a,
+        &Port::Any
+    ));
 
     // Egress only, explicitly: ingress open, egress denied.
-    let egress_deny = policy("prod", "ed", json!({"podSelector": {}, "policyTypes": ["Egress"]}));
+    let egress_deny = policy(
+        "prod",
+        "ed",
+        json!({"podSelector": {}, "policyTypes": ["Egress"]}),
+    );
     let c = cluster(&[egress_deny]);
     assert!(!egress_ok(&c, &a, &b, &Port::Any));
     assert!(ingress_ok(&c, &b, &a, &Port::Any));
@@ -161,7 +208,12 @@ fn empty_namespace_selector_means_every_namespace() {
         json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {}}]}]}),
     )]);
     let dst = pod("prod", &[], "10.1.0.1");
-    assert!(ingress_ok(&c, &pod("other", &[], "10.3.0.1"), &dst, &Port::Any));
+    assert!(ingress_ok(
+        &c,
+        &pod("other", &[], "10.3.0.1"),
+        &dst,
+        &Port::Any
+    ));
     // ... but no address outside the cluster's pods.
     assert!(!c.ingress(&ext("192.0.2.1"), &dst, &Port::Any).allowed);
     // An unknown namespace with any labels is admitted, and the policy is named.
@@ -209,10 +261,24 @@ fn ip_block_covering_the_pod_cidr_reaches_pods() {
     };
     let dst = pod("prod", &[], "10.1.0.1");
     let foreign = PodSet::any_in("other", AddrSet::parse(["10.0.0.0/8"]).unwrap());
-    assert!(ingress_ok(&allow_world(json!([])), &foreign, &dst, &Port::Any));
-    assert!(!ingress_ok(&allow_world(json!(["10.0.0.0/8"])), &foreign, &dst, &Port::Any));
+    assert!(ingress_ok(
+        &allow_world(json!([])),
+        &foreign,
+        &dst,
+        &Port::Any
+    ));
+    assert!(!ingress_ok(
+        &allow_world(json!(["10.0.0.0/8"])),
+        &foreign,
+        &dst,
+        &Port::Any
+    ));
     // Families never mix.
-    let v6 = cluster(&[policy("prod", "v6", json!({"podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": "::/0"}}]}]}))]);
+    let v6 = cluster(&[policy(
+        "prod",
+        "v6",
+        json!({"podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": "::/0"}}]}]}),
+    )]);
     assert!(!ingress_ok(&v6, &foreign, &dst, &Port::Any));
     assert!(v6.ingress(&ext("2001:db8::1"), &dst, &Port::Any).allowed);
 }
@@ -260,7 +326,11 @@ fn ports_numbers_ranges_protocols_and_named_ports() {
 #[test]
 fn match_expressions_in_notin_exists_doesnotexist() {
     let c = cluster(&[
-        policy("prod", "deny-all", json!({"podSelector": {}, "policyTypes": ["Ingress"]})),
+        policy(
+            "prod",
+            "deny-all",
+            json!({"podSelector": {}, "policyTypes": ["Ingress"]}),
+        ),
         policy(
             "prod",
             "expr",
@@ -299,8 +369,16 @@ fn match_expressions_in_notin_exists_doesnotexist() {
 fn adversary_labels_are_solved_for_not_guessed() {
     // Two policies that together select every pod: nothing escapes.
     let c = cluster(&[
-        policy("prod", "in", json!({"podSelector": {"matchExpressions": [{"key": "app", "operator": "In", "values": ["x"]}]}, "policyTypes": ["Ingress"]})),
-        policy("prod", "notin", json!({"podSelector": {"matchExpressions": [{"key": "app", "operator": "NotIn", "values": ["x"]}]}, "policyTypes": ["Ingress"]})),
+        policy(
+            "prod",
+            "in",
+            json!({"podSelector": {"matchExpressions": [{"key": "app", "operator": "In", "values": ["x"]}]}, "policyTypes": ["Ingress"]}),
+        ),
+        policy(
+            "prod",
+            "notin",
+            json!({"podSelector": {"matchExpressions": [{"key": "app", "operator": "NotIn", "values": ["x"]}]}, "policyTypes": ["Ingress"]}),
+        ),
     ]);
     let any = PodSet::any_in("prod", AddrSet::parse(["10.0.0.0/8"]).unwrap());
     let src = PodSet::any_in("other", AddrSet::parse(["10.0.0.0/8"]).unwrap());
@@ -308,31 +386,63 @@ fn adversary_labels_are_solved_for_not_guessed() {
     assert!(!side.allowed && !side.unisolated);
 
     // One of them alone leaves pods (app absent or other) unselected.
-    let c = cluster(&[policy("prod", "in", json!({"podSelector": {"matchLabels": {"app": "x"}}, "policyTypes": ["Ingress"]}))]);
+    let c = cluster(&[policy(
+        "prod",
+        "in",
+        json!({"podSelector": {"matchLabels": {"app": "x"}}, "policyTypes": ["Ingress"]}),
+    )]);
     let side = c.ingress(&ep(&src), &any, &Port::Any);
     assert!(side.allowed && side.unisolated);
 
     // A label constraint on the target pods (shared-namespace mode) limits what selects them.
     let c = cluster(&[
-        policy("prod", "org-a", json!({"podSelector": {"matchLabels": {"org": "a"}}, "policyTypes": ["Ingress"],
-            "ingress": [{"from": [{"podSelector": {"matchLabels": {"org": "a"}}}]}]})),
-        policy("prod", "org-b", json!({"podSelector": {"matchLabels": {"org": "b"}}, "policyTypes": ["Ingress"],
-            "ingress": [{"from": [{"podSelector": {"matchLabels": {"org": "b"}}}]}]})),
+        policy(
+            "prod",
+            "org-a",
+            json!({"podSelector": {"matchLabels": {"org": "a"}}, "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"org": "a"}}}]}]}),
+        ),
+        policy(
+            "prod",
+            "org-b",
+            json!({"podSelector": {"matchLabels": {"org": "b"}}, "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"org": "b"}}}]}]}),
+        ),
     ]);
-    let a_pods = PodSet { labels: LabelSpace::any().with("org", KeyDomain::equals("a")), ..any.clone() };
-    let b_pods = PodSet { labels: LabelSpace::any().with("org", KeyDomain::equals("b")), ..any.clone() };
-    let not_a = PodSet { labels: LabelSpace::any().with("org", KeyDomain::not_in(["a"])), ..any.clone() };
+    let a_pods = PodSet {
+        labels: LabelSpace::any().with("org", KeyDomain::equals("a")),
+        ..any.clone()
+    };
+    let b_pods = PodSet {
+        labels: LabelSpace::any().with("org", KeyDomain::equals("b")),
+        ..any.clone()
+    };
+    let not_a = PodSet {
+        labels: LabelSpace::any().with("org", KeyDomain::not_in(["a"])),
+        ..any.clone()
+    };
     assert!(!c.ingress(&ep(&b_pods), &a_pods, &Port::Any).allowed);
     assert!(!c.ingress(&ep(&not_a), &a_pods, &Port::Any).allowed);
     assert!(c.ingress(&ep(&a_pods), &a_pods, &Port::Any).allowed);
-    assert_eq!(c.ingress(&ep(&b_pods), &b_pods, &Port::Any).allowed_by, vec!["prod/org-b".to_owned()]);
+    assert_eq!(
+        c.ingress(&ep(&b_pods), &b_pods, &Port::Any).allowed_by,
+        vec!["prod/org-b".to_owned()]
+    );
 }
 
 #[test]
 fn a_connection_needs_both_sides() {
     let c = cluster(&[
-        policy("prod", "deny-egress", json!({"podSelector": {}, "policyTypes": ["Egress"]})),
-        policy("dev", "allow-from-prod", json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"env": "prod"}}}]}]})),
+        policy(
+            "prod",
+            "deny-egress",
+            json!({"podSelector": {}, "policyTypes": ["Egress"]}),
+        ),
+        policy(
+            "dev",
+            "allow-from-prod",
+            json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"env": "prod"}}}]}]}),
+        ),
     ]);
     let p = pod("prod", &[], "10.1.0.1");
     let d = pod("dev", &[], "10.2.0.1");
@@ -344,18 +454,37 @@ fn a_connection_needs_both_sides() {
 
 #[test]
 fn an_unreadable_policy_counts_as_allowing_everything() {
-    let bad = policy("prod", "bad", json!({"podSelector": {"matchExpressions": [{"key": "a", "operator": "Gt", "values": ["1"]}]}, "policyTypes": ["Ingress"]}));
-    let c = cluster(&[policy("prod", "deny", json!({"podSelector": {}, "policyTypes": ["Ingress"]})), bad]);
+    let bad = policy(
+        "prod",
+        "bad",
+        json!({"podSelector": {"matchExpressions": [{"key": "a", "operator": "Gt", "values": ["1"]}]}, "policyTypes": ["Ingress"]}),
+    );
+    let c = cluster(&[
+        policy(
+            "prod",
+            "deny",
+            json!({"podSelector": {}, "policyTypes": ["Ingress"]}),
+        ),
+        bad,
+    ]);
     assert_eq!(c.unreadable().len(), 1);
     assert_eq!(c.unreadable()[0].0, "prod/bad");
-    let side = c.ingress(&ep(&pod("other", &[], "10.3.0.1")), &pod("prod", &[], "10.1.0.1"), &Port::Any);
+    let side = c.ingress(
+        &ep(&pod("other", &[], "10.3.0.1")),
+        &pod("prod", &[], "10.1.0.1"),
+        &Port::Any,
+    );
     assert!(side.allowed);
     assert_eq!(side.allowed_by, vec!["prod/bad".to_owned()]);
 }
 
 #[test]
 fn replacing_a_namespace_policies_takes_effect() {
-    let mut c = cluster(&[policy("prod", "deny", json!({"podSelector": {}, "policyTypes": ["Ingress"]}))]);
+    let mut c = cluster(&[policy(
+        "prod",
+        "deny",
+        json!({"podSelector": {}, "policyTypes": ["Ingress"]}),
+    )]);
     let src = pod("dev", &[], "10.2.0.1");
     let dst = pod("prod", &[], "10.1.0.1");
     assert!(!ingress_ok(&c, &src, &dst, &Port::Any));
@@ -369,7 +498,11 @@ fn cidrs_parse_and_compare() {
     assert!(IpRange::parse_cidr("10.200.0.0/16").unwrap().within(&r));
     assert!(!IpRange::parse_cidr("11.0.0.0/16").unwrap().overlaps(&r));
     assert!(IpRange::parse_cidr("0.0.0.0/0").unwrap().overlaps(&r));
-    assert!(IpRange::parse_cidr("::/0").unwrap().within(&IpRange::parse_cidr("::/0").unwrap()));
+    assert!(
+        IpRange::parse_cidr("::/0")
+            .unwrap()
+            .within(&IpRange::parse_cidr("::/0").unwrap())
+    );
     assert!(!IpRange::parse_cidr("::/0").unwrap().overlaps(&r));
     for bad in ["10.0.0.0/33", "x/8", "10.0.0.0/a", "::/129"] {
         assert!(IpRange::parse_cidr(bad).is_err(), "{bad}");

@@ -1,0 +1,28 @@
+# bulkhead: the two commands are `make demo` (the operator on the local testbed) and `make test`.
+.PHONY: demo test up down crds lint bench build
+
+demo:
+	scripts/demo
+
+test:
+	scripts/test
+
+build:
+	cargo build --locked
+
+up:
+	testbed/up
+
+down:
+	testbed/down
+
+crds:
+	cargo run --quiet --locked -- crd > crds/bulkhead.dev.yaml
+	cp crds/bulkhead.dev.yaml charts/bulkhead/crds/bulkhead.dev.yaml
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --locked --all-targets -- -D warnings
+
+bench:
+	. "$$(testbed/up)" && cargo bench --bench database && cargo bench --bench storage && cargo bench --bench cache
