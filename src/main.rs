@@ -63,6 +63,27 @@ struct RunArgs {
     /// Log one JSON object per line.
     #[arg(long, env = "BULKHEAD_LOG_JSON")]
     log_json: bool,
+    /// Take a Lease before reconciling; only the holder reconciles and writes, and the process
+    /// exits if it loses the lease.
+    #[arg(long, env = "BULKHEAD_LEADER_ELECT")]
+    leader_elect: bool,
+    /// Name of the Lease, in the operator's namespace.
+    #[arg(long, env = "BULKHEAD_LEASE_NAME", default_value = "bulkhead-leader")]
+    lease_name: String,
+    /// Seconds a lease stays valid without renewal; a standby takes over after it runs out.
+    #[arg(long, env = "BULKHEAD_LEASE_SECONDS", default_value_t = 15)]
+    lease_seconds: u64,
+    /// ClusterRole granting Secret access that the operator binds to its own ServiceAccount in
+    /// each organization's namespace (with --service-account); unset, no binding is made.
+    #[arg(long, env = "BULKHEAD_NAMESPACE_ROLE", requires = "service_account")]
+    namespace_role: Option<String>,
+    /// The operator's ServiceAccount (in --namespace).
+    #[arg(long, env = "BULKHEAD_SERVICE_ACCOUNT", requires = "namespace_role")]
+    service_account: Option<String>,
+    /// Watch credentials Secrets cluster-wide so an edit is repaired at once (needs cluster-wide
+    /// Secret read access); otherwise edits are noticed at the next verification pass.
+    #[arg(long, env = "BULKHEAD_WATCH_SECRETS")]
+    watch_secrets: bool,
 }
 
 #[tokio::main]
@@ -156,22 +177,108 @@ async fn run(args: RunArgs) -> ExitCode {
     };
     let metrics = Arc::new(Metrics::default());
     let health = Arc::new(Health::default());
-    let instance = std::env::var("POD_NAME").ok().or_else(|| hostname());
-    let ctx = Arc::new(Context::new(
-        client,
-        args.namespace,
-        metrics.clone(),
-        instance,
-    ));
-    let server = tokio::spawn(telemetry::serve(args.metrics_addr, metrics, health.clone()));
-    tokio::select! {
-        () = controller::run(ctx, health, RunOptions { concurrency: args.concurrency.max(1) }) => {
-            tracing::info!("controllers stopped");
+    let instance = std::env::var("POD_NAME").ok().or_else(hostname);
+    let access = args
+        .namespace_role
+        .zip(args.service_account)
+        .map(|(cluster_role, service_account)| controller::NamespaceAccess { cluster_role, service_account });
+    // Replicas on one host (or outside a Pod) still need distinct lease identities.
+    let identity = std::env::var("POD_NAME")
+        .unwrap_or_else(|_| format!("{}-{}", instance.clone().unwrap_or_else(|| "bulkhead".into()), std::process::id()));
+    let ctx = Arc::new(
+        Context::new(client.clone(), args.namespace.clone(), metrics.clone(), instance)
+            .with_platform_filter(args.platform)
+            .with_namespace_access(access),
+    );
+    let server = tokio::spawn(telemetry::serve(args.metrics_addr, metrics.clone(), health.clone()));
+    let opts = RunOptions { concurrency: args.concurrency.max(1), watch_secrets: args.watch_secrets };
+    let controllers = async {
+        if args.leader_elect {
+            leader::run_as_leader(client, &args.namespace, &args.lease_name, &identity, args.lease_seconds, &metrics, || {
+                controller::run(ctx.clone(), health.clone(), opts.clone())
+            })
+            .await
+        } else {
+            controller::run(ctx.clone(), health.clone(), opts.clone()).await;
             ExitCode::SUCCESS
+        }
+    };
+    tokio::select! {
+        code = controllers => {
+            tracing::info!("controllers stopped");
+            code
         }
         res = server => {
             tracing::error!(result = ?res, "metrics server stopped");
             ExitCode::FAILURE
+        }
+    }
+}
+
+mod leader {
+    use std::future::Future;
+    use std::process::ExitCode;
+
+    use bulkhead::telemetry::Metrics;
+    use kube_lease_manager::LeaseManagerBuilder;
+
+    /// Waits for the Lease, runs `controllers` while holding it, and returns a failure exit code
+    /// as soon as the lease is lost so that a lost leader never writes.
+    pub async fn run_as_leader<F, Fut>(
+        client: kube::Client,
+        namespace: &str,
+        lease_name: &str,
+        identity: &str,
+        lease_seconds: u64,
+        metrics: &Metrics,
+        controllers: F,
+    ) -> ExitCode
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = ()>,
+    {
+        let grace = (lease_seconds / 3).max(1);
+        let manager = match LeaseManagerBuilder::new(client, lease_name)
+            .with_namespace(namespace)
+            .with_identity(identity)
+            .with_duration(lease_seconds)
+            .with_grace(grace)
+            .build()
+            .await
+        {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot set up leader election");
+                return ExitCode::FAILURE;
+            }
+        };
+        let (mut leading, task) = manager.watch().await;
+        tracing::info!(lease = lease_name, namespace, identity, "waiting for the leader lease");
+        while !*leading.borrow_and_update() {
+            if leading.changed().await.is_err() {
+                tracing::error!("leader election stopped before the lease was taken");
+                return ExitCode::FAILURE;
+            }
+        }
+        metrics.leader.set(1);
+        tracing::info!(lease = lease_name, identity, "leader lease taken; reconciling");
+        let lost = async {
+            loop {
+                if leading.changed().await.is_err() || !*leading.borrow() {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            () = controllers() => {
+                task.abort();
+                ExitCode::SUCCESS
+            }
+            () = lost => {
+                metrics.leader.set(0);
+                tracing::error!(lease = lease_name, "leader lease lost; exiting so that only the leader writes");
+                ExitCode::FAILURE
+            }
         }
     }
 }

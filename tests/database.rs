@@ -37,8 +37,18 @@ CREATE INDEX ON embeddings (org_id);
 INSERT INTO skills (org_id, scope, name) VALUES ('bulkhead-sentinel', 'system', 'summarize');
 "#;
 
-const TABLES: [&str; 10] =
-    ["conversations", "messages", "agents", "skills", "projects", "members", "audit_logs", "files", "api_keys", "embeddings"];
+const TABLES: [&str; 10] = [
+    "conversations",
+    "messages",
+    "agents",
+    "skills",
+    "projects",
+    "members",
+    "audit_logs",
+    "files",
+    "api_keys",
+    "embeddings",
+];
 
 /// A database of its own, with the seed's tables, and the names of the roles the test creates.
 struct TestDb {
@@ -55,7 +65,9 @@ fn with_db(url: &str, db: &str) -> String {
         Some((b, q)) => (b, format!("?{q}")),
         None => (url, String::new()),
     };
-    let (server, _) = base.rsplit_once('/').expect("admin URL has a database path");
+    let (server, _) = base
+        .rsplit_once('/')
+        .expect("admin URL has a database path");
     format!("{server}/{db}{query}")
 }
 
@@ -72,7 +84,10 @@ impl TestDb {
         let name = format!("bh_test{tag}");
         let server_url = tb.pg_admin_url().to_owned();
         let admin = connect(&server_url).await;
-        admin.batch_execute(&format!("CREATE DATABASE \"{name}\"")).await.expect("create database");
+        admin
+            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+            .await
+            .expect("create database");
         let url = with_db(&server_url, &name);
         let db = TestDb {
             url,
@@ -82,7 +97,11 @@ impl TestDb {
             tag,
             name,
         };
-        db.admin().await.batch_execute(SEED).await.expect("seed tables");
+        db.admin()
+            .await
+            .batch_execute(SEED)
+            .await
+            .expect("seed tables");
         db
     }
 
@@ -104,7 +123,10 @@ impl TestDb {
     }
 
     async fn layer(&self, extra: serde_json::Value) -> DatabaseLayer {
-        DatabaseLayer::connect(&self.spec(extra), &self.url).await.expect("connect layer").with_audit_ttl(Duration::ZERO)
+        DatabaseLayer::connect(&self.spec(extra), &self.url)
+            .await
+            .expect("connect layer")
+            .with_audit_ttl(Duration::ZERO)
     }
 
     fn org(&self, name: &str) -> OrgId {
@@ -114,7 +136,13 @@ impl TestDb {
     /// Drops the database and every role the test created.
     async fn finish(self) {
         let admin = connect(&self.server_url).await;
-        admin.batch_execute(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name)).await.expect("drop db");
+        admin
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                self.name
+            ))
+            .await
+            .expect("drop db");
         let rows = admin
             .query(
                 "SELECT rolname::text FROM pg_roles WHERE starts_with(rolname, $1) OR rolname = $2 OR starts_with(rolname, $3)",
@@ -124,7 +152,13 @@ impl TestDb {
             .expect("list roles");
         for r in rows {
             let name: String = r.get(0);
-            admin.batch_execute(&format!("DROP ROLE IF EXISTS \"{}\"", name.replace('"', "\"\""))).await.expect("drop role");
+            admin
+                .batch_execute(&format!(
+                    "DROP ROLE IF EXISTS \"{}\"",
+                    name.replace('"', "\"\"")
+                ))
+                .await
+                .expect("drop role");
         }
     }
 }
@@ -151,14 +185,25 @@ fn failures(v: &Verification) -> String {
 }
 
 fn assert_holds(v: &Verification, who: &str) {
-    assert!(v.isolated() && v.verified(), "{who} should be isolated and verified:\n{}", failures(v));
+    assert!(
+        v.isolated() && v.verified(),
+        "{who} should be isolated and verified:\n{}",
+        failures(v)
+    );
 }
 
 /// Asserts that verification fails and that some failing check mentions `needle`.
 fn assert_breaks(v: &Verification, needle: &str) {
     let all = v.failures();
-    assert!(!(v.isolated() && v.verified()), "isolation reported as holding, expected {needle:?}");
-    assert!(all.iter().any(|f| f.contains(needle)), "no failure mentions {needle:?}:\n{}", all.join("\n"));
+    assert!(
+        !(v.isolated() && v.verified()),
+        "isolation reported as holding, expected {needle:?}"
+    );
+    assert!(
+        all.iter().any(|f| f.contains(needle)),
+        "no failure mentions {needle:?}:\n{}",
+        all.join("\n")
+    );
 }
 
 /// Two organizations, both provisioned and each with its canaries.
@@ -182,12 +227,22 @@ async fn pair(extra: serde_json::Value) -> Pair {
     let mut cb = Credentials::default();
     layer.ensure(&a, &mut ca).await.expect("ensure a");
     layer.ensure(&b, &mut cb).await.expect("ensure b");
-    Pair { db, layer, a, b, ca, cb }
+    Pair {
+        db,
+        layer,
+        a,
+        b,
+        ca,
+        cb,
+    }
 }
 
 impl Pair {
     async fn verify_a(&self) -> Verification {
-        self.layer.verify(&self.a, &self.ca).await.expect("verify a")
+        self.layer
+            .verify(&self.a, &self.ca)
+            .await
+            .expect("verify a")
     }
     async fn tenant_client(&self) -> Client {
         connect(self.ca.get(KEY_URL).expect("url")).await
@@ -199,9 +254,16 @@ async fn prepare_governs_every_table_and_is_idempotent() {
     let db = TestDb::new().await;
     let layer = db.layer(json!({})).await;
     let first = layer.prepare().await.expect("prepare");
-    assert_eq!(first.len(), TABLES.len(), "each new table is reported once: {first:?}");
+    assert_eq!(
+        first.len(),
+        TABLES.len(),
+        "each new table is reported once: {first:?}"
+    );
     let again = layer.prepare().await.expect("prepare again");
-    assert!(again.is_empty(), "second prepare repairs nothing: {again:?}");
+    assert!(
+        again.is_empty(),
+        "second prepare repairs nothing: {again:?}"
+    );
 
     let mut status = IsolationPlatformStatus::default();
     layer.platform_status(&mut status).await.expect("status");
@@ -224,12 +286,33 @@ async fn prepare_governs_every_table_and_is_idempotent() {
         assert_eq!(policies, if t == "skills" { 2 } else { 1 }, "{t}");
     }
     // The sentinel's registry row and canaries are in place.
-    let n: i64 = admin.query_one("SELECT count(*) FROM organizations WHERE id = 'bulkhead-sentinel'", &[]).await.unwrap().get(0);
+    let n: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM organizations WHERE id = 'bulkhead-sentinel'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(n, 1);
-    let n: i64 = admin.query_one("SELECT count(*) FROM messages WHERE org_id = 'bulkhead-sentinel'", &[]).await.unwrap().get(0);
+    let n: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM messages WHERE org_id = 'bulkhead-sentinel'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(n, 1);
     // The group role holds the privileges; no per-organization grant exists.
-    let acl: String = admin.query_one("SELECT relacl::text FROM pg_class WHERE relname = 'messages'", &[]).await.unwrap().get(0);
+    let acl: String = admin
+        .query_one(
+            "SELECT relacl::text FROM pg_class WHERE relname = 'messages'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
     assert!(acl.contains(&db.group), "{acl}");
     assert!(!acl.contains(&db.role_prefix), "{acl}");
     drop(layer);
@@ -260,21 +343,53 @@ async fn probes_pass_when_isolation_holds() {
         "spoof the identity setting as",
         "similarity search over public.embeddings",
     ] {
-        assert!(names.iter().any(|n| n.starts_with(want)), "no probe {want:?} in {names:?}");
+        assert!(
+            names.iter().any(|n| n.starts_with(want)),
+            "no probe {want:?} in {names:?}"
+        );
     }
     // Shared skills are readable by all, writable by none.
     let c = p.tenant_client().await;
-    let n: i64 = c.query_one("SELECT count(*) FROM skills WHERE scope = 'system'", &[]).await.unwrap().get(0);
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM skills WHERE scope = 'system'", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(n, 1);
-    let n = c.execute("UPDATE skills SET name = 'mine' WHERE scope = 'system'", &[]).await.unwrap();
+    let n = c
+        .execute(
+            "UPDATE skills SET name = 'mine' WHERE scope = 'system'",
+            &[],
+        )
+        .await
+        .unwrap();
     assert_eq!(n, 0);
-    let n = c.execute("DELETE FROM skills WHERE scope = 'system'", &[]).await.unwrap();
+    let n = c
+        .execute("DELETE FROM skills WHERE scope = 'system'", &[])
+        .await
+        .unwrap();
     assert_eq!(n, 0);
-    let err = c.execute("INSERT INTO skills (scope, name) VALUES ('system', 'evil')", &[]).await.unwrap_err();
-    let msg = err.as_db_error().map(|d| d.message().to_owned()).unwrap_or_default();
+    let err = c
+        .execute(
+            "INSERT INTO skills (scope, name) VALUES ('system', 'evil')",
+            &[],
+        )
+        .await
+        .unwrap_err();
+    let msg = err
+        .as_db_error()
+        .map(|d| d.message().to_owned())
+        .unwrap_or_default();
     assert!(msg.contains("row-level security"), "{err:?}");
     // Inserts are stamped with the caller's org.
-    let org: String = c.query_one("INSERT INTO conversations (title) VALUES ('hi') RETURNING org_id", &[]).await.unwrap().get(0);
+    let org: String = c
+        .query_one(
+            "INSERT INTO conversations (title) VALUES ('hi') RETURNING org_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(org, p.a.org_id.as_str());
     drop(c);
     let Pair { db, layer, .. } = p;
@@ -288,8 +403,14 @@ async fn break_and_repair(sql: &str, needle: &str, repaired_by_ensure: bool) {
     let mut p = pair(json!({})).await;
     assert_holds(&p.verify_a().await, "before the breach");
     let admin = p.db.admin().await;
-    let sql = sql.replace("{A}", &p.layer.role_of(&p.a.org_id)).replace("{B}", &p.layer.role_of(&p.b.org_id)).replace("{G}", &p.db.group);
-    admin.batch_execute(&sql).await.unwrap_or_else(|e| panic!("breach {sql}: {e}"));
+    let sql = sql
+        .replace("{A}", &p.layer.role_of(&p.a.org_id))
+        .replace("{B}", &p.layer.role_of(&p.b.org_id))
+        .replace("{G}", &p.db.group);
+    admin
+        .batch_execute(&sql)
+        .await
+        .unwrap_or_else(|e| panic!("breach {sql}: {e}"));
     assert_breaks(&p.verify_a().await, needle);
     let repairs = if repaired_by_ensure {
         p.layer.ensure(&p.a, &mut p.ca).await.expect("ensure")
@@ -305,22 +426,42 @@ async fn break_and_repair(sql: &str, needle: &str, repaired_by_ensure: bool) {
 
 #[tokio::test]
 async fn disabled_rls_is_found_and_repaired() {
-    break_and_repair("ALTER TABLE messages DISABLE ROW LEVEL SECURITY", "read other organizations' rows in public.messages", false).await;
+    break_and_repair(
+        "ALTER TABLE messages DISABLE ROW LEVEL SECURITY",
+        "read other organizations' rows in public.messages",
+        false,
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn dropped_force_is_found_and_repaired() {
-    break_and_repair("ALTER TABLE files NO FORCE ROW LEVEL SECURITY", "row-level security is not forced", false).await;
+    break_and_repair(
+        "ALTER TABLE files NO FORCE ROW LEVEL SECURITY",
+        "row-level security is not forced",
+        false,
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn dropped_policy_is_found_and_repaired() {
-    break_and_repair("DROP POLICY bulkhead_isolation ON agents", "policy bulkhead_isolation is missing", false).await;
+    break_and_repair(
+        "DROP POLICY bulkhead_isolation ON agents",
+        "policy bulkhead_isolation is missing",
+        false,
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn widening_permissive_policy_is_found_and_dropped() {
-    break_and_repair("CREATE POLICY everyone ON members USING (true)", "read other organizations' rows in public.members", false).await;
+    break_and_repair(
+        "CREATE POLICY everyone ON members USING (true)",
+        "read other organizations' rows in public.members",
+        false,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -335,7 +476,12 @@ async fn altered_policy_is_found_and_restored() {
 
 #[tokio::test]
 async fn unprotected_embeddings_leak_through_similarity_search_until_repaired() {
-    break_and_repair("ALTER TABLE embeddings DISABLE ROW LEVEL SECURITY", "similarity search over public.embeddings", false).await;
+    break_and_repair(
+        "ALTER TABLE embeddings DISABLE ROW LEVEL SECURITY",
+        "similarity search over public.embeddings",
+        false,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -364,7 +510,12 @@ async fn replaced_identity_function_is_found_and_restored() {
 
 #[tokio::test]
 async fn writable_role_mapping_is_found_and_revoked() {
-    break_and_repair("GRANT INSERT, UPDATE ON bulkhead.tenant_roles TO {G}", "tenants can write the role mapping", false).await;
+    break_and_repair(
+        "GRANT INSERT, UPDATE ON bulkhead.tenant_roles TO {G}",
+        "tenants can write the role mapping",
+        false,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -379,7 +530,12 @@ async fn bypassrls_is_found_and_repaired() {
 
 #[tokio::test]
 async fn membership_in_another_org_role_is_found_and_revoked() {
-    break_and_repair("GRANT \"{B}\" TO \"{A}\"", "member of another organization's role", true).await;
+    break_and_repair(
+        "GRANT \"{B}\" TO \"{A}\"",
+        "member of another organization's role",
+        true,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -387,12 +543,21 @@ async fn tenant_owned_table_is_found_and_probed() {
     let p = pair(json!({})).await;
     let admin = p.db.admin().await;
     let a = p.layer.role_of(&p.a.org_id);
-    admin.batch_execute(&format!("ALTER TABLE audit_logs OWNER TO \"{a}\"")).await.unwrap();
+    admin
+        .batch_execute(&format!("ALTER TABLE audit_logs OWNER TO \"{a}\""))
+        .await
+        .unwrap();
     let v = p.verify_a().await;
     assert_breaks(&v, "owned by tenant role");
-    assert_breaks(&v, "disable row-level security on public.audit_logs: allowed");
+    assert_breaks(
+        &v,
+        "disable row-level security on public.audit_logs: allowed",
+    );
     // Ownership is not changed by the operator; the owner fixes it, then all is well.
-    admin.batch_execute("ALTER TABLE audit_logs OWNER TO CURRENT_USER").await.unwrap();
+    admin
+        .batch_execute("ALTER TABLE audit_logs OWNER TO CURRENT_USER")
+        .await
+        .unwrap();
     assert_holds(&p.verify_a().await, "after the owner was restored");
     let Pair { db, layer, .. } = p;
     drop(layer);
@@ -412,10 +577,23 @@ async fn security_definer_function_is_found() {
         .unwrap();
     // It really leaks: the tenant reads the sentinel's canary through it.
     let c = p.tenant_client().await;
-    let n: i64 = c.query_one("SELECT count(*) FROM public.all_messages() WHERE org_id <> auth.org_id()", &[]).await.unwrap().get(0);
+    let n: i64 = c
+        .query_one(
+            "SELECT count(*) FROM public.all_messages() WHERE org_id <> auth.org_id()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
     assert!(n > 0);
-    assert_breaks(&p.verify_a().await, "SECURITY DEFINER function executable by tenants");
-    admin.batch_execute("DROP FUNCTION public.all_messages()").await.unwrap();
+    assert_breaks(
+        &p.verify_a().await,
+        "SECURITY DEFINER function executable by tenants",
+    );
+    admin
+        .batch_execute("DROP FUNCTION public.all_messages()")
+        .await
+        .unwrap();
     assert_holds(&p.verify_a().await, "after the function was dropped");
     drop(c);
     let Pair { db, layer, .. } = p;
@@ -427,10 +605,20 @@ async fn security_definer_function_is_found() {
 async fn the_group_role_sees_nothing() {
     let p = pair(json!({})).await;
     let c = p.tenant_client().await;
-    c.batch_execute(&format!("SET ROLE \"{}\"", p.db.group)).await.expect("members may become the group in PG15");
+    c.batch_execute(&format!("SET ROLE \"{}\"", p.db.group))
+        .await
+        .expect("members may become the group in PG15");
     for t in TABLES {
-        let filter = if t == "skills" { " WHERE scope <> 'system'" } else { "" };
-        let n: i64 = c.query_one(&format!("SELECT count(*) FROM {t}{filter}"), &[]).await.unwrap().get(0);
+        let filter = if t == "skills" {
+            " WHERE scope <> 'system'"
+        } else {
+            ""
+        };
+        let n: i64 = c
+            .query_one(&format!("SELECT count(*) FROM {t}{filter}"), &[])
+            .await
+            .unwrap()
+            .get(0);
         assert_eq!(n, 0, "{t}");
     }
     // Mapping the group to an organization behind the operator's back is found and undone.
@@ -468,10 +656,21 @@ async fn odd_display_names_are_stored_verbatim() {
         let t = tenant(&org, name, &[], DeletionPolicy::Delete);
         let mut c = Credentials::default();
         layer.ensure(&t, &mut c).await.expect("ensure");
-        let stored: String = admin.query_one("SELECT display_name FROM organizations WHERE id = $1", &[&org.as_str()]).await.unwrap().get(0);
+        let stored: String = admin
+            .query_one(
+                "SELECT display_name FROM organizations WHERE id = $1",
+                &[&org.as_str()],
+            )
+            .await
+            .unwrap()
+            .get(0);
         assert_eq!(&stored, name);
     }
-    let n: i64 = admin.query_one("SELECT count(*) FROM messages", &[]).await.unwrap().get(0);
+    let n: i64 = admin
+        .query_one("SELECT count(*) FROM messages", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert!(n > 0, "messages survived");
     drop(layer);
     db.finish().await;
@@ -481,7 +680,10 @@ async fn odd_display_names_are_stored_verbatim() {
 async fn credentials_work_are_kept_and_rotate() {
     let mut p2 = pair(json!({})).await;
     let first = p2.ca.clone();
-    assert_eq!(first.get(KEY_USER), Some(p2.layer.role_of(&p2.a.org_id).as_str()));
+    assert_eq!(
+        first.get(KEY_USER),
+        Some(p2.layer.role_of(&p2.a.org_id).as_str())
+    );
     let url = first.get(KEY_URL).unwrap().to_owned();
     assert!(url.starts_with(&format!("postgres://{}:", p2.layer.role_of(&p2.a.org_id))));
     assert!(url.ends_with(&format!("/{}", p2.db.name)));
@@ -493,12 +695,18 @@ async fn credentials_work_are_kept_and_rotate() {
     p2.layer.ensure(&p2.a, &mut p2.ca).await.unwrap();
     p2.a.rotate = false;
     assert_ne!(p2.ca.get(KEY_PASSWORD), first.get(KEY_PASSWORD));
-    assert!(tokio_postgres::connect(&url, NoTls).await.is_err(), "old password refused");
+    assert!(
+        tokio_postgres::connect(&url, NoTls).await.is_err(),
+        "old password refused"
+    );
     assert_holds(&p2.verify_a().await, "with the rotated password");
     // The plaintext never reached the catalog: a SCRAM verifier is stored.
     let admin = p2.db.admin().await;
     let stored: String = admin
-        .query_one("SELECT rolpassword FROM pg_authid WHERE rolname = $1", &[&p2.layer.role_of(&p2.a.org_id)])
+        .query_one(
+            "SELECT rolpassword FROM pg_authid WHERE rolname = $1",
+            &[&p2.layer.role_of(&p2.a.org_id)],
+        )
         .await
         .unwrap()
         .get(0);
@@ -517,7 +725,12 @@ async fn long_org_ids_get_hashed_role_names() {
     let db = TestDb::new().await;
     let layer = db.layer(json!({})).await;
     layer.prepare().await.unwrap();
-    let long = OrgId::parse(&format!("{}{}", "l".repeat(60 - db.tag.len()), db.tag.replace('_', "-"))).unwrap();
+    let long = OrgId::parse(&format!(
+        "{}{}",
+        "l".repeat(60 - db.tag.len()),
+        db.tag.replace('_', "-")
+    ))
+    .unwrap();
     let role = layer.role_of(&long);
     assert!(role.len() <= 63, "{role}");
     let t = tenant(&long, "Long", &[], DeletionPolicy::Delete);
@@ -535,11 +748,33 @@ async fn cleanup_retain_revokes_login_and_keeps_rows() {
     p.a.deletion_policy = DeletionPolicy::Retain;
     let admin = p.db.admin().await;
     let session = p.tenant_client().await;
-    let before: i64 = admin.query_one("SELECT count(*) FROM messages WHERE org_id = $1", &[&p.a.org_id.as_str()]).await.unwrap().get(0);
+    let before: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM messages WHERE org_id = $1",
+            &[&p.a.org_id.as_str()],
+        )
+        .await
+        .unwrap()
+        .get(0);
     p.layer.cleanup(&p.a).await.unwrap();
-    assert!(tokio_postgres::connect(p.ca.get(KEY_URL).unwrap(), NoTls).await.is_err(), "login revoked");
-    assert!(session.query_one("SELECT 1", &[]).await.is_err(), "open sessions were ended");
-    let after: i64 = admin.query_one("SELECT count(*) FROM messages WHERE org_id = $1", &[&p.a.org_id.as_str()]).await.unwrap().get(0);
+    assert!(
+        tokio_postgres::connect(p.ca.get(KEY_URL).unwrap(), NoTls)
+            .await
+            .is_err(),
+        "login revoked"
+    );
+    assert!(
+        session.query_one("SELECT 1", &[]).await.is_err(),
+        "open sessions were ended"
+    );
+    let after: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM messages WHERE org_id = $1",
+            &[&p.a.org_id.as_str()],
+        )
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(before, after);
     assert!(before > 0);
     // The organization comes back: ensure restores its login.
@@ -563,30 +798,67 @@ async fn cleanup_delete_removes_only_that_org() {
     let a = p.a.org_id.as_str();
     for i in 0..30 {
         let conv: i64 = admin
-            .query_one("INSERT INTO conversations (org_id, title) VALUES ($1, $2) RETURNING id", &[&a, &format!("c{i}")])
+            .query_one(
+                "INSERT INTO conversations (org_id, title) VALUES ($1, $2) RETURNING id",
+                &[&a, &format!("c{i}")],
+            )
             .await
             .unwrap()
             .get(0);
-        admin.execute("INSERT INTO messages (org_id, conversation_id, body) VALUES ($1, $2, 'x')", &[&a, &conv]).await.unwrap();
+        admin
+            .execute(
+                "INSERT INTO messages (org_id, conversation_id, body) VALUES ($1, $2, 'x')",
+                &[&a, &conv],
+            )
+            .await
+            .unwrap();
     }
     let count_others = "SELECT (SELECT count(*) FROM messages WHERE org_id <> $1) + (SELECT count(*) FROM conversations WHERE org_id <> $1)";
     let others: i64 = admin.query_one(count_others, &[&a]).await.unwrap().get(0);
     p.layer.cleanup(&p.a).await.expect("cleanup");
     for t in TABLES {
-        let n: i64 = admin.query_one(&format!("SELECT count(*) FROM {t} WHERE org_id = $1"), &[&a]).await.unwrap().get(0);
+        let n: i64 = admin
+            .query_one(
+                &format!("SELECT count(*) FROM {t} WHERE org_id = $1"),
+                &[&a],
+            )
+            .await
+            .unwrap()
+            .get(0);
         assert_eq!(n, 0, "{t}");
     }
     let left: i64 = admin.query_one(count_others, &[&a]).await.unwrap().get(0);
     assert_eq!(left, others, "other organizations' rows untouched");
     let role = p.layer.role_of(&p.a.org_id);
-    let exists: bool = admin.query_one("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)", &[&role]).await.unwrap().get(0);
+    let exists: bool = admin
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)",
+            &[&role],
+        )
+        .await
+        .unwrap()
+        .get(0);
     assert!(!exists);
-    let mapped: i64 = admin.query_one("SELECT count(*) FROM bulkhead.tenant_roles WHERE org_id = $1", &[&a]).await.unwrap().get(0);
+    let mapped: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM bulkhead.tenant_roles WHERE org_id = $1",
+            &[&a],
+        )
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(mapped, 0);
-    let reg: i64 = admin.query_one("SELECT count(*) FROM organizations WHERE id = $1", &[&a]).await.unwrap().get(0);
+    let reg: i64 = admin
+        .query_one("SELECT count(*) FROM organizations WHERE id = $1", &[&a])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(reg, 0);
     // The peer is unaffected.
-    assert_holds(&p.layer.verify(&p.b, &p.cb).await.unwrap(), "beta after acme was deleted");
+    assert_holds(
+        &p.layer.verify(&p.b, &p.cb).await.unwrap(),
+        "beta after acme was deleted",
+    );
     let Pair { db, layer, .. } = p;
     drop(layer);
     db.finish().await;
@@ -617,11 +889,26 @@ async fn setting_mode_lets_a_pooled_role_choose_but_pins_tenant_roles() {
     let admin = p.db.admin().await;
     let app = app_role(&p.db, &admin).await;
     let mut c = connect(&url_as(&p.db, &app, "app-pass")).await;
-    let n: i64 = c.query_one("SELECT count(*) FROM messages", &[]).await.unwrap().get(0);
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM messages", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(n, 0, "no identity, no rows");
     let tx = c.transaction().await.unwrap();
-    tx.execute("SELECT set_config('bulkhead.org_id', $1, true)", &[&p.b.org_id.as_str()]).await.unwrap();
-    let orgs: Vec<String> = tx.query("SELECT DISTINCT org_id FROM messages", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    tx.execute(
+        "SELECT set_config('bulkhead.org_id', $1, true)",
+        &[&p.b.org_id.as_str()],
+    )
+    .await
+    .unwrap();
+    let orgs: Vec<String> = tx
+        .query("SELECT DISTINCT org_id FROM messages", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     assert_eq!(orgs, vec![p.b.org_id.as_str().to_owned()]);
     tx.rollback().await.unwrap();
     drop(c);
@@ -639,8 +926,19 @@ async fn jwt_mode_reads_the_claim() {
     let mut c = connect(&url_as(&p.db, &app, "app-pass")).await;
     let tx = c.transaction().await.unwrap();
     let claims = json!({"org_id": p.a.org_id.as_str(), "sub": "u1"}).to_string();
-    tx.execute("SELECT set_config('request.jwt.claims', $1, true)", &[&claims]).await.unwrap();
-    let orgs: Vec<String> = tx.query("SELECT DISTINCT org_id FROM messages", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    tx.execute(
+        "SELECT set_config('request.jwt.claims', $1, true)",
+        &[&claims],
+    )
+    .await
+    .unwrap();
+    let orgs: Vec<String> = tx
+        .query("SELECT DISTINCT org_id FROM messages", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     assert_eq!(orgs, vec![p.a.org_id.as_str().to_owned()]);
     tx.rollback().await.unwrap();
     drop(c);
@@ -652,14 +950,25 @@ async fn jwt_mode_reads_the_claim() {
 #[tokio::test]
 async fn missing_index_is_reported_or_created() {
     let db = TestDb::new().await;
-    db.admin().await.batch_execute("DROP INDEX files_org_id_idx").await.unwrap();
+    db.admin()
+        .await
+        .batch_execute("DROP INDEX files_org_id_idx")
+        .await
+        .unwrap();
     let layer = db.layer(json!({})).await;
     layer.prepare().await.unwrap();
     let mut status = IsolationPlatformStatus::default();
     layer.platform_status(&mut status).await.unwrap();
     let audit = status.database.unwrap();
     assert_eq!(audit.coverage, "10/10", "an index is not isolation");
-    assert!(audit.findings.iter().any(|f| f.contains("public.files") && f.contains("no index")), "{:?}", audit.findings);
+    assert!(
+        audit
+            .findings
+            .iter()
+            .any(|f| f.contains("public.files") && f.contains("no index")),
+        "{:?}",
+        audit.findings
+    );
     let layer = db.layer(json!({"createIndexes": true})).await;
     layer.prepare().await.unwrap();
     let mut status = IsolationPlatformStatus::default();
@@ -674,25 +983,43 @@ async fn audit_command_exit_semantics() {
     let db = TestDb::new().await;
     let spec = db.spec(json!({}));
     // Before prepare: everything is missing.
-    let (out, found) = database::run_audit_cli(&db.url, &spec, false).await.unwrap();
+    let (out, found) = database::run_audit_cli(&db.url, &spec, false)
+        .await
+        .unwrap();
     assert!(found);
     assert!(out.contains("RLS coverage: 0/10"), "{out}");
     let layer = db.layer(json!({})).await;
     layer.prepare().await.unwrap();
-    let (out, found) = database::run_audit_cli(&db.url, &spec, false).await.unwrap();
+    let (out, found) = database::run_audit_cli(&db.url, &spec, false)
+        .await
+        .unwrap();
     assert!(!found, "{out}");
     assert!(out.contains("No findings."));
-    db.admin().await.batch_execute("ALTER TABLE messages DISABLE ROW LEVEL SECURITY").await.unwrap();
-    let (out, found) = database::run_audit_cli(&db.url, &spec, false).await.unwrap();
+    db.admin()
+        .await
+        .batch_execute("ALTER TABLE messages DISABLE ROW LEVEL SECURITY")
+        .await
+        .unwrap();
+    let (out, found) = database::run_audit_cli(&db.url, &spec, false)
+        .await
+        .unwrap();
     assert!(found);
-    assert!(out.contains("BREACH") && out.contains("public.messages") && out.contains("row-level security is disabled"), "{out}");
+    assert!(
+        out.contains("BREACH")
+            && out.contains("public.messages")
+            && out.contains("row-level security is disabled"),
+        "{out}"
+    );
     let (out, found) = database::run_audit_cli(&db.url, &spec, true).await.unwrap();
     assert!(found);
     let v: serde_json::Value = serde_json::from_str(&out).expect("json");
     assert_eq!(v["coverage"], "9/10");
     assert_eq!(v["findings"][0]["severity"], "breach");
     // Bad URL: an error, never the password.
-    let err = database::run_audit_cli("postgres://u:sekrit@127.0.0.1:1/x", &spec, false).await.unwrap_err().to_string();
+    let err = database::run_audit_cli("postgres://u:sekrit@127.0.0.1:1/x", &spec, false)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(!err.contains("sekrit"), "{err}");
     drop(layer);
     db.finish().await;
@@ -704,7 +1031,16 @@ async fn bad_configuration_changes_nothing() {
     let bad = db.spec(json!({"settingName": "x'; DROP TABLE messages; --"}));
     let err = DatabaseLayer::connect(&bad, &db.url).await.unwrap_err();
     assert_eq!(err.reason(), "ConfigurationError");
-    let n: i64 = db.admin().await.query_one("SELECT count(*) FROM pg_tables WHERE tablename = 'messages'", &[]).await.unwrap().get(0);
+    let n: i64 = db
+        .admin()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_tables WHERE tablename = 'messages'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(n, 1);
     db.finish().await;
 }

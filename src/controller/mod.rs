@@ -48,6 +48,9 @@ pub struct Context {
     reporter: Reporter,
     /// When set, only Organizations of this IsolationPlatform (and the platform itself) are handled.
     pub platform_filter: Option<String>,
+    /// ClusterRole (Secret access) that the operator binds to its own ServiceAccount inside each
+    /// organization's namespace, so it never needs cluster-wide Secret access.
+    pub namespace_access: Option<NamespaceAccess>,
     failures: Mutex<HashMap<String, u32>>,
     orgs: std::sync::OnceLock<Store<DeserializeGuard<Organization>>>,
 }
@@ -56,6 +59,11 @@ impl Context {
     /// Handles only `platform`'s Organizations (a shard; also lets tests share one cluster).
     pub fn with_platform_filter(mut self, platform: Option<String>) -> Self {
         self.platform_filter = platform;
+        self
+    }
+
+    pub fn with_namespace_access(mut self, access: Option<NamespaceAccess>) -> Self {
+        self.namespace_access = access;
         self
     }
 
@@ -72,6 +80,7 @@ impl Context {
             platforms: platform::PlatformCache::default(),
             reporter: Reporter { controller: "bulkhead".into(), instance },
             platform_filter: None,
+            namespace_access: None,
             failures: Mutex::new(HashMap::new()),
             orgs: std::sync::OnceLock::new(),
         }
@@ -84,6 +93,13 @@ impl Context {
             .map(|s| s.state().iter().filter_map(|g| g.0.as_ref().ok().cloned().map(Arc::new)).collect())
             .unwrap_or_default()
     }
+}
+
+/// The operator's own identity and the ClusterRole it binds to it in organization namespaces.
+#[derive(Clone, Debug)]
+pub struct NamespaceAccess {
+    pub cluster_role: String,
+    pub service_account: String,
 }
 
 /// Errors of one reconcile. The variant's label is the metric label and Event reason.
@@ -133,6 +149,9 @@ pub(crate) async fn publish_event(ctx: &Context, regarding: &ObjectReference, wa
 #[derive(Clone, Debug)]
 pub struct RunOptions {
     pub concurrency: u16,
+    /// Watch credentials Secrets cluster-wide so edits are repaired at once. Needs cluster-wide
+    /// Secret read access; without it an edit is noticed at the next verification pass.
+    pub watch_secrets: bool,
 }
 
 /// Runs both controllers until a shutdown signal.
@@ -149,10 +168,13 @@ pub async fn run(ctx: Arc<Context>, health: Arc<Health>, opts: RunOptions) {
         .predicate_filter(pass_trigger, Default::default());
     let owned = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
     let platform_reader = reader.clone();
-    let org_controller = Controller::for_stream(trigger, reader)
+    let mut org_controller = Controller::for_stream(trigger, reader)
         .owns(Api::<Namespace>::all(client.clone()), owned.clone())
-        .owns(Api::<Secret>::all(client.clone()), owned.clone())
-        .owns(Api::<NetworkPolicy>::all(client.clone()), owned)
+        .owns(Api::<NetworkPolicy>::all(client.clone()), owned.clone());
+    if opts.watch_secrets {
+        org_controller = org_controller.owns(Api::<Secret>::all(client.clone()), owned);
+    }
+    let org_controller = org_controller
         .watches(Api::<IsolationPlatform>::all(client.clone()), watcher::Config::default(), move |p: IsolationPlatform| {
             let name = p.name_any();
             platform_reader
@@ -384,7 +406,7 @@ async fn apply(org: Arc<Organization>, ctx: Arc<Context>) -> Result<Action, Erro
         Err(e) => (Workspace::Failed { reason: e.reason().to_owned(), message: e.to_string() }, Credentials::default(), None),
         Ok(ns_repairs) => {
             repairs.extend(ns_repairs.into_iter().map(|r| (None, r)));
-            match workspace::load_credentials(&ctx, &tenant).await {
+            match workspace::load_credentials_when_bound(&ctx, &tenant).await {
                 Ok(loaded) => {
                     if loaded.tampered {
                         repairs.push((None, Repair("credentials Secret was edited outside bulkhead; every credential is rotated".into())));

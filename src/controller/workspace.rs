@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::api::rbac::v1::{RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::ResourceExt;
@@ -88,7 +89,39 @@ pub async fn ensure_namespace(
         None => {}
     }
     api.patch(&tenant.namespace, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&plan)).await?;
+    if let Some(access) = &ctx.namespace_access {
+        let rb = access_binding(tenant, access, &ctx.operator_namespace);
+        let rbs: Api<RoleBinding> = Api::namespaced(ctx.client.clone(), &tenant.namespace);
+        rbs.patch(ACCESS_BINDING, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&rb)).await?;
+    }
     Ok(repairs)
+}
+
+/// Name of the RoleBinding that gives the operator Secret access in an organization's namespace.
+pub const ACCESS_BINDING: &str = "bulkhead-operator";
+
+/// The RoleBinding that lets the operator manage Secrets in this namespace only.
+pub fn access_binding(tenant: &Tenant, access: &super::NamespaceAccess, operator_namespace: &str) -> RoleBinding {
+    RoleBinding {
+        metadata: ObjectMeta {
+            name: Some(ACCESS_BINDING.to_owned()),
+            namespace: Some(tenant.namespace.clone()),
+            labels: Some(managed_labels(tenant)),
+            owner_references: Some(vec![tenant.owner.clone()]),
+            ..Default::default()
+        },
+        role_ref: RoleRef {
+            api_group: Some("rbac.authorization.k8s.io".to_owned()),
+            kind: "ClusterRole".to_owned(),
+            name: access.cluster_role.clone(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".to_owned(),
+            name: access.service_account.clone(),
+            namespace: Some(operator_namespace.to_owned()),
+            api_group: None,
+        }]),
+    }
 }
 
 /// The credentials Secret as found.
@@ -99,6 +132,21 @@ pub struct LoadedCredentials {
     pub missing: bool,
     /// The data differs from what bulkhead last wrote.
     pub tampered: bool,
+}
+
+/// Reads the credentials Secret, allowing a just-created access RoleBinding a moment to reach
+/// the API server's authorizer.
+pub async fn load_credentials_when_bound(ctx: &Context, tenant: &Tenant) -> Result<LoadedCredentials, LayerError> {
+    let mut attempt = 0;
+    loop {
+        match load_credentials(ctx, tenant).await {
+            Err(LayerError::Kube(kube::Error::Api(s))) if s.code == 403 && ctx.namespace_access.is_some() && attempt < 10 => {
+                attempt += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Reads the organization's credentials Secret.

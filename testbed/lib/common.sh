@@ -135,7 +135,7 @@ tb_alive() {
 	local pid
 	pid=$(tb_pid "$1")
 	[[ -n $pid ]] || return 1
-	kill -0 "$pid" 2>/dev/null || return 1
+	tb_running "$pid" || return 1
 	[[ -r /proc/$pid/cmdline ]] || return 1
 	tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$TB_DIR/"
 }
@@ -193,7 +193,7 @@ tb_leftovers() {
 	pattern=$(printf '%s/' "$TB_DIR" | sed 's/[][\.*^$+?(){}|]/\\&/g')
 	for pid in $(pgrep -f -- "$pattern" || true); do
 		grep -qx -- "$pid" <<<"$anc" && continue
-		[[ -d /proc/$pid ]] || continue
+		tb_running "$pid" || continue
 		printf '%s\n' "$pid"
 	done
 }
@@ -203,10 +203,23 @@ tb_leftovers() {
 # PostgreSQL's "smart" shutdown (TERM) waits for clients; INT is "fast".
 tb_stop_signal() { if [[ $1 == postgres ]]; then echo INT; else echo TERM; fi; }
 
-# tb_group_alive PID: the process or any member of its process group lives.
+# tb_running PID: the process exists and is not a zombie. (A daemon whose
+# parent has exited stays a zombie until init reaps it, which may take a while.)
+tb_running() {
+	local stat
+	stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+	stat=${stat##*) }
+	[[ ${stat:0:1} != Z ]]
+}
+
+# tb_group_alive PID: the process or any member of its process group runs.
 tb_group_alive() {
-	kill -0 "$1" 2>/dev/null && return 0
-	pgrep -g "$1" >/dev/null 2>&1
+	local p
+	tb_running "$1" && return 0
+	for p in $(pgrep -g "$1" 2>/dev/null || true); do
+		tb_running "$p" && return 0
+	done
+	return 1
 }
 
 # tb_stop_batch QUIET NAME...: signal the named components together, wait up

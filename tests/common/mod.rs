@@ -215,7 +215,17 @@ impl Operator {
     }
 
     pub fn start_with(platform: &str, namespace: &str, extra_args: &[&str]) -> Operator {
-        let tb = Testbed::get();
+        Self::start_with_kubeconfig(platform, namespace, extra_args, Testbed::get().kubeconfig())
+    }
+
+    /// Like [`Operator::start_with`], authenticated by `kubeconfig` instead of the testbed's admin
+    /// (e.g. as the Helm chart's ServiceAccount).
+    pub fn start_with_kubeconfig(
+        platform: &str,
+        namespace: &str,
+        extra_args: &[&str],
+        kubeconfig: impl AsRef<std::ffi::OsStr>,
+    ) -> Operator {
         let dir = std::env::temp_dir().join("bulkhead-test-logs");
         std::fs::create_dir_all(&dir).expect("log dir");
         let log_path = dir.join(format!("{}.log", unique(platform)));
@@ -231,7 +241,7 @@ impl Operator {
                 "127.0.0.1:0",
             ])
             .args(extra_args)
-            .env("KUBECONFIG", tb.kubeconfig())
+            .env("KUBECONFIG", kubeconfig.as_ref())
             .env("RUST_LOG", "info,bulkhead=debug,kube=warn")
             .stdout(log.try_clone().expect("log"))
             .stderr(log)

@@ -27,10 +27,18 @@ pub struct Finding {
 
 impl Finding {
     fn breach(subject: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { severity: Severity::Breach, subject: subject.into(), message: message.into() }
+        Self {
+            severity: Severity::Breach,
+            subject: subject.into(),
+            message: message.into(),
+        }
     }
     fn warning(subject: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { severity: Severity::Warning, subject: subject.into(), message: message.into() }
+        Self {
+            severity: Severity::Warning,
+            subject: subject.into(),
+            message: message.into(),
+        }
     }
     /// `subject: message`, as conditions and status show it.
     pub fn text(&self) -> String {
@@ -54,7 +62,9 @@ impl AuditReport {
         format!("{}/{}", self.governed_tables, self.tables_found)
     }
     pub fn breaches(&self) -> impl Iterator<Item = &Finding> {
-        self.findings.iter().filter(|f| f.severity == Severity::Breach)
+        self.findings
+            .iter()
+            .filter(|f| f.severity == Severity::Breach)
     }
 }
 
@@ -62,7 +72,8 @@ impl AuditReport {
 pub fn calls_function_per_row(expr: &str) -> bool {
     let cleaned = strip_subselects(&strip_literals(expr));
     let b = cleaned.as_bytes();
-    b.windows(2).any(|w| (w[0].is_ascii_alphanumeric() || w[0] == b'_' || w[0] == b'"') && w[1] == b'(')
+    b.windows(2)
+        .any(|w| (w[0].is_ascii_alphanumeric() || w[0] == b'_' || w[0] == b'"') && w[1] == b'(')
 }
 
 fn strip_literals(expr: &str) -> String {
@@ -126,24 +137,42 @@ pub fn audit(s: &Settings, cat: &Catalog) -> AuditReport {
     let tenants = cat.tenant_role_names();
 
     match &cat.group {
-        None => f.push(Finding::breach(format!("role {g}"), "the tenant group role does not exist")),
+        None => f.push(Finding::breach(
+            format!("role {g}"),
+            "the tenant group role does not exist",
+        )),
         Some(r) => {
             if r.superuser || r.bypass_rls {
-                f.push(Finding::breach(format!("role {g}"), "the tenant group role has SUPERUSER or BYPASSRLS"));
+                f.push(Finding::breach(
+                    format!("role {g}"),
+                    "the tenant group role has SUPERUSER or BYPASSRLS",
+                ));
             }
             if r.can_login {
-                f.push(Finding::breach(format!("role {g}"), "the tenant group role can log in"));
+                f.push(Finding::breach(
+                    format!("role {g}"),
+                    "the tenant group role can log in",
+                ));
             }
             if r.create_role {
-                f.push(Finding::breach(format!("role {g}"), "the tenant group role has CREATEROLE"));
+                f.push(Finding::breach(
+                    format!("role {g}"),
+                    "the tenant group role has CREATEROLE",
+                ));
             }
             for m in &r.other_memberships {
-                f.push(Finding::breach(format!("role {g}"), format!("the tenant group role is a member of role {m}")));
+                f.push(Finding::breach(
+                    format!("role {g}"),
+                    format!("the tenant group role is a member of role {m}"),
+                ));
             }
         }
     }
     if cat.group_mapped {
-        f.push(Finding::breach(format!("role {g}"), "the tenant group role is mapped to an organization"));
+        f.push(Finding::breach(
+            format!("role {g}"),
+            "the tenant group role is mapped to an organization",
+        ));
     }
     for schema in &cat.group_schema_create {
         if s.schemas.iter().any(|x| x.as_str() == schema) {
@@ -156,34 +185,67 @@ pub fn audit(s: &Settings, cat: &Catalog) -> AuditReport {
 
     let func = s.identity_function.plain();
     match &cat.function {
-        None => f.push(Finding::breach(format!("function {func}()"), "the identity function does not exist")),
+        None => f.push(Finding::breach(
+            format!("function {func}()"),
+            "the identity function does not exist",
+        )),
         Some(x) => {
             if x.body != plan::identity_body(s) {
-                f.push(Finding::breach(format!("function {func}()"), "the identity function's body differs from the planned one"));
+                f.push(Finding::breach(
+                    format!("function {func}()"),
+                    "the identity function's body differs from the planned one",
+                ));
             }
             if x.volatility != "s" {
-                f.push(Finding::breach(format!("function {func}()"), "the identity function is not STABLE"));
+                f.push(Finding::breach(
+                    format!("function {func}()"),
+                    "the identity function is not STABLE",
+                ));
             }
             if x.security_definer {
-                f.push(Finding::breach(format!("function {func}()"), "the identity function is SECURITY DEFINER"));
+                f.push(Finding::breach(
+                    format!("function {func}()"),
+                    "the identity function is SECURITY DEFINER",
+                ));
             }
             if x.config != [IDENTITY_CONFIG.to_owned()] {
-                f.push(Finding::breach(format!("function {func}()"), "the identity function lacks `SET search_path = pg_catalog, pg_temp`"));
+                f.push(Finding::breach(
+                    format!("function {func}()"),
+                    "the identity function lacks `SET search_path = pg_catalog, pg_temp`",
+                ));
             }
             if tenants.contains(x.owner.as_str()) || x.owner == g {
-                f.push(Finding::breach(format!("function {func}()"), format!("owned by tenant role {}", x.owner)));
+                f.push(Finding::breach(
+                    format!("function {func}()"),
+                    format!("owned by tenant role {}", x.owner),
+                ));
             }
         }
     }
 
     let mapping = s.mapping.plain();
     match &cat.mapping {
-        None => f.push(Finding::breach(format!("table {mapping}"), "the role mapping table does not exist")),
+        None => f.push(Finding::breach(
+            format!("table {mapping}"),
+            "the role mapping table does not exist",
+        )),
         Some(t) => {
-            if t.group.insert || t.group.update || t.group.delete || t.group.truncate || t.group.trigger {
-                f.push(Finding::breach(format!("table {mapping}"), "tenants can write the role mapping"));
+            if t.group.insert
+                || t.group.update
+                || t.group.delete
+                || t.group.truncate
+                || t.group.trigger
+            {
+                f.push(Finding::breach(
+                    format!("table {mapping}"),
+                    "tenants can write the role mapping",
+                ));
             }
-            if !t.rls || !t.force || t.policy(plan::MAPPING_POLICY).is_none() || t.policies.len() != 1 {
+            if !t.rls
+                || !t.force
+                || t.policy(plan::MAPPING_POLICY).is_none()
+                || t.policies.len() != 1
+            {
                 f.push(Finding::breach(
                     format!("table {mapping}"),
                     "the role mapping is not limited to each session's own row (RLS, FORCE or its policy changed)",
@@ -193,16 +255,32 @@ pub fn audit(s: &Settings, cat: &Catalog) -> AuditReport {
     }
     let registry = s.registry.plain();
     match &cat.registry {
-        None => f.push(Finding::warning(format!("table {registry}"), "the organization registry does not exist")),
+        None => f.push(Finding::warning(
+            format!("table {registry}"),
+            "the organization registry does not exist",
+        )),
         Some(t) => {
             if !t.rls || !t.force || t.policy(POLICY).is_none() {
-                f.push(Finding::breach(format!("table {registry}"), "the registry lacks RLS, FORCE or its policy"));
+                f.push(Finding::breach(
+                    format!("table {registry}"),
+                    "the registry lacks RLS, FORCE or its policy",
+                ));
             }
-            for x in t.policies.iter().filter(|x| x.name != POLICY && x.permissive && x.applies_to_tenants) {
-                f.push(Finding::breach(format!("table {registry}"), format!("permissive policy {:?} widens access", x.name)));
+            for x in t
+                .policies
+                .iter()
+                .filter(|x| x.name != POLICY && x.permissive && x.applies_to_tenants)
+            {
+                f.push(Finding::breach(
+                    format!("table {registry}"),
+                    format!("permissive policy {:?} widens access", x.name),
+                ));
             }
             if t.group.insert || t.group.update || t.group.delete || t.group.truncate {
-                f.push(Finding::breach(format!("table {registry}"), "tenants can write the registry"));
+                f.push(Finding::breach(
+                    format!("table {registry}"),
+                    "tenants can write the registry",
+                ));
             }
         }
     }
@@ -247,7 +325,10 @@ pub fn audit(s: &Settings, cat: &Catalog) -> AuditReport {
         if tenants.contains(t.owner.as_str()) || t.owner == g {
             f.push(Finding::breach(
                 format!("table {}", t.qualified()),
-                format!("owned by tenant role {}, which can disable its RLS", t.owner),
+                format!(
+                    "owned by tenant role {}, which can disable its RLS",
+                    t.owner
+                ),
             ));
         }
     }
@@ -255,28 +336,55 @@ pub fn audit(s: &Settings, cat: &Catalog) -> AuditReport {
     for r in &cat.tenant_roles {
         let subject = format!("role {}", r.name);
         if r.superuser {
-            f.push(Finding::breach(&subject, "tenant role is SUPERUSER (bypasses RLS)"));
+            f.push(Finding::breach(
+                &subject,
+                "tenant role is SUPERUSER (bypasses RLS)",
+            ));
         }
         if r.bypass_rls {
             f.push(Finding::breach(&subject, "tenant role has BYPASSRLS"));
         }
         if r.create_role {
-            f.push(Finding::breach(&subject, "tenant role has CREATEROLE (can join other roles)"));
+            f.push(Finding::breach(
+                &subject,
+                "tenant role has CREATEROLE (can join other roles)",
+            ));
         }
         for m in &r.other_memberships {
-            let whose = if tenants.contains(m.as_str()) { "another organization's role" } else { "role" };
-            f.push(Finding::breach(&subject, format!("tenant role is a member of {whose} {m}")));
+            let whose = if tenants.contains(m.as_str()) {
+                "another organization's role"
+            } else {
+                "role"
+            };
+            f.push(Finding::breach(
+                &subject,
+                format!("tenant role is a member of {whose} {m}"),
+            ));
         }
         if !r.in_group && r.can_login {
-            f.push(Finding::warning(&subject, format!("tenant role is not a member of {g}")));
+            f.push(Finding::warning(
+                &subject,
+                format!("tenant role is not a member of {g}"),
+            ));
         }
     }
-    f.sort_by(|a, b| (a.severity, &a.subject, &a.message).cmp(&(b.severity, &b.subject, &b.message)));
+    f.sort_by(|a, b| {
+        (a.severity, &a.subject, &a.message).cmp(&(b.severity, &b.subject, &b.message))
+    });
     f.dedup();
-    AuditReport { tables_found: found, governed_tables: governed, findings: f }
+    AuditReport {
+        tables_found: found,
+        governed_tables: governed,
+        findings: f,
+    }
 }
 
-fn audit_table(s: &Settings, t: &TableState, tenants: &std::collections::BTreeSet<&str>, f: &mut Vec<Finding>) {
+fn audit_table(
+    s: &Settings,
+    t: &TableState,
+    tenants: &std::collections::BTreeSet<&str>,
+    f: &mut Vec<Finding>,
+) {
     let subject = format!("table {}", t.qualified());
     let shared = s.shared_read(&t.name);
     let _ = tenants;
@@ -284,10 +392,16 @@ fn audit_table(s: &Settings, t: &TableState, tenants: &std::collections::BTreeSe
         f.push(Finding::breach(&subject, "row-level security is disabled"));
     }
     if !t.force {
-        f.push(Finding::breach(&subject, "row-level security is not forced (the owner bypasses it)"));
+        f.push(Finding::breach(
+            &subject,
+            "row-level security is not forced (the owner bypasses it)",
+        ));
     }
     match (t.policy(POLICY), &t.expected) {
-        (None, _) => f.push(Finding::breach(&subject, format!("policy {POLICY} is missing"))),
+        (None, _) => f.push(Finding::breach(
+            &subject,
+            format!("policy {POLICY} is missing"),
+        )),
         (Some(_), None) => f.push(Finding::breach(
             &subject,
             "the planned policy cannot be built on this table (is the override column missing?)",
@@ -306,10 +420,19 @@ fn audit_table(s: &Settings, t: &TableState, tenants: &std::collections::BTreeSe
         }
     }
     if let Some(_sr) = shared {
-        match (t.policy(SHARED_READ_POLICY), t.expected.as_ref().and_then(|e| e.shared_using.as_deref())) {
-            (None, _) => f.push(Finding::warning(&subject, format!("shared-read policy {SHARED_READ_POLICY} is missing"))),
+        match (
+            t.policy(SHARED_READ_POLICY),
+            t.expected.as_ref().and_then(|e| e.shared_using.as_deref()),
+        ) {
+            (None, _) => f.push(Finding::warning(
+                &subject,
+                format!("shared-read policy {SHARED_READ_POLICY} is missing"),
+            )),
             (Some(p), Some(exp)) if !plan::policy_intact(p, exp, None, "r") => {
-                f.push(Finding::breach(&subject, format!("shared-read policy {SHARED_READ_POLICY} differs from the planned one")))
+                f.push(Finding::breach(
+                    &subject,
+                    format!("shared-read policy {SHARED_READ_POLICY} differs from the planned one"),
+                ))
             }
             _ => {}
         }
@@ -317,42 +440,83 @@ fn audit_table(s: &Settings, t: &TableState, tenants: &std::collections::BTreeSe
     for p in &t.policies {
         let ours = p.name == POLICY || (shared.is_some() && p.name == SHARED_READ_POLICY);
         if !ours && p.permissive && p.applies_to_tenants {
-            let constrains = p.using.as_deref().is_some_and(|u| mentions_column(u, s.tenant_column.as_str()));
-            let what = if constrains { "an OR branch beside the operator's policy" } else { "it does not constrain the tenant column" };
+            let constrains = p
+                .using
+                .as_deref()
+                .is_some_and(|u| mentions_column(u, s.tenant_column.as_str()));
+            let what = if constrains {
+                "an OR branch beside the operator's policy"
+            } else {
+                "it does not constrain the tenant column"
+            };
             f.push(Finding::breach(
                 &subject,
-                format!("permissive policy {:?} widens access: {what} (USING {})", p.name, p.using.as_deref().unwrap_or("-")),
+                format!(
+                    "permissive policy {:?} widens access: {what} (USING {})",
+                    p.name,
+                    p.using.as_deref().unwrap_or("-")
+                ),
             ));
         }
-        for expr in [p.using.as_deref(), p.check.as_deref()].into_iter().flatten() {
+        for expr in [p.using.as_deref(), p.check.as_deref()]
+            .into_iter()
+            .flatten()
+        {
             if calls_function_per_row(expr) {
                 f.push(Finding::warning(
                     &subject,
-                    format!("policy {:?} calls a function once per row; wrap it as (SELECT f())", p.name),
+                    format!(
+                        "policy {:?} calls a function once per row; wrap it as (SELECT f())",
+                        p.name
+                    ),
                 ));
                 break;
             }
         }
     }
     if t.group.truncate {
-        f.push(Finding::breach(&subject, "tenants hold TRUNCATE, which bypasses RLS"));
+        f.push(Finding::breach(
+            &subject,
+            "tenants hold TRUNCATE, which bypasses RLS",
+        ));
     }
     if t.group.trigger {
-        f.push(Finding::breach(&subject, "tenants hold TRIGGER (a trigger runs in other organizations' sessions)"));
+        f.push(Finding::breach(
+            &subject,
+            "tenants hold TRIGGER (a trigger runs in other organizations' sessions)",
+        ));
     }
     if t.group.references {
-        f.push(Finding::warning(&subject, "tenants hold REFERENCES (foreign keys can probe other organizations' keys)"));
+        f.push(Finding::warning(
+            &subject,
+            "tenants hold REFERENCES (foreign keys can probe other organizations' keys)",
+        ));
     }
     if !(t.group.select && t.group.insert && t.group.update && t.group.delete) {
-        f.push(Finding::warning(&subject, format!("the group role {} lacks SELECT/INSERT/UPDATE/DELETE", s.group_role.as_str())));
+        f.push(Finding::warning(
+            &subject,
+            format!(
+                "the group role {} lacks SELECT/INSERT/UPDATE/DELETE",
+                s.group_role.as_str()
+            ),
+        ));
     }
     if let Some(exp) = &t.expected
         && t.tenant_default.as_deref() != Some(exp.default.as_str())
     {
-        f.push(Finding::warning(&subject, format!("column {} does not default to the identity function", s.tenant_column.as_str())));
+        f.push(Finding::warning(
+            &subject,
+            format!(
+                "column {} does not default to the identity function",
+                s.tenant_column.as_str()
+            ),
+        ));
     }
     if !t.indexed {
-        f.push(Finding::warning(&subject, format!("no index leads with {}", s.tenant_column.as_str())));
+        f.push(Finding::warning(
+            &subject,
+            format!("no index leads with {}", s.tenant_column.as_str()),
+        ));
     }
 }
 
@@ -364,25 +528,49 @@ pub fn render_table(report: &AuditReport) -> String {
         return out;
     }
     let w_sev = 8;
-    let w_sub = report.findings.iter().map(|f| f.subject.chars().count()).max().unwrap_or(7).max(7);
-    out.push_str(&format!("{:<w_sev$}  {:<w_sub$}  FINDING\n", "SEVERITY", "SUBJECT"));
-    out.push_str(&format!("{}  {}  {}\n", "-".repeat(w_sev), "-".repeat(w_sub), "-".repeat(7)));
+    let w_sub = report
+        .findings
+        .iter()
+        .map(|f| f.subject.chars().count())
+        .max()
+        .unwrap_or(7)
+        .max(7);
+    out.push_str(&format!(
+        "{:<w_sev$}  {:<w_sub$}  FINDING\n",
+        "SEVERITY", "SUBJECT"
+    ));
+    out.push_str(&format!(
+        "{}  {}  {}\n",
+        "-".repeat(w_sev),
+        "-".repeat(w_sub),
+        "-".repeat(7)
+    ));
     for f in &report.findings {
         let sev = match f.severity {
             Severity::Breach => "BREACH",
             Severity::Warning => "warning",
         };
-        out.push_str(&format!("{sev:<w_sev$}  {:<w_sub$}  {}\n", f.subject, f.message));
+        out.push_str(&format!(
+            "{sev:<w_sev$}  {:<w_sub$}  {}\n",
+            f.subject, f.message
+        ));
     }
     let breaches = report.breaches().count();
-    out.push_str(&format!("\n{} finding(s): {} breach(es), {} warning(s)\n", report.findings.len(), breaches, report.findings.len() - breaches));
+    out.push_str(&format!(
+        "\n{} finding(s): {} breach(es), {} warning(s)\n",
+        report.findings.len(),
+        breaches,
+        report.findings.len() - breaches
+    ));
     out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layers::database::catalog::{Expected, FunctionState, PolicyState, Privileges, RoleState};
+    use crate::layers::database::catalog::{
+        Expected, FunctionState, PolicyState, Privileges, RoleState,
+    };
     use crate::layers::database::settings::spec_from;
     use serde_json::json;
 
@@ -407,7 +595,13 @@ mod tests {
             tenant_default: Some("auth.org_id()".into()),
             indexed: true,
             columns: vec!["org_id".into()],
-            group: Privileges { select: true, insert: true, update: true, delete: true, ..Default::default() },
+            group: Privileges {
+                select: true,
+                insert: true,
+                update: true,
+                delete: true,
+                ..Default::default()
+            },
             security_invoker: false,
             policies: vec![PolicyState {
                 name: POLICY.into(),
@@ -432,7 +626,10 @@ mod tests {
         let s = settings();
         let mut mapping = good_table("tenant_roles");
         mapping.schema = "bulkhead".into();
-        mapping.group = Privileges { select: true, ..Default::default() };
+        mapping.group = Privileges {
+            select: true,
+            ..Default::default()
+        };
         mapping.policies = vec![PolicyState {
             name: plan::MAPPING_POLICY.into(),
             permissive: true,
@@ -443,9 +640,15 @@ mod tests {
             check: None,
         }];
         let mut registry = good_table("organizations");
-        registry.group = Privileges { select: true, ..Default::default() };
+        registry.group = Privileges {
+            select: true,
+            ..Default::default()
+        };
         Catalog {
-            group: Some(RoleState { name: "bulkhead_tenant".into(), ..Default::default() }),
+            group: Some(RoleState {
+                name: "bulkhead_tenant".into(),
+                ..Default::default()
+            }),
             function: Some(FunctionState {
                 body: plan::identity_body(&s),
                 volatility: "s".into(),
@@ -488,34 +691,83 @@ mod tests {
             ("disabled", Box::new(|c| c.relations[0].rls = false)),
             ("not forced", Box::new(|c| c.relations[0].force = false)),
             ("missing", Box::new(|c| c.relations[0].policies.clear())),
-            ("differs", Box::new(|c| c.relations[0].policies[0].using = Some("true".into()))),
-            ("differs", Box::new(|c| c.relations[0].policies[0].roles = vec!["someone".into()])),
-            ("widens access", Box::new(|c| {
-                let mut p = c.relations[0].policies[0].clone();
-                p.name = "everyone".into();
-                p.using = Some("true".into());
-                c.relations[0].policies.push(p);
-            })),
-            ("owned by tenant role", Box::new(|c| c.relations[1].owner = "bulkhead_org_acme".into())),
-            ("BYPASSRLS", Box::new(|c| c.tenant_roles[0].bypass_rls = true)),
-            ("SUPERUSER", Box::new(|c| c.tenant_roles[0].superuser = true)),
-            ("another organization's role", Box::new(|c| {
-                c.tenant_roles.push(RoleState { name: "bulkhead_org_peer".into(), in_group: true, can_login: true, ..Default::default() });
-                c.tenant_roles[0].other_memberships = vec!["bulkhead_org_peer".into()];
-            })),
-            ("SECURITY DEFINER", Box::new(|c| c.definer_functions.push("public.leak()".into()))),
-            ("write the role mapping", Box::new(|c| c.mapping.as_mut().unwrap().group.insert = true)),
-            ("body differs", Box::new(|c| c.function.as_mut().unwrap().body = "SELECT 'x'".into())),
+            (
+                "differs",
+                Box::new(|c| c.relations[0].policies[0].using = Some("true".into())),
+            ),
+            (
+                "differs",
+                Box::new(|c| c.relations[0].policies[0].roles = vec!["someone".into()]),
+            ),
+            (
+                "widens access",
+                Box::new(|c| {
+                    let mut p = c.relations[0].policies[0].clone();
+                    p.name = "everyone".into();
+                    p.using = Some("true".into());
+                    c.relations[0].policies.push(p);
+                }),
+            ),
+            (
+                "owned by tenant role",
+                Box::new(|c| c.relations[1].owner = "bulkhead_org_acme".into()),
+            ),
+            (
+                "BYPASSRLS",
+                Box::new(|c| c.tenant_roles[0].bypass_rls = true),
+            ),
+            (
+                "SUPERUSER",
+                Box::new(|c| c.tenant_roles[0].superuser = true),
+            ),
+            (
+                "another organization's role",
+                Box::new(|c| {
+                    c.tenant_roles.push(RoleState {
+                        name: "bulkhead_org_peer".into(),
+                        in_group: true,
+                        can_login: true,
+                        ..Default::default()
+                    });
+                    c.tenant_roles[0].other_memberships = vec!["bulkhead_org_peer".into()];
+                }),
+            ),
+            (
+                "SECURITY DEFINER",
+                Box::new(|c| c.definer_functions.push("public.leak()".into())),
+            ),
+            (
+                "write the role mapping",
+                Box::new(|c| c.mapping.as_mut().unwrap().group.insert = true),
+            ),
+            (
+                "body differs",
+                Box::new(|c| c.function.as_mut().unwrap().body = "SELECT 'x'".into()),
+            ),
             ("does not exist", Box::new(|c| c.function = None)),
-            ("TRUNCATE", Box::new(|c| c.relations[0].group.truncate = true)),
-            ("mapped to an organization", Box::new(|c| c.group_mapped = true)),
-            ("can CREATE", Box::new(|c| { c.group_schema_create.insert("public".into()); })),
-            ("security_invoker", Box::new(|c| {
-                let mut v = good_table("all_messages");
-                v.kind = "v".into();
-                v.tenant_type = None;
-                c.relations.push(v);
-            })),
+            (
+                "TRUNCATE",
+                Box::new(|c| c.relations[0].group.truncate = true),
+            ),
+            (
+                "mapped to an organization",
+                Box::new(|c| c.group_mapped = true),
+            ),
+            (
+                "can CREATE",
+                Box::new(|c| {
+                    c.group_schema_create.insert("public".into());
+                }),
+            ),
+            (
+                "security_invoker",
+                Box::new(|c| {
+                    let mut v = good_table("all_messages");
+                    v.kind = "v".into();
+                    v.tenant_type = None;
+                    c.relations.push(v);
+                }),
+            ),
         ];
         for (want, mutate) in cases {
             let found = breach_of(mutate);
@@ -543,20 +795,34 @@ mod tests {
         plans.policies.clear();
         cat.relations.push(plans);
         let r = audit(&settings(), &cat);
-        assert!(r.findings.iter().any(|f| f.subject == "table public.plans" && f.severity == Severity::Warning));
+        assert!(
+            r.findings
+                .iter()
+                .any(|f| f.subject == "table public.plans" && f.severity == Severity::Warning)
+        );
         let s = Settings::from_spec(&spec_from(json!({"excludedTables": ["plans"]}))).unwrap();
         let r = audit(&s, &cat);
-        assert!(!r.findings.iter().any(|f| f.subject == "table public.plans"), "{:?}", r.findings);
+        assert!(
+            !r.findings.iter().any(|f| f.subject == "table public.plans"),
+            "{:?}",
+            r.findings
+        );
     }
 
     #[test]
     fn per_row_calls_are_told_apart() {
         assert!(calls_function_per_row("(org_id = auth.org_id())"));
-        assert!(calls_function_per_row("(org_id = current_setting('app.org'::text))"));
+        assert!(calls_function_per_row(
+            "(org_id = current_setting('app.org'::text))"
+        ));
         assert!(!calls_function_per_row(USING));
-        assert!(!calls_function_per_row("((org_id = ( SELECT auth.org_id() AS org_id)) OR ((scope)::text = 'system'::text))"));
+        assert!(!calls_function_per_row(
+            "((org_id = ( SELECT auth.org_id() AS org_id)) OR ((scope)::text = 'system'::text))"
+        ));
         assert!(!calls_function_per_row("(org_id = 'f(x)'::text)"));
-        assert!(calls_function_per_row("((org_id = ( SELECT auth.org_id() AS org_id)) OR lower(scope) = 'x')"));
+        assert!(calls_function_per_row(
+            "((org_id = ( SELECT auth.org_id() AS org_id)) OR lower(scope) = 'x')"
+        ));
     }
 
     #[test]
@@ -574,7 +840,9 @@ mod tests {
         let text = render_table(&audit(&settings(), &cat));
         assert!(text.starts_with("RLS coverage: 1/2 tables governed\n"));
         assert!(text.contains("SEVERITY  SUBJECT"));
-        assert!(text.contains("BREACH    table public.conversations  row-level security is disabled"));
+        assert!(
+            text.contains("BREACH    table public.conversations  row-level security is disabled")
+        );
         assert!(text.contains("1 finding(s): 1 breach(es), 0 warning(s)"));
         assert!(render_table(&audit(&settings(), &good_catalog())).contains("No findings."));
     }

@@ -141,7 +141,9 @@ pub struct Catalog {
 impl Catalog {
     /// Tables with the tenant column: the ones the operator governs.
     pub fn tenant_tables(&self) -> impl Iterator<Item = &TableState> {
-        self.relations.iter().filter(|t| t.is_table() && t.has_tenant_column())
+        self.relations
+            .iter()
+            .filter(|t| t.is_table() && t.has_tenant_column())
     }
     pub fn tenant_role_names(&self) -> BTreeSet<&str> {
         self.tenant_roles.iter().map(|r| r.name.as_str()).collect()
@@ -199,12 +201,19 @@ ORDER BY n.nspname, c.relname
 pub async fn read(client: &impl GenericClient, s: &Settings) -> Result<Catalog, LayerError> {
     let mut cat = Catalog::default();
     let group = s.group_role.as_str();
-    cat.reader = client.query_one("SELECT session_user::text", &[]).await.map_err(db)?.get(0);
+    cat.reader = client
+        .query_one("SELECT session_user::text", &[])
+        .await
+        .map_err(db)?
+        .get(0);
 
     let wanted: Vec<String> = s
         .schema_names()
         .into_iter()
-        .chain([s.operator_schema.as_str().to_owned(), s.identity_function.schema.as_str().to_owned()])
+        .chain([
+            s.operator_schema.as_str().to_owned(),
+            s.identity_function.schema.as_str().to_owned(),
+        ])
         .collect();
     for row in client
         .query(
@@ -278,7 +287,10 @@ pub async fn read(client: &impl GenericClient, s: &Settings) -> Result<Catalog, 
 
     let extra = vec![s.mapping.to_string(), s.registry.to_string()];
     let rows = client
-        .query(RELATIONS_SQL, &[&s.schema_names(), &group, &s.tenant_column.as_str(), &extra])
+        .query(
+            RELATIONS_SQL,
+            &[&s.schema_names(), &group, &s.tenant_column.as_str(), &extra],
+        )
         .await
         .map_err(db)?;
     for row in rows {
@@ -304,7 +316,10 @@ pub async fn read(client: &impl GenericClient, s: &Settings) -> Result<Catalog, 
                 trigger: row.get(16),
             },
             security_invoker: row.get(17),
-            policies: policies.iter().filter_map(|p| parse_policy_record(p)).collect(),
+            policies: policies
+                .iter()
+                .filter_map(|p| parse_policy_record(p))
+                .collect(),
             sequences_without_usage: row
                 .get::<_, Vec<String>>(19)
                 .iter()
@@ -351,7 +366,10 @@ pub async fn read(client: &impl GenericClient, s: &Settings) -> Result<Catalog, 
                 other_memberships: row.get(8),
             });
         }
-        let sql = format!("SELECT EXISTS (SELECT 1 FROM {} WHERE role_name = $1)", s.mapping);
+        let sql = format!(
+            "SELECT EXISTS (SELECT 1 FROM {} WHERE role_name = $1)",
+            s.mapping
+        );
         cat.group_mapped = client.query_one(&sql, &[&group]).await.map_err(db)?.get(0);
     }
 
@@ -375,22 +393,34 @@ pub async fn read(client: &impl GenericClient, s: &Settings) -> Result<Catalog, 
     }
 
     if cat.function.is_some() {
-        let mut targets: Vec<usize> =
-            cat.relations.iter().enumerate().filter(|(_, t)| t.is_table() && t.has_tenant_column()).map(|(i, _)| i).collect();
+        let mut targets: Vec<usize> = cat
+            .relations
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.is_table() && t.has_tenant_column())
+            .map(|(i, _)| i)
+            .collect();
         targets.sort_unstable();
         for i in targets {
             let qn = QualifiedName::new(
-                super::ident::Ident::new(&cat.relations[i].schema, "schema").map_err(|e| LayerError::Backend(e.to_string()))?,
-                super::ident::Ident::new(&cat.relations[i].name, "table").map_err(|e| LayerError::Backend(e.to_string()))?,
+                super::ident::Ident::new(&cat.relations[i].schema, "schema")
+                    .map_err(|e| LayerError::Backend(e.to_string()))?,
+                super::ident::Ident::new(&cat.relations[i].name, "table")
+                    .map_err(|e| LayerError::Backend(e.to_string()))?,
             );
-            cat.relations[i].expected = expected_texts(client, s, &qn, &cat.relations[i].name).await?;
+            cat.relations[i].expected =
+                expected_texts(client, s, &qn, &cat.relations[i].name).await?;
         }
     }
     Ok(cat)
 }
 
 /// Reads one login role's state (attributes, memberships, mapping).
-pub async fn read_role(client: &impl GenericClient, s: &Settings, role: &str) -> Result<Option<RoleState>, LayerError> {
+pub async fn read_role(
+    client: &impl GenericClient,
+    s: &Settings,
+    role: &str,
+) -> Result<Option<RoleState>, LayerError> {
     let sql = format!(
         "SELECT r.rolname::text, (SELECT m.org_id FROM {} m WHERE m.role_name = r.rolname::text),
                 r.rolsuper, r.rolbypassrls, r.rolcreaterole, r.rolcreatedb, r.rolcanlogin,
@@ -401,7 +431,10 @@ pub async fn read_role(client: &impl GenericClient, s: &Settings, role: &str) ->
          WHERE r.rolname = $1",
         s.mapping
     );
-    let row = client.query_opt(&sql, &[&role, &s.group_role.as_str()]).await.map_err(db)?;
+    let row = client
+        .query_opt(&sql, &[&role, &s.group_role.as_str()])
+        .await
+        .map_err(db)?;
     Ok(row.map(|row| RoleState {
         name: row.get(0),
         org_id: row.get(1),
@@ -423,7 +456,10 @@ async fn expected_texts(
     table: &QualifiedName,
     table_name: &str,
 ) -> Result<Option<Expected>, LayerError> {
-    client.batch_execute("SAVEPOINT bulkhead_shape").await.map_err(db)?;
+    client
+        .batch_execute("SAVEPOINT bulkhead_shape")
+        .await
+        .map_err(db)?;
     let shape = "pg_temp.bulkhead_shape";
     let mut stmts = vec![
         format!("CREATE TEMPORARY TABLE bulkhead_shape (LIKE {table})"),
@@ -472,7 +508,12 @@ async fn expected_texts(
             .await
             .map_err(db)?
             .get(0);
-        let mut exp = Expected { using: String::new(), check: String::new(), shared_using: None, default: default.unwrap_or_default() };
+        let mut exp = Expected {
+            using: String::new(),
+            check: String::new(),
+            shared_using: None,
+            default: default.unwrap_or_default(),
+        };
         for row in rows {
             let name: String = row.get(0);
             if name == POLICY {
@@ -486,7 +527,10 @@ async fn expected_texts(
     } else {
         None
     };
-    client.batch_execute("ROLLBACK TO SAVEPOINT bulkhead_shape; RELEASE SAVEPOINT bulkhead_shape").await.map_err(db)?;
+    client
+        .batch_execute("ROLLBACK TO SAVEPOINT bulkhead_shape; RELEASE SAVEPOINT bulkhead_shape")
+        .await
+        .map_err(db)?;
     Ok(out)
 }
 
@@ -542,7 +586,11 @@ pub(crate) fn parse_record(text: &str) -> Option<Vec<Option<String>>> {
                 }
             }
         }
-        out.push(if field.is_empty() && !quoted_any { None } else { Some(field) });
+        out.push(if field.is_empty() && !quoted_any {
+            None
+        } else {
+            Some(field)
+        });
         if chars.next().is_none() {
             break;
         }
@@ -552,7 +600,9 @@ pub(crate) fn parse_record(text: &str) -> Option<Vec<Option<String>>> {
 
 /// Splits a one-dimensional text array's output (`{a,"b c"}`).
 pub(crate) fn parse_array(text: &str) -> Vec<String> {
-    let Some(inner) = text.strip_prefix('{').and_then(|t| t.strip_suffix('}')) else { return Vec::new() };
+    let Some(inner) = text.strip_prefix('{').and_then(|t| t.strip_suffix('}')) else {
+        return Vec::new();
+    };
     if inner.is_empty() {
         return Vec::new();
     }
@@ -596,7 +646,10 @@ mod tests {
         assert!(p.permissive && p.applies_to_tenants);
         assert_eq!(p.command, "*");
         assert_eq!(p.roles, vec!["public"]);
-        assert_eq!(p.using.as_deref(), Some("(org_id = ( SELECT auth.org_id() AS org_id))"));
+        assert_eq!(
+            p.using.as_deref(),
+            Some("(org_id = ( SELECT auth.org_id() AS org_id))")
+        );
         assert_eq!(p.check.as_deref(), Some("(a, \"b\")"));
         let rec = r#"(p,f,r,"{app,""we ird""}",f,true,)"#;
         let p = parse_policy_record(rec).unwrap();

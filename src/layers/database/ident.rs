@@ -66,13 +66,20 @@ impl Ident {
     /// Validates `raw` as an identifier; `what` names the field in the error.
     pub fn new(raw: &str, what: &str) -> Result<Self, BadIdent> {
         if raw.is_empty() {
-            return Err(BadIdent::Empty { what: what.to_owned() });
+            return Err(BadIdent::Empty {
+                what: what.to_owned(),
+            });
         }
         if raw.len() > MAX_IDENT_BYTES {
-            return Err(BadIdent::TooLong { what: what.to_owned(), len: raw.len() });
+            return Err(BadIdent::TooLong {
+                what: what.to_owned(),
+                len: raw.len(),
+            });
         }
         if raw.contains('\0') {
-            return Err(BadIdent::Nul { what: what.to_owned() });
+            return Err(BadIdent::Nul {
+                what: what.to_owned(),
+            });
         }
         Ok(Self(raw.to_owned()))
     }
@@ -109,9 +116,15 @@ impl QualifiedName {
     /// Parses `schema.name` (split at the first dot; no quoting syntax).
     pub fn parse(raw: &str, what: &str) -> Result<Self, BadIdent> {
         let Some((schema, name)) = raw.split_once('.') else {
-            return Err(BadIdent::NotQualified { what: what.to_owned(), got: raw.to_owned() });
+            return Err(BadIdent::NotQualified {
+                what: what.to_owned(),
+                got: raw.to_owned(),
+            });
         };
-        Ok(Self { schema: Ident::new(schema, what)?, name: Ident::new(name, what)? })
+        Ok(Self {
+            schema: Ident::new(schema, what)?,
+            name: Ident::new(name, what)?,
+        })
     }
 
     /// `schema.name` unquoted, for messages.
@@ -138,7 +151,10 @@ pub fn role_name(prefix: &str, org: &OrgId) -> String {
     let suffix = format!("_{}", &digest[..12]);
     let keep = MAX_IDENT_BYTES.saturating_sub(prefix.len() + suffix.len());
     // Org ids are ASCII, so any byte index is a char boundary.
-    format!("{prefix}{}{suffix}", &org.as_str()[..keep.min(org.as_str().len())])
+    format!(
+        "{prefix}{}{suffix}",
+        &org.as_str()[..keep.min(org.as_str().len())]
+    )
 }
 
 /// A stable 64-bit advisory-lock key for a purpose string (e.g. `bulkhead:prepare`).
@@ -158,8 +174,14 @@ mod tests {
         assert_eq!(quote_ident("org_id"), "\"org_id\"");
         assert_eq!(quote_ident("Select"), "\"Select\"");
         assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
-        assert_eq!(quote_ident("\"; DROP TABLE x; --"), "\"\"\"; DROP TABLE x; --\"");
-        assert_eq!(quote_ident("bulkhead_org_acme-corp"), "\"bulkhead_org_acme-corp\"");
+        assert_eq!(
+            quote_ident("\"; DROP TABLE x; --"),
+            "\"\"\"; DROP TABLE x; --\""
+        );
+        assert_eq!(
+            quote_ident("bulkhead_org_acme-corp"),
+            "\"bulkhead_org_acme-corp\""
+        );
         assert_eq!(quote_ident("ünïcødé"), "\"ünïcødé\"");
     }
 
@@ -167,7 +189,10 @@ mod tests {
     fn quote_literal_escapes_quotes_and_backslashes() {
         assert_eq!(quote_literal("system"), "'system'");
         assert_eq!(quote_literal("O'Brien"), "'O''Brien'");
-        assert_eq!(quote_literal("'); DROP TABLE t; --"), "'''); DROP TABLE t; --'");
+        assert_eq!(
+            quote_literal("'); DROP TABLE t; --"),
+            "'''); DROP TABLE t; --'"
+        );
         assert_eq!(quote_literal("a\\b"), "E'a\\\\b'");
         assert_eq!(quote_literal("a\\'b"), "E'a\\\\''b'");
         assert_eq!(quote_literal("$$"), "'$$'");
@@ -178,12 +203,21 @@ mod tests {
     fn idents_are_validated() {
         assert!(Ident::new("org_id", "tenantColumn").is_ok());
         assert!(matches!(Ident::new("", "x"), Err(BadIdent::Empty { .. })));
-        assert!(matches!(Ident::new(&"a".repeat(64), "x"), Err(BadIdent::TooLong { len: 64, .. })));
+        assert!(matches!(
+            Ident::new(&"a".repeat(64), "x"),
+            Err(BadIdent::TooLong { len: 64, .. })
+        ));
         assert!(Ident::new(&"a".repeat(63), "x").is_ok());
         // 32 two-byte characters are 64 bytes.
-        assert!(matches!(Ident::new(&"é".repeat(32), "x"), Err(BadIdent::TooLong { .. })));
+        assert!(matches!(
+            Ident::new(&"é".repeat(32), "x"),
+            Err(BadIdent::TooLong { .. })
+        ));
         assert!(matches!(Ident::new("a\0b", "x"), Err(BadIdent::Nul { .. })));
-        assert_eq!(Ident::new("we\"ird", "x").unwrap().to_string(), "\"we\"\"ird\"");
+        assert_eq!(
+            Ident::new("we\"ird", "x").unwrap().to_string(),
+            "\"we\"\"ird\""
+        );
     }
 
     #[test]
@@ -191,11 +225,17 @@ mod tests {
         let q = QualifiedName::parse("auth.org_id", "identityFunction").unwrap();
         assert_eq!(q.to_string(), "\"auth\".\"org_id\"");
         assert_eq!(q.plain(), "auth.org_id");
-        assert!(matches!(QualifiedName::parse("org_id", "f"), Err(BadIdent::NotQualified { .. })));
+        assert!(matches!(
+            QualifiedName::parse("org_id", "f"),
+            Err(BadIdent::NotQualified { .. })
+        ));
         assert!(QualifiedName::parse(".x", "f").is_err());
         assert!(QualifiedName::parse("x.", "f").is_err());
         // Split at the first dot: the name keeps the rest, quoted as one identifier.
-        assert_eq!(QualifiedName::parse("a.b.c", "f").unwrap().name.as_str(), "b.c");
+        assert_eq!(
+            QualifiedName::parse("a.b.c", "f").unwrap().name.as_str(),
+            "b.c"
+        );
     }
 
     #[test]
@@ -212,9 +252,15 @@ mod tests {
         assert_ne!(role_name("bulkhead_org_", &long2), name);
         // Exactly 63 bytes is kept as is.
         let fits = OrgId::parse(&"c".repeat(50)).unwrap();
-        assert_eq!(role_name("bulkhead_org_", &fits), format!("bulkhead_org_{}", "c".repeat(50)));
+        assert_eq!(
+            role_name("bulkhead_org_", &fits),
+            format!("bulkhead_org_{}", "c".repeat(50))
+        );
         let over = OrgId::parse(&"c".repeat(51)).unwrap();
-        assert_ne!(role_name("bulkhead_org_", &over), format!("bulkhead_org_{}", "c".repeat(51)));
+        assert_ne!(
+            role_name("bulkhead_org_", &over),
+            format!("bulkhead_org_{}", "c".repeat(51))
+        );
         assert!(role_name("bulkhead_org_", &over).len() <= 63);
     }
 

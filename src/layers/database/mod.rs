@@ -22,9 +22,12 @@ use tokio_postgres::config::Host;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Config, GenericClient, NoTls};
 
-use super::{BuildEnv, Credentials, Layer, LayerError, LayerKind, LayerSlot, Probe, Repair, Tenant, Verification};
-use crate::api::platform::{DatabaseAudit, DatabasePlatform, IsolationPlatformStatus};
+use super::{
+    BuildEnv, Credentials, Layer, LayerError, LayerKind, LayerSlot, Probe, Repair, Tenant,
+    Verification,
+};
 use crate::api::DeletionPolicy;
+use crate::api::platform::{DatabaseAudit, DatabasePlatform, IsolationPlatformStatus};
 use crate::tenant::OrgId;
 use audit::{AuditReport, Severity};
 use catalog::{Catalog, TableState};
@@ -46,7 +49,11 @@ const DELETE_BATCH: i64 = 5_000;
 const MAX_PEERS: usize = 4;
 
 /// Characters escaped in URL user info and path segments.
-const URL_COMPONENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+const URL_COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
 
 /// Describes a PostgreSQL error without the statement (statements may carry a verifier).
 pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
@@ -100,7 +107,10 @@ impl Drop for Pooled<'_> {
 }
 
 async fn open(config: &Config) -> Result<Client, LayerError> {
-    let (client, conn) = config.connect(NoTls).await.map_err(|e| LayerError::Unreachable(describe(&e)))?;
+    let (client, conn) = config
+        .connect(NoTls)
+        .await
+        .map_err(|e| LayerError::Unreachable(describe(&e)))?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!(error = %describe(&e), "postgres connection ended");
@@ -111,13 +121,24 @@ async fn open(config: &Config) -> Result<Client, LayerError> {
 
 impl AdminPool {
     fn new(config: Config) -> Self {
-        Self { config, idle: std::sync::Mutex::new(Vec::new()), permits: Semaphore::new(POOL_SIZE) }
+        Self {
+            config,
+            idle: std::sync::Mutex::new(Vec::new()),
+            permits: Semaphore::new(POOL_SIZE),
+        }
     }
 
     async fn get(&self) -> Result<Pooled<'_>, LayerError> {
-        let permit = self.permits.acquire().await.map_err(|_| LayerError::Unreachable("pool closed".into()))?;
+        let permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| LayerError::Unreachable("pool closed".into()))?;
         let reused = {
-            let mut idle = self.idle.lock().map_err(|_| LayerError::Backend("pool poisoned".into()))?;
+            let mut idle = self
+                .idle
+                .lock()
+                .map_err(|_| LayerError::Backend("pool poisoned".into()))?;
             let mut found = None;
             while let Some(c) = idle.pop() {
                 if !c.is_closed() {
@@ -131,8 +152,19 @@ impl AdminPool {
             Some(c) => c,
             None => open(&self.config).await?,
         };
-        Ok(Pooled { client: Some(client), pool: self, _permit: permit })
+        Ok(Pooled {
+            client: Some(client),
+            pool: self,
+            _permit: permit,
+        })
     }
+}
+
+/// A catalog snapshot and its audit.
+#[derive(Clone, Debug)]
+pub struct AuditSnapshot {
+    pub catalog: Catalog,
+    pub report: AuditReport,
 }
 
 /// The database layer of one platform.
@@ -143,19 +175,22 @@ pub struct DatabaseLayer {
     tenant_host_port: String,
     dbname: String,
     audit_ttl: Duration,
-    audit_cache: tokio::sync::Mutex<Option<(Instant, Arc<(Catalog, AuditReport)>)>>,
+    audit_cache: tokio::sync::Mutex<Option<(Instant, Arc<AuditSnapshot>)>>,
 }
 
 impl std::fmt::Debug for DatabaseLayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DatabaseLayer").field("db", &self.dbname).finish_non_exhaustive()
+        f.debug_struct("DatabaseLayer")
+            .field("db", &self.dbname)
+            .finish_non_exhaustive()
     }
 }
 
 fn parse_admin_url(url: &str) -> Result<Config, LayerError> {
     // The parser's message may quote the URL, and the URL holds the admin password.
-    let mut config: Config =
-        url.parse().map_err(|_| LayerError::Config("database: the admin URL is not a valid PostgreSQL URL".into()))?;
+    let mut config: Config = url.parse().map_err(|_| {
+        LayerError::Config("database: the admin URL is not a valid PostgreSQL URL".into())
+    })?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(Duration::from_secs(10));
     }
@@ -192,7 +227,10 @@ impl DatabaseLayer {
         let tenant_host_port = match &settings.tenant_endpoint {
             Some(ep) => ep.clone(),
             None => host_port(&config).ok_or_else(|| {
-                LayerError::Config("database: tenantEndpoint is required when the admin URL is not host:port".into())
+                LayerError::Config(
+                    "database: tenantEndpoint is required when the admin URL is not host:port"
+                        .into(),
+                )
             })?,
         };
         let client = open(&config).await?;
@@ -204,7 +242,8 @@ impl DatabaseLayer {
             )
             .await
             .map_err(backend)?;
-        let (bypass, create_role, dbname): (bool, bool, String) = (row.get(0), row.get(1), row.get(2));
+        let (bypass, create_role, dbname): (bool, bool, String) =
+            (row.get(0), row.get(1), row.get(2));
         if !bypass || !create_role {
             return Err(LayerError::Config(
                 "database: the admin role needs BYPASSRLS (or SUPERUSER) and CREATEROLE".into(),
@@ -244,7 +283,7 @@ impl DatabaseLayer {
     }
 
     /// The catalog snapshot and its audit, reused for `audit_ttl`.
-    pub async fn audit(&self) -> Result<Arc<(Catalog, AuditReport)>, LayerError> {
+    pub async fn audit(&self) -> Result<Arc<AuditSnapshot>, LayerError> {
         let mut cache = self.audit_cache.lock().await;
         if let Some((at, report)) = cache.as_ref()
             && at.elapsed() < self.audit_ttl
@@ -257,18 +296,39 @@ impl DatabaseLayer {
         Ok(fresh)
     }
 
+    /// Governed tables of the last audit, whatever its age (canaries only), or of a fresh one.
+    async fn governed_tables(&self) -> Result<Vec<TableState>, LayerError> {
+        let cached = self.audit_cache.lock().await.as_ref().map(|(_, a)| a.clone());
+        let snapshot = match cached {
+            Some(a) => a,
+            None => self.audit().await?,
+        };
+        Ok(snapshot.catalog.tenant_tables().cloned().collect())
+    }
+
     async fn prepare_once(&self) -> Result<Vec<Repair>, LayerError> {
         let s = &self.settings;
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await.map_err(backend)?;
-        tx.batch_execute("SET LOCAL lock_timeout = '10s'; SET LOCAL statement_timeout = '300s'").await.map_err(backend)?;
-        tx.execute("SELECT pg_catalog.pg_advisory_xact_lock($1)", &[&lock_key("bulkhead:prepare")]).await.map_err(backend)?;
+        tx.batch_execute("SET LOCAL lock_timeout = '10s'; SET LOCAL statement_timeout = '300s'")
+            .await
+            .map_err(backend)?;
+        tx.execute(
+            "SELECT pg_catalog.pg_advisory_xact_lock($1)",
+            &[&lock_key("bulkhead:prepare")],
+        )
+        .await
+        .map_err(backend)?;
         let cat = catalog::read(&tx, s).await?;
         let boot = plan::bootstrap(s, &cat);
         for stmt in &boot.statements {
             tx.batch_execute(stmt).await.map_err(backend)?;
         }
-        let cat = if boot.statements.is_empty() { cat } else { catalog::read(&tx, s).await? };
+        let cat = if boot.statements.is_empty() {
+            cat
+        } else {
+            catalog::read(&tx, s).await?
+        };
         let gov = plan::govern_tables(s, &cat);
         for stmt in &gov.statements {
             tx.batch_execute(stmt).await.map_err(backend)?;
@@ -286,7 +346,11 @@ impl DatabaseLayer {
         Ok(repairs)
     }
 
-    async fn admin_targets(&self, tenant: &Tenant, tables: &[TableState]) -> Result<probe::Targets, LayerError> {
+    async fn admin_targets(
+        &self,
+        tenant: &Tenant,
+        tables: &[TableState],
+    ) -> Result<probe::Targets, LayerError> {
         let s = &self.settings;
         let client = self.pool.get().await?;
         let me = tenant.org_id.as_str();
@@ -298,7 +362,12 @@ impl DatabaseLayer {
                 quote_ident(&t.name),
                 s.tenant_column
             );
-            if client.query_one(&sql, &[&me]).await.map_err(backend)?.get::<_, bool>(0) {
+            if client
+                .query_one(&sql, &[&me])
+                .await
+                .map_err(backend)?
+                .get::<_, bool>(0)
+            {
                 own_rows_in.push(t.qualified());
             }
         }
@@ -310,8 +379,13 @@ impl DatabaseLayer {
             .map(|p| p.as_str().to_owned())
             .collect();
         let role = self.role_of(&tenant.org_id);
-        let mut candidates: Vec<String> =
-            tenant.peers.iter().filter(|p| !p.is_sentinel() && **p != tenant.org_id).take(MAX_PEERS).map(|p| self.role_of(p)).collect();
+        let mut candidates: Vec<String> = tenant
+            .peers
+            .iter()
+            .filter(|p| !p.is_sentinel() && **p != tenant.org_id)
+            .take(MAX_PEERS)
+            .map(|p| self.role_of(p))
+            .collect();
         candidates.extend(tables.iter().map(|t| t.owner.clone()));
         let existing: Vec<String> = client
             .query(
@@ -335,7 +409,10 @@ impl DatabaseLayer {
 
     fn tenant_config(&self, user: &str, password: &str) -> Config {
         let mut c = self.pool.config.clone();
-        c.user(user).password(password).application_name("bulkhead-probe").options("-c statement_timeout=15000");
+        c.user(user)
+            .password(password)
+            .application_name("bulkhead-probe")
+            .options("-c statement_timeout=15000");
         c
     }
 
@@ -385,54 +462,88 @@ impl DatabaseLayer {
 }
 
 /// Reads the catalog in a transaction that is rolled back (the policy shapes use temp tables).
-async fn read_and_audit(client: &mut Client, s: &Settings) -> Result<(Catalog, AuditReport), LayerError> {
+async fn read_and_audit(
+    client: &mut Client,
+    s: &Settings,
+) -> Result<AuditSnapshot, LayerError> {
     let tx = client.transaction().await.map_err(backend)?;
     let cat = catalog::read(&tx, s).await?;
     tx.rollback().await.map_err(backend)?;
     let report = audit::audit(s, &cat);
-    Ok((cat, report))
+    Ok(AuditSnapshot { catalog: cat, report })
 }
 
-async fn upsert_registry(c: &impl GenericClient, s: &Settings, org: &OrgId, display: &str) -> Result<(), LayerError> {
+async fn upsert_registry(
+    c: &impl GenericClient,
+    s: &Settings,
+    org: &OrgId,
+    display: &str,
+) -> Result<(), LayerError> {
     let sql = format!(
         "INSERT INTO {reg} AS r (id, display_name) VALUES ($1, $2)
          ON CONFLICT (id) DO UPDATE SET display_name = EXCLUDED.display_name, updated_at = now()
          WHERE r.display_name IS DISTINCT FROM EXCLUDED.display_name",
         reg = s.registry
     );
-    c.execute(&sql, &[&org.as_str(), &display]).await.map_err(backend)?;
+    c.execute(&sql, &[&org.as_str(), &display])
+        .await
+        .map_err(backend)?;
     Ok(())
 }
 
 /// Inserts one canary row per governed table for `org` where it has no row yet. Tables whose
 /// other columns need values the operator cannot invent are left without a canary.
-async fn plant_canaries(tx: &tokio_postgres::Transaction<'_>, s: &Settings, tables: &[TableState], org: &str) -> Result<(), LayerError> {
+async fn plant_canaries(
+    tx: &tokio_postgres::Transaction<'_>,
+    s: &Settings,
+    tables: &[TableState],
+    org: &str,
+) -> Result<(), LayerError> {
     for t in tables {
         let tbl = format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.name));
         let col = &s.tenant_column;
         let exists: bool = tx
-            .query_one(&format!("SELECT EXISTS (SELECT 1 FROM {tbl} WHERE {col} = $1)"), &[&org])
+            .query_one(
+                &format!("SELECT EXISTS (SELECT 1 FROM {tbl} WHERE {col} = $1)"),
+                &[&org],
+            )
             .await
             .map_err(backend)?
             .get(0);
         if exists {
             continue;
         }
-        let is_vectors = t.name == s.embeddings_table.as_str() && t.has_column(s.embedding_column.as_str());
-        tx.batch_execute("SAVEPOINT bulkhead_canary").await.map_err(backend)?;
+        let is_vectors =
+            t.name == s.embeddings_table.as_str() && t.has_column(s.embedding_column.as_str());
+        tx.batch_execute("SAVEPOINT bulkhead_canary")
+            .await
+            .map_err(backend)?;
         let res = if is_vectors {
             let v: Vec<f64> = probe::CANARY_VECTOR.to_vec();
-            tx.execute(&format!("INSERT INTO {tbl} ({col}, {}) VALUES ($1, $2)", s.embedding_column), &[&org, &v]).await
+            tx.execute(
+                &format!(
+                    "INSERT INTO {tbl} ({col}, {}) VALUES ($1, $2)",
+                    s.embedding_column
+                ),
+                &[&org, &v],
+            )
+            .await
         } else {
-            tx.execute(&format!("INSERT INTO {tbl} ({col}) VALUES ($1)"), &[&org]).await
+            tx.execute(&format!("INSERT INTO {tbl} ({col}) VALUES ($1)"), &[&org])
+                .await
         };
         match res {
-            Ok(_) => tx.batch_execute("RELEASE SAVEPOINT bulkhead_canary").await.map_err(backend)?,
+            Ok(_) => tx
+                .batch_execute("RELEASE SAVEPOINT bulkhead_canary")
+                .await
+                .map_err(backend)?,
             Err(e) => {
                 tracing::debug!(table = %t.qualified(), error = %describe(&e), "no canary");
-                tx.batch_execute("ROLLBACK TO SAVEPOINT bulkhead_canary; RELEASE SAVEPOINT bulkhead_canary")
-                    .await
-                    .map_err(backend)?;
+                tx.batch_execute(
+                    "ROLLBACK TO SAVEPOINT bulkhead_canary; RELEASE SAVEPOINT bulkhead_canary",
+                )
+                .await
+                .map_err(backend)?;
             }
         }
     }
@@ -459,24 +570,37 @@ impl Layer for DatabaseLayer {
         out
     }
 
-    async fn ensure(&self, tenant: &Tenant, creds: &mut Credentials) -> Result<Vec<Repair>, LayerError> {
+    async fn ensure(
+        &self,
+        tenant: &Tenant,
+        creds: &mut Credentials,
+    ) -> Result<Vec<Repair>, LayerError> {
         let s = &self.settings;
         let org = &tenant.org_id;
         let role = self.role_of(org);
+        // Before taking a connection: the audit may need one of its own.
+        let cat_tables = self.governed_tables().await?;
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await.map_err(backend)?;
-        tx.execute("SELECT pg_catalog.pg_advisory_xact_lock($1)", &[&lock_key(&format!("bulkhead:org:{org}"))])
-            .await
-            .map_err(backend)?;
+        tx.execute(
+            "SELECT pg_catalog.pg_advisory_xact_lock($1)",
+            &[&lock_key(&format!("bulkhead:org:{org}"))],
+        )
+        .await
+        .map_err(backend)?;
         let existing = catalog::read_role(&tx, s, &role).await?;
-        let kept = creds.get(KEY_PASSWORD).filter(|p| !p.is_empty() && !tenant.rotate).map(str::to_owned);
+        let kept = creds
+            .get(KEY_PASSWORD)
+            .filter(|p| !p.is_empty() && !tenant.rotate)
+            .map(str::to_owned);
         let (password, set_password) = match (kept, &existing) {
             (Some(pw), Some(_)) => (pw, false),
             (Some(pw), None) => (pw, true),
             (None, _) => (super::random_secret(32), true),
         };
         // Only a SCRAM verifier reaches the server, so the plaintext never lands in its logs.
-        let verifier = set_password.then(|| postgres_protocol::password::scram_sha_256(password.as_bytes()));
+        let verifier =
+            set_password.then(|| postgres_protocol::password::scram_sha_256(password.as_bytes()));
         let mut p = plan::tenant_role(s, &role, existing.as_ref(), verifier.as_deref());
         for stmt in &p.statements {
             tx.batch_execute(stmt).await.map_err(backend)?;
@@ -484,60 +608,79 @@ impl Layer for DatabaseLayer {
         match existing.as_ref().and_then(|r| r.org_id.clone()) {
             Some(mapped) if mapped == org.as_str() => {}
             mapped => {
-                let sql = format!("DELETE FROM {} WHERE org_id = $1 AND role_name <> $2", s.mapping);
-                let stale = tx.execute(&sql, &[&org.as_str(), &role]).await.map_err(backend)?;
+                let sql = format!(
+                    "DELETE FROM {} WHERE org_id = $1 AND role_name <> $2",
+                    s.mapping
+                );
+                let stale = tx
+                    .execute(&sql, &[&org.as_str(), &role])
+                    .await
+                    .map_err(backend)?;
                 let sql = format!(
                     "INSERT INTO {} (role_name, org_id) VALUES ($1, $2)
                      ON CONFLICT (role_name) DO UPDATE SET org_id = EXCLUDED.org_id",
                     s.mapping
                 );
-                tx.execute(&sql, &[&role, &org.as_str()]).await.map_err(backend)?;
+                tx.execute(&sql, &[&role, &org.as_str()])
+                    .await
+                    .map_err(backend)?;
                 if existing.is_some() || stale > 0 {
-                    let was = mapped.map(|m| format!("mapped to {m:?}")).unwrap_or_else(|| "unmapped".into());
-                    p.repairs.push(Repair(format!("role {role} was {was}; mapped to {org}")));
+                    let was = mapped
+                        .map(|m| format!("mapped to {m:?}"))
+                        .unwrap_or_else(|| "unmapped".into());
+                    p.repairs
+                        .push(Repair(format!("role {role} was {was}; mapped to {org}")));
                 }
             }
         }
         upsert_registry(&tx, s, org, &tenant.display_name).await?;
-        let cat_tables: Vec<TableState> = {
-            // Canaries go into the governed tables of the last audit, or a fresh read.
-            let cached = self.audit_cache.lock().await.as_ref().map(|(_, a)| a.clone());
-            match cached {
-                Some(a) => a.0.tenant_tables().cloned().collect(),
-                None => {
-                    tx.batch_execute("SAVEPOINT bulkhead_read").await.map_err(backend)?;
-                    let cat = catalog::read(&tx, s).await?;
-                    tx.batch_execute("RELEASE SAVEPOINT bulkhead_read").await.map_err(backend)?;
-                    cat.tenant_tables().cloned().collect()
-                }
-            }
-        };
         plant_canaries(&tx, s, &cat_tables, org.as_str()).await?;
         tx.commit().await.map_err(backend)?;
 
         creds.set(KEY_USER, role.clone());
-        creds.set(KEY_URL, tenant_url(&self.tenant_host_port, &self.dbname, &role, &password));
+        creds.set(
+            KEY_URL,
+            tenant_url(&self.tenant_host_port, &self.dbname, &role, &password),
+        );
         creds.set(KEY_PASSWORD, password);
         Ok(p.repairs)
     }
 
-    async fn verify(&self, tenant: &Tenant, creds: &Credentials) -> Result<Verification, LayerError> {
+    async fn verify(
+        &self,
+        tenant: &Tenant,
+        creds: &Credentials,
+    ) -> Result<Verification, LayerError> {
         let report = self.audit().await?;
-        let (cat, audit) = (&report.0, &report.1);
-        let mut v = Verification { findings: audit.breaches().map(|f| f.text()).collect(), probes: Vec::new() };
+        let (cat, audit) = (&report.catalog, &report.report);
+        let mut v = Verification {
+            findings: audit.breaches().map(|f| f.text()).collect(),
+            probes: Vec::new(),
+        };
         let role = self.role_of(&tenant.org_id);
         let Some(password) = creds.get(KEY_PASSWORD) else {
-            v.probes.push(Probe::new(format!("log in as {role}"), false, "no database password in the credentials"));
+            v.probes.push(Probe::new(
+                format!("log in as {role}"),
+                false,
+                "no database password in the credentials",
+            ));
             return Ok(v);
         };
         let tables: Vec<TableState> = cat.tenant_tables().cloned().collect();
         let targets = self.admin_targets(tenant, &tables).await?;
         match self.tenant_config(&role, password).connect(NoTls).await {
-            Err(e) => v.probes.push(Probe::new(format!("log in as {role}"), false, describe(&e))),
+            Err(e) => v
+                .probes
+                .push(Probe::new(format!("log in as {role}"), false, describe(&e))),
             Ok((mut client, conn)) => {
                 let task = tokio::spawn(conn);
-                v.probes.push(Probe::new(format!("log in as {role}"), true, "logged in with the organization's password"));
-                v.probes.extend(probe::run(&mut client, &self.settings, &targets).await);
+                v.probes.push(Probe::new(
+                    format!("log in as {role}"),
+                    true,
+                    "logged in with the organization's password",
+                ));
+                v.probes
+                    .extend(probe::run(&mut client, &self.settings, &targets).await);
                 drop(client);
                 let _ = task.await;
             }
@@ -555,21 +698,39 @@ impl Layer for DatabaseLayer {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await.map_err(backend)?;
         let exists: bool = tx
-            .query_one("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1)", &[&role])
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1)",
+                &[&role],
+            )
             .await
             .map_err(backend)?
             .get(0);
         if exists {
-            tx.execute(&format!("ALTER ROLE {} NOLOGIN", quote_ident(&role)), &[]).await.map_err(backend)?;
+            tx.execute(&format!("ALTER ROLE {} NOLOGIN", quote_ident(&role)), &[])
+                .await
+                .map_err(backend)?;
         }
         if tenant.deletion_policy == DeletionPolicy::Delete {
             if exists {
-                tx.execute(&format!("DROP ROLE {}", quote_ident(&role)), &[]).await.map_err(backend)?;
+                tx.execute(&format!("DROP ROLE {}", quote_ident(&role)), &[])
+                    .await
+                    .map_err(backend)?;
             }
-            tx.execute(&format!("DELETE FROM {} WHERE role_name = $1 OR org_id = $2", s.mapping), &[&role, &org.as_str()])
-                .await
-                .map_err(backend)?;
-            tx.execute(&format!("DELETE FROM {} WHERE id = $1", s.registry), &[&org.as_str()]).await.map_err(backend)?;
+            tx.execute(
+                &format!(
+                    "DELETE FROM {} WHERE role_name = $1 OR org_id = $2",
+                    s.mapping
+                ),
+                &[&role, &org.as_str()],
+            )
+            .await
+            .map_err(backend)?;
+            tx.execute(
+                &format!("DELETE FROM {} WHERE id = $1", s.registry),
+                &[&org.as_str()],
+            )
+            .await
+            .map_err(backend)?;
         }
         tx.commit().await.map_err(backend)?;
         // Sessions opened before NOLOGIN would keep working; end them.
@@ -588,9 +749,12 @@ impl Layer for DatabaseLayer {
         Some(self.role_of(org))
     }
 
-    async fn platform_status(&self, status: &mut IsolationPlatformStatus) -> Result<(), LayerError> {
+    async fn platform_status(
+        &self,
+        status: &mut IsolationPlatformStatus,
+    ) -> Result<(), LayerError> {
         let report = self.audit().await?;
-        let a = &report.1;
+        let a = &report.report;
         status.database = Some(DatabaseAudit {
             coverage: a.coverage(),
             governed_tables: a.governed_tables,
@@ -623,11 +787,15 @@ pub async fn build(env: &BuildEnv<'_>) -> LayerSlot {
 
 /// `bulkhead audit`: runs the audit against `url` and returns what to print and whether
 /// anything was found (the command then exits non-zero).
-pub async fn run_audit_cli(url: &str, spec: &DatabasePlatform, json: bool) -> Result<(String, bool), LayerError> {
+pub async fn run_audit_cli(
+    url: &str,
+    spec: &DatabasePlatform,
+    json: bool,
+) -> Result<(String, bool), LayerError> {
     let s = Settings::from_spec(spec)?;
     let config = parse_admin_url(url)?;
     let mut client = open(&config).await?;
-    let (_, report) = read_and_audit(&mut client, &s).await?;
+    let report = read_and_audit(&mut client, &s).await?.report;
     let found = !report.findings.is_empty();
     let out = if json {
         let value = serde_json::json!({
@@ -653,12 +821,17 @@ mod tests {
             tenant_url("db.example:5432", "app", "bulkhead_org_acme-1", "Ab9"),
             "postgres://bulkhead_org_acme-1:Ab9@db.example:5432/app"
         );
-        assert_eq!(tenant_url("h:1", "my db", "u@x", "p:/?#"), "postgres://u%40x:p%3A%2F%3F%23@h:1/my%20db");
+        assert_eq!(
+            tenant_url("h:1", "my db", "u@x", "p:/?#"),
+            "postgres://u%40x:p%3A%2F%3F%23@h:1/my%20db"
+        );
     }
 
     #[test]
     fn admin_url_errors_never_echo_the_url() {
-        let err = parse_admin_url("postgres://admin:hunter2@host:notaport/db").unwrap_err().to_string();
+        let err = parse_admin_url("postgres://admin:hunter2@host:notaport/db")
+            .unwrap_err()
+            .to_string();
         assert!(!err.contains("hunter2"), "{err}");
         let c = parse_admin_url("postgres://admin:pw@127.0.0.1:5433/app").unwrap();
         assert_eq!(host_port(&c).as_deref(), Some("127.0.0.1:5433"));
@@ -670,7 +843,11 @@ mod tests {
     fn db_error_descriptions_carry_no_statement() {
         // Only the server's message and code are shown; the statement (which may hold a
         // verifier) never is. Checked structurally: describe() has no access to the SQL.
-        assert!(is_race(&LayerError::Backend("role \"x\" already exists (SQLSTATE 42710)".into())));
-        assert!(!is_race(&LayerError::Backend("permission denied (SQLSTATE 42501)".into())));
+        assert!(is_race(&LayerError::Backend(
+            "role \"x\" already exists (SQLSTATE 42710)".into()
+        )));
+        assert!(!is_race(&LayerError::Backend(
+            "permission denied (SQLSTATE 42501)".into()
+        )));
     }
 }

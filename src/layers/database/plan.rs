@@ -36,11 +36,17 @@ impl Plan {
 /// mode; members of the group without a mapping (the group itself) get NULL, so no rows. Only
 /// other roles (a pooled application role) may name an organization by setting or JWT.
 pub fn identity_body(s: &Settings) -> String {
-    let mapped = format!("SELECT m.org_id FROM {} m WHERE m.role_name = current_user::text", s.mapping);
+    let mapped = format!(
+        "SELECT m.org_id FROM {} m WHERE m.role_name = current_user::text",
+        s.mapping
+    );
     let fallback = match s.mode {
         IdentityMode::Role => return format!("\n{mapped}\n"),
         IdentityMode::Setting => {
-            format!("NULLIF(pg_catalog.current_setting({}, true), '')", quote_literal(&s.setting_name))
+            format!(
+                "NULLIF(pg_catalog.current_setting({}, true), '')",
+                quote_literal(&s.setting_name)
+            )
         }
         IdentityMode::Jwt => format!(
             "(NULLIF(pg_catalog.current_setting({}, true), '')::jsonb ->> {})",
@@ -86,7 +92,12 @@ pub fn policy_using(s: &Settings) -> String {
 pub fn policy_check(s: &Settings, shared: Option<&SharedRead>) -> String {
     match shared {
         None => policy_using(s),
-        Some(sr) => format!("{} AND {} IS DISTINCT FROM {}", policy_using(s), sr.column, quote_literal(&sr.value)),
+        Some(sr) => format!(
+            "{} AND {} IS DISTINCT FROM {}",
+            policy_using(s),
+            sr.column,
+            quote_literal(&sr.value)
+        ),
     }
 }
 
@@ -109,7 +120,8 @@ pub fn index_name(t: &TableState) -> String {
 pub fn bootstrap(s: &Settings, cat: &Catalog) -> Plan {
     let mut p = Plan::default();
     let g = &s.group_role;
-    let mut schemas: Vec<&super::ident::Ident> = vec![&s.operator_schema, &s.identity_function.schema];
+    let mut schemas: Vec<&super::ident::Ident> =
+        vec![&s.operator_schema, &s.identity_function.schema];
     schemas.extend(s.schemas.iter());
     let mut seen = std::collections::BTreeSet::new();
     for schema in schemas {
@@ -119,26 +131,46 @@ pub fn bootstrap(s: &Settings, cat: &Catalog) -> Plan {
     }
 
     match &cat.group {
-        None => p.push(format!("CREATE ROLE {g} NOLOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE NOREPLICATION")),
+        None => p.push(format!(
+            "CREATE ROLE {g} NOLOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE NOREPLICATION"
+        )),
         Some(r) => {
             if r.superuser || r.bypass_rls || r.can_login || r.create_role || r.create_db {
-                p.push(format!("ALTER ROLE {g} NOLOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE"));
-                p.repair(format!("group role {} had LOGIN, SUPERUSER, BYPASSRLS or CREATE* attributes; removed", g.as_str()));
+                p.push(format!(
+                    "ALTER ROLE {g} NOLOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE"
+                ));
+                p.repair(format!(
+                    "group role {} had LOGIN, SUPERUSER, BYPASSRLS or CREATE* attributes; removed",
+                    g.as_str()
+                ));
             }
             for m in &r.other_memberships {
                 p.push(format!("REVOKE {} FROM {g}", quote_ident(m)));
-                p.repair(format!("group role {} was a member of {m}; revoked", g.as_str()));
+                p.repair(format!(
+                    "group role {} was a member of {m}; revoked",
+                    g.as_str()
+                ));
             }
         }
     }
-    for schema in std::iter::once(&s.operator_schema).chain([&s.identity_function.schema]).chain(s.schemas.iter()) {
+    for schema in std::iter::once(&s.operator_schema)
+        .chain([&s.identity_function.schema])
+        .chain(s.schemas.iter())
+    {
         if !cat.group_schema_usage.contains(schema.as_str()) {
             p.push(format!("GRANT USAGE ON SCHEMA {schema} TO {g}"));
         }
     }
     if cat.group_mapped {
-        p.push(format!("DELETE FROM {} WHERE role_name = {}", s.mapping, quote_literal(g.as_str())));
-        p.repair(format!("group role {} was mapped to an organization; mapping removed", g.as_str()));
+        p.push(format!(
+            "DELETE FROM {} WHERE role_name = {}",
+            s.mapping,
+            quote_literal(g.as_str())
+        ));
+        p.repair(format!(
+            "group role {} was mapped to an organization; mapping removed",
+            g.as_str()
+        ));
     }
 
     let mapping = &s.mapping;
@@ -167,7 +199,11 @@ pub fn bootstrap(s: &Settings, cat: &Catalog) -> Plan {
                 p.push(format!("ALTER TABLE {mapping} FORCE ROW LEVEL SECURITY"));
                 fixed.push("forced RLS");
             }
-            let others: Vec<&PolicyState> = t.policies.iter().filter(|x| x.name != MAPPING_POLICY).collect();
+            let others: Vec<&PolicyState> = t
+                .policies
+                .iter()
+                .filter(|x| x.name != MAPPING_POLICY)
+                .collect();
             for x in others {
                 p.push(format!("DROP POLICY {} ON {mapping}", quote_ident(&x.name)));
                 fixed.push("dropped a foreign policy");
@@ -179,7 +215,13 @@ pub fn bootstrap(s: &Settings, cat: &Catalog) -> Plan {
                 ));
                 fixed.push("restored its policy");
             }
-            if t.group.insert || t.group.update || t.group.delete || t.group.truncate || t.group.trigger || t.group.references {
+            if t.group.insert
+                || t.group.update
+                || t.group.delete
+                || t.group.truncate
+                || t.group.trigger
+                || t.group.references
+            {
                 p.push(format!("REVOKE INSERT, UPDATE, DELETE, TRUNCATE, TRIGGER, REFERENCES ON {mapping} FROM {g}"));
                 p.push(format!("REVOKE INSERT, UPDATE, DELETE, TRUNCATE, TRIGGER, REFERENCES ON {mapping} FROM PUBLIC"));
                 fixed.push("revoked tenant write privileges");
@@ -188,7 +230,11 @@ pub fn bootstrap(s: &Settings, cat: &Catalog) -> Plan {
                 p.push(format!("GRANT SELECT ON {mapping} TO PUBLIC"));
             }
             if !fixed.is_empty() {
-                p.repair(format!("role mapping {}: {}", mapping.plain(), fixed.join(", ")));
+                p.repair(format!(
+                    "role mapping {}: {}",
+                    mapping.plain(),
+                    fixed.join(", ")
+                ));
             }
         }
     }
@@ -203,11 +249,20 @@ pub fn bootstrap(s: &Settings, cat: &Catalog) -> Plan {
                 && f.config == [IDENTITY_CONFIG.to_owned()];
             if !intact {
                 p.push(identity_function_sql(s));
-                p.repair(format!("identity function {}() differed from the planned one; replaced", s.identity_function.plain()));
+                p.repair(format!(
+                    "identity function {}() differed from the planned one; replaced",
+                    s.identity_function.plain()
+                ));
             }
             if cat.tenant_role_names().contains(f.owner.as_str()) || f.owner == g.as_str() {
-                p.push(format!("ALTER FUNCTION {}() OWNER TO CURRENT_USER", s.identity_function));
-                p.repair(format!("identity function was owned by tenant role {}; reassigned", f.owner));
+                p.push(format!(
+                    "ALTER FUNCTION {}() OWNER TO CURRENT_USER",
+                    s.identity_function
+                ));
+                p.repair(format!(
+                    "identity function was owned by tenant role {}; reassigned",
+                    f.owner
+                ));
             }
         }
     }
@@ -243,19 +298,37 @@ pub fn bootstrap(s: &Settings, cat: &Catalog) -> Plan {
                 p.push(reg_policy);
                 fixed.push("restored its policy");
             }
-            for x in t.policies.iter().filter(|x| x.name != POLICY && x.permissive && x.applies_to_tenants) {
-                p.push(format!("DROP POLICY {} ON {registry}", quote_ident(&x.name)));
+            for x in t
+                .policies
+                .iter()
+                .filter(|x| x.name != POLICY && x.permissive && x.applies_to_tenants)
+            {
+                p.push(format!(
+                    "DROP POLICY {} ON {registry}",
+                    quote_ident(&x.name)
+                ));
                 fixed.push("dropped a widening policy");
             }
-            if t.group.insert || t.group.update || t.group.delete || t.group.truncate || t.group.trigger {
-                p.push(format!("REVOKE INSERT, UPDATE, DELETE, TRUNCATE, TRIGGER ON {registry} FROM {g}"));
+            if t.group.insert
+                || t.group.update
+                || t.group.delete
+                || t.group.truncate
+                || t.group.trigger
+            {
+                p.push(format!(
+                    "REVOKE INSERT, UPDATE, DELETE, TRUNCATE, TRIGGER ON {registry} FROM {g}"
+                ));
                 fixed.push("revoked tenant write privileges");
             }
             if !t.group.select {
                 p.push(format!("GRANT SELECT ON {registry} TO {g}"));
             }
             if !fixed.is_empty() {
-                p.repair(format!("registry {}: {}", registry.plain(), fixed.join(", ")));
+                p.repair(format!(
+                    "registry {}: {}",
+                    registry.plain(),
+                    fixed.join(", ")
+                ));
             }
         }
     }
@@ -263,7 +336,12 @@ pub fn bootstrap(s: &Settings, cat: &Catalog) -> Plan {
 }
 
 /// Whether the operator's policy on a table is exactly as planned.
-pub fn policy_intact(policy: &PolicyState, using: &str, check: Option<&str>, command: &str) -> bool {
+pub fn policy_intact(
+    policy: &PolicyState,
+    using: &str,
+    check: Option<&str>,
+    command: &str,
+) -> bool {
     policy.permissive
         && policy.command == command
         && policy.roles == ["public"]
@@ -310,13 +388,19 @@ pub fn govern_table(s: &Settings, t: &TableState) -> Plan {
             quote_ident(SHARED_READ_POLICY),
             shared_read_using(sr)
         );
-        match (t.policy(SHARED_READ_POLICY), t.expected.as_ref().and_then(|e| e.shared_using.as_deref())) {
+        match (
+            t.policy(SHARED_READ_POLICY),
+            t.expected.as_ref().and_then(|e| e.shared_using.as_deref()),
+        ) {
             (None, _) => {
                 p.push(create_shared);
                 fixed.push("created the shared-read policy".into());
             }
             (Some(pol), Some(exp)) if !policy_intact(pol, exp, None, "r") => {
-                p.push(format!("DROP POLICY {} ON {tbl}", quote_ident(SHARED_READ_POLICY)));
+                p.push(format!(
+                    "DROP POLICY {} ON {tbl}",
+                    quote_ident(SHARED_READ_POLICY)
+                ));
                 p.push(create_shared);
                 fixed.push("restored the altered shared-read policy".into());
             }
@@ -333,21 +417,37 @@ pub fn govern_table(s: &Settings, t: &TableState) -> Plan {
     if let Some(exp) = &t.expected
         && t.tenant_default.as_deref() != Some(exp.default.as_str())
     {
-        p.push(format!("ALTER TABLE {tbl} ALTER COLUMN {} SET DEFAULT {}()", s.tenant_column, s.identity_function));
+        p.push(format!(
+            "ALTER TABLE {tbl} ALTER COLUMN {} SET DEFAULT {}()",
+            s.tenant_column, s.identity_function
+        ));
         fixed.push("set the tenant column's default".into());
     }
     if t.expected.is_none() && t.tenant_default.is_none() {
-        p.push(format!("ALTER TABLE {tbl} ALTER COLUMN {} SET DEFAULT {}()", s.tenant_column, s.identity_function));
+        p.push(format!(
+            "ALTER TABLE {tbl} ALTER COLUMN {} SET DEFAULT {}()",
+            s.tenant_column, s.identity_function
+        ));
     }
     if !(t.group.select && t.group.insert && t.group.update && t.group.delete) {
-        p.push(format!("GRANT SELECT, INSERT, UPDATE, DELETE ON {tbl} TO {g}"));
+        p.push(format!(
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON {tbl} TO {g}"
+        ));
     }
     for (schema, seq) in &t.sequences_without_usage {
-        p.push(format!("GRANT USAGE ON SEQUENCE {}.{} TO {g}", quote_ident(schema), quote_ident(seq)));
+        p.push(format!(
+            "GRANT USAGE ON SEQUENCE {}.{} TO {g}",
+            quote_ident(schema),
+            quote_ident(seq)
+        ));
     }
     if t.group.truncate || t.group.trigger || t.group.references {
-        p.push(format!("REVOKE TRUNCATE, TRIGGER, REFERENCES ON {tbl} FROM {g}"));
-        p.push(format!("REVOKE TRUNCATE, TRIGGER, REFERENCES ON {tbl} FROM PUBLIC"));
+        p.push(format!(
+            "REVOKE TRUNCATE, TRIGGER, REFERENCES ON {tbl} FROM {g}"
+        ));
+        p.push(format!(
+            "REVOKE TRUNCATE, TRIGGER, REFERENCES ON {tbl} FROM PUBLIC"
+        ));
         fixed.push("revoked TRUNCATE/TRIGGER/REFERENCES from tenants".into());
     }
     if !t.indexed && s.create_indexes && t.kind == "r" {
@@ -377,21 +477,30 @@ pub fn govern_tables(s: &Settings, cat: &Catalog) -> Plan {
 
 /// Statements for an organization's login role. `verifier` is a SCRAM verifier to store as the
 /// password (never the plaintext); None keeps the current one.
-pub fn tenant_role(s: &Settings, role: &str, existing: Option<&RoleState>, verifier: Option<&str>) -> Plan {
+pub fn tenant_role(
+    s: &Settings,
+    role: &str,
+    existing: Option<&RoleState>,
+    verifier: Option<&str>,
+) -> Plan {
     let mut p = Plan::default();
     let r = quote_ident(role);
     let g = &s.group_role;
     let attrs = "NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE NOREPLICATION INHERIT";
     match existing {
         None => {
-            let pw = verifier.map(|v| format!(" PASSWORD {}", quote_literal(v))).unwrap_or_default();
+            let pw = verifier
+                .map(|v| format!(" PASSWORD {}", quote_literal(v)))
+                .unwrap_or_default();
             p.push(format!("CREATE ROLE {r} LOGIN {attrs}{pw}"));
             p.push(format!("GRANT {g} TO {r}"));
         }
         Some(st) => {
             if st.superuser || st.bypass_rls || st.create_role || st.create_db {
                 p.push(format!("ALTER ROLE {r} {attrs}"));
-                p.repair(format!("role {role} had SUPERUSER, BYPASSRLS or CREATE* attributes; removed"));
+                p.repair(format!(
+                    "role {role} had SUPERUSER, BYPASSRLS or CREATE* attributes; removed"
+                ));
             }
             if !st.can_login {
                 p.push(format!("ALTER ROLE {r} LOGIN"));
@@ -458,7 +567,13 @@ mod tests {
             force: true,
             tenant_default: Some("auth.org_id()".into()),
             indexed: true,
-            group: Privileges { select: true, insert: true, update: true, delete: true, ..Default::default() },
+            group: Privileges {
+                select: true,
+                insert: true,
+                update: true,
+                delete: true,
+                ..Default::default()
+            },
             policies: vec![PolicyState {
                 name: POLICY.into(),
                 permissive: true,
@@ -486,16 +601,24 @@ mod tests {
             "SELECT m.org_id FROM \"bulkhead\".\"tenant_roles\" m WHERE m.role_name = current_user::text"
         );
         let setting = identity_body(&settings(json!({"identityMode": "setting"})));
-        assert!(setting.contains("pg_has_role(current_user, 'bulkhead_tenant', 'MEMBER') THEN NULL"));
+        assert!(
+            setting.contains("pg_has_role(current_user, 'bulkhead_tenant', 'MEMBER') THEN NULL")
+        );
         assert!(setting.contains("current_setting('bulkhead.org_id', true)"));
-        let jwt = identity_body(&settings(json!({"identityMode": "jwt", "jwtClaim": "o'rg"})));
-        assert!(jwt.contains("current_setting('request.jwt.claims', true), '')::jsonb ->> 'o''rg'"));
+        let jwt = identity_body(&settings(
+            json!({"identityMode": "jwt", "jwtClaim": "o'rg"}),
+        ));
+        assert!(
+            jwt.contains("current_setting('request.jwt.claims', true), '')::jsonb ->> 'o''rg'")
+        );
     }
 
     #[test]
     fn identity_function_is_stable_invoker_with_safe_search_path() {
         let sql = identity_function_sql(&settings(json!({})));
-        assert!(sql.starts_with("CREATE OR REPLACE FUNCTION \"auth\".\"org_id\"() RETURNS text LANGUAGE sql STABLE"));
+        assert!(sql.starts_with(
+            "CREATE OR REPLACE FUNCTION \"auth\".\"org_id\"() RETURNS text LANGUAGE sql STABLE"
+        ));
         assert!(sql.contains("SECURITY INVOKER"));
         assert!(sql.contains("SET search_path = pg_catalog, pg_temp"));
         assert!(sql.contains("$bulkhead$"));
@@ -504,13 +627,19 @@ mod tests {
     #[test]
     fn dollar_quote_never_collides() {
         assert_eq!(dollar_quote("x"), "$bulkhead$x$bulkhead$");
-        assert_eq!(dollar_quote("a $bulkhead$ b"), "$bulkhead_$a $bulkhead$ b$bulkhead_$");
+        assert_eq!(
+            dollar_quote("a $bulkhead$ b"),
+            "$bulkhead_$a $bulkhead$ b$bulkhead_$"
+        );
     }
 
     #[test]
     fn policy_wraps_the_function_in_a_subselect() {
         let s = settings(json!({}));
-        assert_eq!(policy_using(&s), "\"org_id\" = (SELECT \"auth\".\"org_id\"())");
+        assert_eq!(
+            policy_using(&s),
+            "\"org_id\" = (SELECT \"auth\".\"org_id\"())"
+        );
         let s = settings(json!({
             "overrides": [{"table": "skills", "sharedReadColumn": "scope", "sharedReadValue": "sys'tem"}]
         }));
@@ -529,9 +658,13 @@ mod tests {
         let sql = p.statements.join(";\n");
         assert!(sql.contains("ALTER TABLE \"public\".\"messages\" ENABLE ROW LEVEL SECURITY"));
         assert!(sql.contains("ALTER TABLE \"public\".\"messages\" FORCE ROW LEVEL SECURITY"));
-        assert!(sql.contains("CREATE POLICY \"bulkhead_isolation\" ON \"public\".\"messages\" USING"));
+        assert!(
+            sql.contains("CREATE POLICY \"bulkhead_isolation\" ON \"public\".\"messages\" USING")
+        );
         assert!(sql.contains("SET DEFAULT \"auth\".\"org_id\"()"));
-        assert!(sql.contains("GRANT SELECT, INSERT, UPDATE, DELETE ON \"public\".\"messages\" TO \"bulkhead_tenant\""));
+        assert!(sql.contains(
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON \"public\".\"messages\" TO \"bulkhead_tenant\""
+        ));
         assert!(p.concurrent.is_empty(), "indexes only when createIndexes");
         let mut t = governed("messages");
         t.sequences_without_usage = vec![("public".into(), "messages_id_seq".into())];
@@ -540,7 +673,11 @@ mod tests {
             vec!["GRANT USAGE ON SEQUENCE \"public\".\"messages_id_seq\" TO \"bulkhead_tenant\""]
         );
         assert_eq!(p.repairs.len(), 1);
-        assert!(p.repairs[0].0.contains("enabled RLS, forced RLS, created the isolation policy"));
+        assert!(
+            p.repairs[0]
+                .0
+                .contains("enabled RLS, forced RLS, created the isolation policy")
+        );
     }
 
     #[test]
@@ -557,12 +694,18 @@ mod tests {
         let mut t = governed("messages");
         t.force = false;
         let p = govern_table(&s, &t);
-        assert_eq!(p.statements, vec!["ALTER TABLE \"public\".\"messages\" FORCE ROW LEVEL SECURITY"]);
+        assert_eq!(
+            p.statements,
+            vec!["ALTER TABLE \"public\".\"messages\" FORCE ROW LEVEL SECURITY"]
+        );
 
         let mut t = governed("messages");
         t.policies[0].using = Some("true".into());
         let p = govern_table(&s, &t);
-        assert_eq!(p.statements[0], "DROP POLICY \"bulkhead_isolation\" ON \"public\".\"messages\"");
+        assert_eq!(
+            p.statements[0],
+            "DROP POLICY \"bulkhead_isolation\" ON \"public\".\"messages\""
+        );
         assert!(p.statements[1].starts_with("CREATE POLICY"));
 
         let mut t = governed("messages");
@@ -594,7 +737,10 @@ mod tests {
             check: None,
         });
         let p = govern_table(&s, &t);
-        assert_eq!(p.statements, vec!["DROP POLICY \"open door\" ON \"public\".\"messages\""]);
+        assert_eq!(
+            p.statements,
+            vec!["DROP POLICY \"open door\" ON \"public\".\"messages\""]
+        );
 
         let mut t = governed("messages");
         t.group.truncate = true;
@@ -610,7 +756,10 @@ mod tests {
         let p = govern_table(&s, &t);
         assert!(p.statements.is_empty());
         assert_eq!(p.concurrent.len(), 1);
-        assert!(p.concurrent[0].starts_with("CREATE INDEX CONCURRENTLY IF NOT EXISTS \"bulkhead_org_idx_"));
+        assert!(
+            p.concurrent[0]
+                .starts_with("CREATE INDEX CONCURRENTLY IF NOT EXISTS \"bulkhead_org_idx_")
+        );
         assert!(p.concurrent[0].ends_with("ON \"public\".\"messages\" (\"org_id\")"));
     }
 
@@ -644,8 +793,16 @@ mod tests {
         }
         assert!(p.repairs.is_empty(), "creating is not repairing");
         // Mapping must exist before the function that reads it is created.
-        let map_at = p.statements.iter().position(|x| x.contains("CREATE TABLE IF NOT EXISTS \"bulkhead\"")).unwrap();
-        let fn_at = p.statements.iter().position(|x| x.contains("CREATE OR REPLACE FUNCTION")).unwrap();
+        let map_at = p
+            .statements
+            .iter()
+            .position(|x| x.contains("CREATE TABLE IF NOT EXISTS \"bulkhead\""))
+            .unwrap();
+        let fn_at = p
+            .statements
+            .iter()
+            .position(|x| x.contains("CREATE OR REPLACE FUNCTION"))
+            .unwrap();
         assert!(map_at < fn_at);
 
         let mut cat = Catalog::default();
@@ -657,24 +814,42 @@ mod tests {
             owner: "postgres".into(),
             result: "text".into(),
         });
-        cat.group = Some(RoleState { name: "bulkhead_tenant".into(), bypass_rls: true, ..Default::default() });
+        cat.group = Some(RoleState {
+            name: "bulkhead_tenant".into(),
+            bypass_rls: true,
+            ..Default::default()
+        });
         cat.group_mapped = true;
         let p = bootstrap(&s, &cat);
         let text: Vec<String> = p.repairs.iter().map(|r| r.0.clone()).collect();
-        assert!(text.iter().any(|r| r.contains("identity function")), "{text:?}");
+        assert!(
+            text.iter().any(|r| r.contains("identity function")),
+            "{text:?}"
+        );
         assert!(text.iter().any(|r| r.contains("BYPASSRLS")), "{text:?}");
-        assert!(text.iter().any(|r| r.contains("mapped to an organization")), "{text:?}");
+        assert!(
+            text.iter().any(|r| r.contains("mapped to an organization")),
+            "{text:?}"
+        );
     }
 
     #[test]
     fn tenant_roles_are_created_locked_down_and_repaired() {
         let s = settings(json!({}));
-        let p = tenant_role(&s, "bulkhead_org_acme", None, Some("SCRAM-SHA-256$4096:c2FsdA==$a:b"));
+        let p = tenant_role(
+            &s,
+            "bulkhead_org_acme",
+            None,
+            Some("SCRAM-SHA-256$4096:c2FsdA==$a:b"),
+        );
         assert_eq!(
             p.statements[0],
             "CREATE ROLE \"bulkhead_org_acme\" LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE NOREPLICATION INHERIT PASSWORD 'SCRAM-SHA-256$4096:c2FsdA==$a:b'"
         );
-        assert_eq!(p.statements[1], "GRANT \"bulkhead_tenant\" TO \"bulkhead_org_acme\"");
+        assert_eq!(
+            p.statements[1],
+            "GRANT \"bulkhead_tenant\" TO \"bulkhead_org_acme\""
+        );
         let st = RoleState {
             name: "bulkhead_org_acme".into(),
             bypass_rls: true,
@@ -692,7 +867,12 @@ mod tests {
             ]
         );
         assert_eq!(p.repairs.len(), 2);
-        let fine = RoleState { name: "r".into(), can_login: true, in_group: true, ..Default::default() };
+        let fine = RoleState {
+            name: "r".into(),
+            can_login: true,
+            in_group: true,
+            ..Default::default()
+        };
         assert!(tenant_role(&s, "r", Some(&fine), None).is_empty());
     }
 

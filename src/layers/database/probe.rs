@@ -40,8 +40,9 @@ fn what(e: &tokio_postgres::Error) -> String {
 }
 
 fn is_rls_violation(e: &tokio_postgres::Error) -> bool {
-    e.as_db_error()
-        .is_some_and(|d| d.code() == &SqlState::INSUFFICIENT_PRIVILEGE && d.message().contains("row-level security"))
+    e.as_db_error().is_some_and(|d| {
+        d.code() == &SqlState::INSUFFICIENT_PRIVILEGE && d.message().contains("row-level security")
+    })
 }
 
 fn is_denied(e: &tokio_postgres::Error) -> bool {
@@ -49,7 +50,11 @@ fn is_denied(e: &tokio_postgres::Error) -> bool {
 }
 
 /// Runs `sql` in a savepoint that is always rolled back; returns the affected row count.
-async fn attempt(tx: &mut Transaction<'_>, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, tokio_postgres::Error> {
+async fn attempt(
+    tx: &mut Transaction<'_>,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<u64, tokio_postgres::Error> {
     let sp = tx.savepoint("bulkhead_probe").await?;
     let out = sp.execute(sql, params).await;
     sp.rollback().await?;
@@ -60,9 +65,19 @@ async fn attempt(tx: &mut Transaction<'_>, sql: &str, params: &[&(dyn ToSql + Sy
 fn foreign_rows_sql(s: &Settings, t: &TableState, of: &str) -> String {
     let shared = s
         .shared_read(&t.name)
-        .map(|sr| format!(" AND {} IS DISTINCT FROM {}", sr.column, super::ident::quote_literal(&sr.value)))
+        .map(|sr| {
+            format!(
+                " AND {} IS DISTINCT FROM {}",
+                sr.column,
+                super::ident::quote_literal(&sr.value)
+            )
+        })
         .unwrap_or_default();
-    format!("SELECT count(*) FROM (SELECT 1 FROM {} WHERE ({} {of}){shared} LIMIT 100) x", tref(t), s.tenant_column)
+    format!(
+        "SELECT count(*) FROM (SELECT 1 FROM {} WHERE ({} {of}){shared} LIMIT 100) x",
+        tref(t),
+        s.tenant_column
+    )
 }
 
 /// Runs every probe. The transaction is rolled back whatever happens.
@@ -76,17 +91,29 @@ pub async fn run(client: &mut Client, s: &Settings, tg: &Targets) -> Vec<Probe> 
         }
     };
     if let Err(e) = run_in(&mut tx, s, tg, &mut probes).await {
-        probes.push(Probe::new(format!("probe session as {}", tg.role), false, what(&e)));
+        probes.push(Probe::new(
+            format!("probe session as {}", tg.role),
+            false,
+            what(&e),
+        ));
     }
     let _ = tx.rollback().await;
     probes
 }
 
-async fn run_in(tx: &mut Transaction<'_>, s: &Settings, tg: &Targets, probes: &mut Vec<Probe>) -> Result<(), tokio_postgres::Error> {
+async fn run_in(
+    tx: &mut Transaction<'_>,
+    s: &Settings,
+    tg: &Targets,
+    probes: &mut Vec<Probe>,
+) -> Result<(), tokio_postgres::Error> {
     let me = &tg.org;
     let col = &s.tenant_column;
 
-    let identity: Option<String> = tx.query_one(&format!("SELECT {}()", s.identity_function), &[]).await?.get(0);
+    let identity: Option<String> = tx
+        .query_one(&format!("SELECT {}()", s.identity_function), &[])
+        .await?
+        .get(0);
     probes.push(Probe::new(
         format!("identity of {}", tg.role),
         identity.as_deref() == Some(me.as_str()),
@@ -95,28 +122,50 @@ async fn run_in(tx: &mut Transaction<'_>, s: &Settings, tg: &Targets, probes: &m
 
     for t in &tg.tables {
         let name = t.qualified();
-        let n: i64 = tx.query_one(&foreign_rows_sql(s, t, "IS DISTINCT FROM $1"), &[me]).await?.get(0);
+        let n: i64 = tx
+            .query_one(&foreign_rows_sql(s, t, "IS DISTINCT FROM $1"), &[me])
+            .await?
+            .get(0);
         probes.push(Probe::new(
             format!("read other organizations' rows in {name}"),
             n == 0,
-            if n == 0 { "0 rows visible".to_owned() } else { format!("{n} foreign row(s) visible") },
+            if n == 0 {
+                "0 rows visible".to_owned()
+            } else {
+                format!("{n} foreign row(s) visible")
+            },
         ));
         if tg.own_rows_in.contains(&name) {
             let seen: bool = tx
-                .query_one(&format!("SELECT EXISTS (SELECT 1 FROM {} WHERE {col} = $1)", tref(t)), &[me])
+                .query_one(
+                    &format!("SELECT EXISTS (SELECT 1 FROM {} WHERE {col} = $1)", tref(t)),
+                    &[me],
+                )
                 .await?
                 .get(0);
             probes.push(Probe::new(
                 format!("read own rows in {name}"),
                 seen,
-                if seen { "own rows visible".to_owned() } else { "own rows exist but are not visible".to_owned() },
+                if seen {
+                    "own rows visible".to_owned()
+                } else {
+                    "own rows exist but are not visible".to_owned()
+                },
             ));
         }
 
         // Own insert through the column default first: proves own writes work and that the
         // default stamps the caller's org; tables with further required columns are skipped.
         let sp = tx.savepoint("bulkhead_own_insert").await?;
-        let own = sp.query_opt(&format!("INSERT INTO {} DEFAULT VALUES RETURNING {col}::text", tref(t)), &[]).await;
+        let own = sp
+            .query_opt(
+                &format!(
+                    "INSERT INTO {} DEFAULT VALUES RETURNING {col}::text",
+                    tref(t)
+                ),
+                &[],
+            )
+            .await;
         sp.rollback().await?;
         let insertable = match own {
             Ok(row) => {
@@ -129,7 +178,11 @@ async fn run_in(tx: &mut Transaction<'_>, s: &Settings, tg: &Targets, probes: &m
                 true
             }
             Err(e) if is_rls_violation(&e) => {
-                probes.push(Probe::new(format!("insert own row into {name}"), false, what(&e)));
+                probes.push(Probe::new(
+                    format!("insert own row into {name}"),
+                    false,
+                    what(&e),
+                ));
                 true
             }
             Err(_) => false,
@@ -140,15 +193,33 @@ async fn run_in(tx: &mut Transaction<'_>, s: &Settings, tg: &Targets, probes: &m
                 let sql = format!("INSERT INTO {} ({col}) VALUES ($1)", tref(t));
                 let (passed, detail) = match attempt(tx, &sql, &[peer]).await {
                     Ok(_) => (false, "row inserted (rolled back)".to_owned()),
-                    Err(e) if is_rls_violation(&e) => (true, "refused by row-level security".to_owned()),
+                    Err(e) if is_rls_violation(&e) => {
+                        (true, "refused by row-level security".to_owned())
+                    }
                     Err(e) => (false, format!("inconclusive: {}", what(&e))),
                 };
-                probes.push(Probe::new(format!("insert into {name} as {peer}"), passed, detail));
+                probes.push(Probe::new(
+                    format!("insert into {name} as {peer}"),
+                    passed,
+                    detail,
+                ));
             }
-            let pick = format!("ARRAY(SELECT ctid FROM {} WHERE {col} = $1 LIMIT 1)", tref(t));
+            let pick = format!(
+                "ARRAY(SELECT ctid FROM {} WHERE {col} = $1 LIMIT 1)",
+                tref(t)
+            );
             for (verb, sql) in [
-                ("update", format!("UPDATE {} SET {col} = {col} WHERE ctid = ANY({pick})", tref(t))),
-                ("delete", format!("DELETE FROM {} WHERE ctid = ANY({pick})", tref(t))),
+                (
+                    "update",
+                    format!(
+                        "UPDATE {} SET {col} = {col} WHERE ctid = ANY({pick})",
+                        tref(t)
+                    ),
+                ),
+                (
+                    "delete",
+                    format!("DELETE FROM {} WHERE ctid = ANY({pick})", tref(t)),
+                ),
             ] {
                 let (passed, detail) = match attempt(tx, &sql, &[peer]).await {
                     Ok(0) => (true, "0 rows affected".to_owned()),
@@ -156,13 +227,27 @@ async fn run_in(tx: &mut Transaction<'_>, s: &Settings, tg: &Targets, probes: &m
                     Err(e) if is_denied(&e) => (true, "refused".to_owned()),
                     Err(e) => (false, format!("inconclusive: {}", what(&e))),
                 };
-                probes.push(Probe::new(format!("{verb} {peer}'s rows in {name}"), passed, detail));
+                probes.push(Probe::new(
+                    format!("{verb} {peer}'s rows in {name}"),
+                    passed,
+                    detail,
+                ));
             }
         }
 
         for (verb, sql) in [
-            ("disable row-level security on", format!("ALTER TABLE {} DISABLE ROW LEVEL SECURITY", tref(t))),
-            ("drop the policy of", format!("DROP POLICY {} ON {}", quote_ident(super::settings::POLICY), tref(t))),
+            (
+                "disable row-level security on",
+                format!("ALTER TABLE {} DISABLE ROW LEVEL SECURITY", tref(t)),
+            ),
+            (
+                "drop the policy of",
+                format!(
+                    "DROP POLICY {} ON {}",
+                    quote_ident(super::settings::POLICY),
+                    tref(t)
+                ),
+            ),
         ] {
             let (passed, detail) = match attempt(tx, &sql, &[]).await {
                 Ok(_) => (false, "allowed (rolled back)".to_owned()),
@@ -186,13 +271,18 @@ async fn run_in(tx: &mut Transaction<'_>, s: &Settings, tg: &Targets, probes: &m
     // Membership lets a tenant become the group (PostgreSQL 15): the group must see nothing.
     {
         let sp = tx.savepoint("bulkhead_group").await?;
-        let entered = sp.batch_execute(&format!("SET LOCAL ROLE {}", s.group_role)).await;
+        let entered = sp
+            .batch_execute(&format!("SET LOCAL ROLE {}", s.group_role))
+            .await;
         let mut seen = 0i64;
         let mut detail = String::new();
         match entered {
             Ok(()) => {
                 for t in &tg.tables {
-                    let n: i64 = sp.query_one(&foreign_rows_sql(s, t, "IS NOT NULL OR TRUE"), &[]).await?.get(0);
+                    let n: i64 = sp
+                        .query_one(&foreign_rows_sql(s, t, "IS NOT NULL OR TRUE"), &[])
+                        .await?
+                        .get(0);
                     if n > 0 {
                         detail.push_str(&format!("{n} row(s) in {}; ", t.qualified()));
                     }
@@ -205,7 +295,11 @@ async fn run_in(tx: &mut Transaction<'_>, s: &Settings, tg: &Targets, probes: &m
         probes.push(Probe::new(
             format!("read rows as the group role {}", s.group_role.as_str()),
             seen == 0,
-            if seen == 0 { "no organization's rows visible".to_owned() } else { detail.trim_end_matches("; ").to_owned() },
+            if seen == 0 {
+                "no organization's rows visible".to_owned()
+            } else {
+                detail.trim_end_matches("; ").to_owned()
+            },
         ));
     }
 
@@ -220,18 +314,27 @@ async fn run_in(tx: &mut Transaction<'_>, s: &Settings, tg: &Targets, probes: &m
         .await?;
         let mut seen = 0i64;
         for t in &tg.tables {
-            let n: i64 = sp.query_one(&foreign_rows_sql(s, t, "= $1"), &[peer]).await?.get(0);
+            let n: i64 = sp
+                .query_one(&foreign_rows_sql(s, t, "= $1"), &[peer])
+                .await?
+                .get(0);
             seen += n;
         }
         sp.rollback().await?;
         probes.push(Probe::new(
             format!("spoof the identity setting as {peer}"),
             seen == 0,
-            if seen == 0 { "visibility unchanged".to_owned() } else { format!("{seen} row(s) of {peer} visible") },
+            if seen == 0 {
+                "visibility unchanged".to_owned()
+            } else {
+                format!("{seen} row(s) of {peer} visible")
+            },
         ));
     }
 
-    if let Some(t) = tg.tables.iter().find(|t| t.name == s.embeddings_table.as_str() && t.has_column(s.embedding_column.as_str())) {
+    if let Some(t) = tg.tables.iter().find(|t| {
+        t.name == s.embeddings_table.as_str() && t.has_column(s.embedding_column.as_str())
+    }) {
         let sql = format!(
             "SELECT {col}::text FROM {tbl} e ORDER BY (SELECT sum((u.a - u.b) * (u.a - u.b)) \
              FROM unnest(e.{vec}::float8[], $1::float8[]) AS u(a, b)) NULLS LAST LIMIT 20",
@@ -240,15 +343,21 @@ async fn run_in(tx: &mut Transaction<'_>, s: &Settings, tg: &Targets, probes: &m
         );
         let v: Vec<f64> = CANARY_VECTOR.to_vec();
         let rows = tx.query(&sql, &[&v]).await?;
-        let foreign: Vec<String> =
-            rows.iter().filter_map(|r| r.get::<_, Option<String>>(0)).filter(|o| o != me).collect();
+        let foreign: Vec<String> = rows
+            .iter()
+            .filter_map(|r| r.get::<_, Option<String>>(0))
+            .filter(|o| o != me)
+            .collect();
         probes.push(Probe::new(
             format!("similarity search over {}", t.qualified()),
             foreign.is_empty(),
             if foreign.is_empty() {
                 format!("{} nearest row(s), all own", rows.len())
             } else {
-                format!("{} of the nearest rows belong to other organizations", foreign.len())
+                format!(
+                    "{} of the nearest rows belong to other organizations",
+                    foreign.len()
+                )
             },
         ));
     }

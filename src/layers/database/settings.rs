@@ -55,17 +55,26 @@ impl Settings {
         if spec.schemas.is_empty() {
             return Err(LayerError::Config("database: schemas is empty".into()));
         }
-        let schemas =
-            spec.schemas.iter().map(|s| Ident::new(s, "schemas[]")).collect::<Result<Vec<_>, _>>().map_err(cfg)?;
+        let schemas = spec
+            .schemas
+            .iter()
+            .map(|s| Ident::new(s, "schemas[]"))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(cfg)?;
         let unique: BTreeSet<_> = schemas.iter().collect();
         if unique.len() != schemas.len() {
-            return Err(LayerError::Config("database: schemas lists a schema twice".into()));
+            return Err(LayerError::Config(
+                "database: schemas lists a schema twice".into(),
+            ));
         }
         let operator_schema = Ident::new(&spec.operator_schema, "operatorSchema").map_err(cfg)?;
         if schemas.contains(&operator_schema) {
-            return Err(LayerError::Config("database: operatorSchema must not be a governed schema".into()));
+            return Err(LayerError::Config(
+                "database: operatorSchema must not be a governed schema".into(),
+            ));
         }
-        let identity_function = QualifiedName::parse(&spec.identity_function, "identityFunction").map_err(cfg)?;
+        let identity_function =
+            QualifiedName::parse(&spec.identity_function, "identityFunction").map_err(cfg)?;
         if schemas.contains(&identity_function.schema) {
             return Err(LayerError::Config(
                 "database: identityFunction must live outside the governed schemas".into(),
@@ -77,19 +86,25 @@ impl Settings {
             && !setting_name.starts_with('.')
             && !setting_name.ends_with('.')
             && setting_name.len() <= 63
-            && setting_name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
+            && setting_name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
         if !valid_setting || setting_name == JWT_CLAIMS_SETTING {
             return Err(LayerError::Config(format!(
                 "database: settingName {setting_name:?} must look like `prefix.name` (letters, digits, `_`)"
             )));
         }
         if spec.jwt_claim.is_empty() || spec.jwt_claim.contains('\0') {
-            return Err(LayerError::Config("database: jwtClaim must be a non-empty string without NUL".into()));
+            return Err(LayerError::Config(
+                "database: jwtClaim must be a non-empty string without NUL".into(),
+            ));
         }
         let role_prefix = spec.role_prefix.clone();
         if role_prefix.is_empty()
             || role_prefix.len() > 30
-            || !role_prefix.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            || !role_prefix
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
         {
             return Err(LayerError::Config(format!(
                 "database: rolePrefix {role_prefix:?} must be 1-30 of [a-z0-9_]"
@@ -97,24 +112,37 @@ impl Settings {
         }
         let group_role = Ident::new(&spec.group_role, "groupRole").map_err(cfg)?;
         if group_role.as_str().starts_with(&role_prefix) {
-            return Err(LayerError::Config("database: groupRole must not start with rolePrefix".into()));
+            return Err(LayerError::Config(
+                "database: groupRole must not start with rolePrefix".into(),
+            ));
         }
         let mut overrides = BTreeMap::new();
         for o in &spec.overrides {
             let table = Ident::new(&o.table, "overrides[].table").map_err(cfg)?;
-            let column = Ident::new(&o.shared_read_column, "overrides[].sharedReadColumn").map_err(cfg)?;
+            let column =
+                Ident::new(&o.shared_read_column, "overrides[].sharedReadColumn").map_err(cfg)?;
             if o.shared_read_value.contains('\0') {
-                return Err(LayerError::Config("database: overrides[].sharedReadValue contains NUL".into()));
+                return Err(LayerError::Config(
+                    "database: overrides[].sharedReadValue contains NUL".into(),
+                ));
             }
             if column.as_str() == spec.tenant_column {
                 return Err(LayerError::Config(
                     "database: overrides[].sharedReadColumn must not be the tenant column".into(),
                 ));
             }
-            let prior = overrides
-                .insert(table.as_str().to_owned(), SharedRead { column, value: o.shared_read_value.clone() });
+            let prior = overrides.insert(
+                table.as_str().to_owned(),
+                SharedRead {
+                    column,
+                    value: o.shared_read_value.clone(),
+                },
+            );
             if prior.is_some() {
-                return Err(LayerError::Config(format!("database: table {:?} has two overrides", o.table)));
+                return Err(LayerError::Config(format!(
+                    "database: table {:?} has two overrides",
+                    o.table
+                )));
             }
         }
         let excluded_tables = spec
@@ -124,9 +152,13 @@ impl Settings {
             .collect::<Result<BTreeSet<_>, _>>()
             .map_err(cfg)?;
         if let Some(ep) = &spec.tenant_endpoint {
-            let ok = ep.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+            let ok = ep
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
             if !ok {
-                return Err(LayerError::Config(format!("database: tenantEndpoint {ep:?} must be host:port")));
+                return Err(LayerError::Config(format!(
+                    "database: tenantEndpoint {ep:?} must be host:port"
+                )));
             }
         }
         Ok(Self {
@@ -198,7 +230,10 @@ mod tests {
             (json!({"tenantColumn": ""}), "tenantColumn"),
             (json!({"tenantColumn": "x".repeat(64)}), "tenantColumn"),
             (json!({"identityFunction": "org_id"}), "identityFunction"),
-            (json!({"identityFunction": "public.org_id"}), "identityFunction"),
+            (
+                json!({"identityFunction": "public.org_id"}),
+                "identityFunction",
+            ),
             (json!({"operatorSchema": "public"}), "operatorSchema"),
             (json!({"settingName": "noprefix"}), "settingName"),
             (json!({"settingName": "a.b'; drop"}), "settingName"),
@@ -218,7 +253,9 @@ mod tests {
             ),
         ];
         for (json, want) in cases {
-            let err = Settings::from_spec(&spec_from(json.clone())).unwrap_err().to_string();
+            let err = Settings::from_spec(&spec_from(json.clone()))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(want), "{json}: {err}");
         }
     }

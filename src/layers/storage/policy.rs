@@ -22,16 +22,10 @@ pub const USERNAME_VAR: &str = "${aws:username}";
 /// Policy variable holding the principal's (or session's) `org_id` tag.
 pub const ORG_TAG_VAR: &str = "${aws:PrincipalTag/org_id}";
 
-/// Object-level actions an organization may perform under its own prefix.
-pub const OBJECT_ACTIONS: &[&str] = &[
-    "s3:AbortMultipartUpload",
-    "s3:DeleteObject",
-    "s3:GetObject",
-    "s3:GetObjectTagging",
-    "s3:ListMultipartUploadParts",
-    "s3:PutObject",
-    "s3:PutObjectTagging",
-];
+/// Object-level actions an organization may perform under its own prefix. (SeaweedFS 4.48 refuses
+/// `s3:ListMultipartUploadParts` in CreatePolicyVersion, so repairs could not restore it.)
+pub const OBJECT_ACTIONS: &[&str] =
+    &["s3:AbortMultipartUpload", "s3:DeleteObject", "s3:GetObject", "s3:GetObjectTagging", "s3:PutObject", "s3:PutObjectTagging"];
 
 /// An IAM policy document.
 #[derive(Serialize, Clone, Debug, PartialEq)]
