@@ -3,7 +3,7 @@
 CREATE TABLE IF NOT EXISTS public.conversations (id bigserial PRIMARY KEY, org_id text NOT NULL, title text);
 CREATE TABLE IF NOT EXISTS public.messages (id bigserial PRIMARY KEY, org_id text NOT NULL, conversation_id bigint, body text);
 CREATE TABLE IF NOT EXISTS public.agents (id bigserial PRIMARY KEY, org_id text NOT NULL, name text);
-CREATE TABLE IF NOT EXISTS public.skills (id bigserial PRIMARY KEY, org_id text, scope text NOT NULL DEFAULT 'org', name text);
+CREATE TABLE IF NOT EXISTS public.skills (id bigserial PRIMARY KEY, org_id text NOT NULL, scope text NOT NULL DEFAULT 'org', name text);
 CREATE TABLE IF NOT EXISTS public.projects (id bigserial PRIMARY KEY, org_id text NOT NULL, name text);
 CREATE TABLE IF NOT EXISTS public.members (id bigserial PRIMARY KEY, org_id text NOT NULL, email text);
 CREATE TABLE IF NOT EXISTS public.audit_logs (id bigserial PRIMARY KEY, org_id text NOT NULL, action text, at timestamptz DEFAULT now());
@@ -21,4 +21,4 @@ CREATE INDEX IF NOT EXISTS files_org_id ON public.files (org_id);
 CREATE INDEX IF NOT EXISTS api_keys_org_id ON public.api_keys (org_id);
 CREATE INDEX IF NOT EXISTS embeddings_org_id ON public.embeddings (org_id);
 INSERT INTO public.skills (org_id, scope, name)
-SELECT NULL, 'system', 'summarize' WHERE NOT EXISTS (SELECT 1 FROM public.skills WHERE scope = 'system');
+SELECT 'bulkhead-sentinel', 'system', 'summarize' WHERE NOT EXISTS (SELECT 1 FROM public.skills WHERE scope = 'system');
