@@ -13,8 +13,6 @@ TB_HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TB_DIR=$(realpath -m -- "${BULKHEAD_TESTBED_DIR:-/tmp/bulkhead-testbed}")
 TB_CACHE=${BULKHEAD_CACHE:-$HOME/.cache/bulkhead}
 TB_PG_BIN=/usr/lib/postgresql/15/bin
-# Components in start order; `down` stops them in reverse.
-TB_COMPONENTS=(etcd kube-apiserver postgres redis seaweedfs moto)
 
 # ---------------------------------------------------------------- logging
 
@@ -141,16 +139,17 @@ tb_alive() {
 }
 
 # tb_launch NAME COMMAND...: start COMMAND in its own session (so a Ctrl-C in
-# the calling terminal does not reach it), stdout/stderr to the log, record pid.
-# The pid is also the process-group id: this script never enables job
-# control, so the child is not a group leader and setsid(1) does not fork.
+# the calling terminal does not reach it), in directory ${TB_LAUNCH_CWD:-$TB_DIR},
+# stdout/stderr to the log, and record its pid. The pid is also the
+# process-group id: job control is off, so the background child is not a group
+# leader and setsid(1) calls setsid() without forking.
 tb_launch() {
-	local name=$1 log
+	local name=$1 log cwd=${TB_LAUNCH_CWD:-$TB_DIR}
 	shift
 	log=$(tb_logfile "$name")
 	printf '\n===== %s starting %s =====\n' "$(date -u +%FT%TZ)" "$name" >>"$log"
 	# fd 9 is the testbed lock: the daemon must not inherit it
-	setsid "$@" >>"$log" 2>&1 </dev/null 9>&- &
+	(cd "$cwd" && exec setsid "$@") >>"$log" 2>&1 </dev/null 9>&- &
 	printf '%s\n' "$!" >"$(tb_pidfile "$name")"
 }
 
@@ -177,10 +176,12 @@ tb_wait_until() {
 
 # tb_ancestors: pids of this shell and all its ancestors, one per line.
 tb_ancestors() {
-	local p=$$
+	local p=$$ stat
 	while [[ -n $p && $p != 0 ]]; do
 		printf '%s\n' "$p"
-		p=$(awk '{print $4}' "/proc/$p/stat" 2>/dev/null || true)
+		stat=$(cat "/proc/$p/stat" 2>/dev/null) || break
+		stat=${stat##*) } # after "pid (comm) ": state ppid ...
+		read -r _ p _ <<<"$stat"
 	done
 }
 
