@@ -17,13 +17,23 @@ use serde_json::json;
 const SCHEMA: &str = include_str!("../examples/schema.sql");
 
 fn is_true(o: &Organization, t: &str) -> bool {
-    o.status.as_ref().is_some_and(|s| s.conditions.iter().any(|c| c.type_ == t && format!("{:?}", c.status) == "True"))
+    o.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == t && format!("{:?}", c.status) == "True")
+    })
 }
 
 fn conditions(o: &Organization) -> String {
     o.status
         .as_ref()
-        .map(|s| s.conditions.iter().map(|c| format!("{}={:?} {}: {}", c.type_, c.status, c.reason, c.message)).collect::<Vec<_>>().join("\n"))
+        .map(|s| {
+            s.conditions
+                .iter()
+                .map(|c| format!("{}={:?} {}: {}", c.type_, c.status, c.reason, c.message))
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
         .unwrap_or_default()
 }
 
@@ -35,15 +45,25 @@ async fn wait_verified(api: &Api<Organization>, name: &str) -> Organization {
             return o;
         }
         if start.elapsed() > Duration::from_secs(180) {
-            panic!("{name} not Ready and Verified after 180s:\n{}", conditions(&o));
+            panic!(
+                "{name} not Ready and Verified after 180s:\n{}",
+                conditions(&o)
+            );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
 async fn credentials(client: &kube::Client, ns: &str) -> BTreeMap<String, String> {
-    let s = Api::<Secret>::namespaced(client.clone(), ns).get("bulkhead-credentials").await.expect("credentials Secret");
-    s.data.unwrap_or_default().into_iter().map(|(k, v)| (k, String::from_utf8(v.0).unwrap())).collect()
+    let s = Api::<Secret>::namespaced(client.clone(), ns)
+        .get("bulkhead-credentials")
+        .await
+        .expect("credentials Secret");
+    s.data
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, String::from_utf8(v.0).unwrap()))
+        .collect()
 }
 
 async fn pg_connect(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
@@ -53,7 +73,9 @@ async fn pg_connect(url: &str) -> Result<tokio_postgres::Client, tokio_postgres:
 }
 
 async fn redis_connect(url: &str) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
-    redis::Client::open(url)?.get_multiplexed_async_connection().await
+    redis::Client::open(url)?
+        .get_multiplexed_async_connection()
+        .await
 }
 
 fn s3_client(c: &BTreeMap<String, String>) -> aws_sdk_s3::Client {
@@ -62,36 +84,74 @@ fn s3_client(c: &BTreeMap<String, String>) -> aws_sdk_s3::Client {
         .region(Region::new(c["S3_REGION"].clone()))
         .endpoint_url(c["S3_ENDPOINT"].clone())
         .force_path_style(true)
-        .credentials_provider(AwsCredentials::new(&c["AWS_ACCESS_KEY_ID"], &c["AWS_SECRET_ACCESS_KEY"], None, None, "test"))
+        .credentials_provider(AwsCredentials::new(
+            &c["AWS_ACCESS_KEY_ID"],
+            &c["AWS_SECRET_ACCESS_KEY"],
+            None,
+            None,
+            "test",
+        ))
         .build();
     aws_sdk_s3::Client::from_conf(conf)
 }
 
 /// What org `me` can reach of org `other` with its own credentials, checked outside the operator.
 async fn assert_isolated(me: &BTreeMap<String, String>, my_id: &str, other_id: &str) {
-    let db = pg_connect(&me["DATABASE_URL"]).await.expect("tenant connects");
+    let db = pg_connect(&me["DATABASE_URL"])
+        .await
+        .expect("tenant connects");
     let foreign: i64 = db
-        .query_one("SELECT count(*) FROM public.conversations WHERE org_id <> $1", &[&my_id])
+        .query_one(
+            "SELECT count(*) FROM public.conversations WHERE org_id <> $1",
+            &[&my_id],
+        )
         .await
         .unwrap()
         .get(0);
     assert_eq!(foreign, 0, "{my_id} sees other orgs' conversations");
     let err = db
-        .execute("INSERT INTO public.conversations (org_id, title) VALUES ($1, 'x')", &[&other_id])
+        .execute(
+            "INSERT INTO public.conversations (org_id, title) VALUES ($1, 'x')",
+            &[&other_id],
+        )
         .await
         .expect_err("insert with another org's id must fail");
-    assert!(err.to_string().contains("row-level security"), "{err}");
+    let detail = err.as_db_error().map(|e| e.message().to_owned()).unwrap_or_else(|| err.to_string());
+    assert!(detail.contains("row-level security"), "{detail}");
 
     let mut r = redis_connect(&me["REDIS_URL"]).await.expect("tenant AUTH");
-    let res: redis::RedisResult<Option<String>> = redis::cmd("GET").arg(format!("org:{other_id}:canary")).query_async(&mut r).await;
+    let res: redis::RedisResult<Option<String>> = redis::cmd("GET")
+        .arg(format!("org:{other_id}:canary"))
+        .query_async(&mut r)
+        .await;
     let e = res.expect_err("GET of another org's key must fail");
-    assert!(e.to_string().contains("NOPERM") || e.to_string().to_lowercase().contains("no permission"), "{e}");
-    let _: () = redis::cmd("SET").arg(format!("org:{my_id}:session:1")).arg("v").query_async(&mut r).await.expect("own key");
+    assert!(
+        e.to_string().contains("NOPERM") || e.to_string().to_lowercase().contains("no permission"),
+        "{e}"
+    );
+    let _: () = redis::cmd("SET")
+        .arg(format!("org:{my_id}:session:1"))
+        .arg("v")
+        .query_async(&mut r)
+        .await
+        .expect("own key");
 
     let s3 = s3_client(me);
     let bucket = &me["S3_BUCKET"];
-    s3.put_object().bucket(bucket).key(format!("{my_id}/own.txt")).body(b"mine".to_vec().into()).send().await.expect("own prefix");
-    let e = s3.list_objects_v2().bucket(bucket).prefix(format!("{other_id}/")).send().await.expect_err("list other prefix");
+    s3.put_object()
+        .bucket(bucket)
+        .key(format!("{my_id}/own.txt"))
+        .body(b"mine".to_vec().into())
+        .send()
+        .await
+        .expect("own prefix");
+    let e = s3
+        .list_objects_v2()
+        .bucket(bucket)
+        .prefix(format!("{other_id}/"))
+        .send()
+        .await
+        .expect_err("list other prefix");
     assert!(format!("{e:?}").contains("AccessDenied"), "{e:?}");
 }
 
@@ -107,14 +167,37 @@ async fn organizations_are_isolated_in_every_layer_rotated_and_cleaned_up() {
     // A database of its own with the application's tables.
     let dbname = tag.replace('-', "_");
     let admin = pg_connect(tb.pg_admin_url()).await.expect("admin");
-    admin.batch_execute(&format!("CREATE DATABASE {dbname}")).await.unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE {dbname}"))
+        .await
+        .unwrap();
     let (base, _) = tb.pg_admin_url().rsplit_once('/').unwrap();
     let db_url = format!("{base}/{dbname}");
-    pg_connect(&db_url).await.unwrap().batch_execute(SCHEMA).await.expect("schema");
+    pg_connect(&db_url)
+        .await
+        .unwrap()
+        .batch_execute(SCHEMA)
+        .await
+        .expect("schema");
 
     put_secret(&client, &operator_ns, "pg", &[("url", &db_url)]).await;
-    put_secret(&client, &operator_ns, "redis", &[("url", tb.redis_admin_url())]).await;
-    put_secret(&client, &operator_ns, "s3", &[("accessKeyId", tb.s3_access_key()), ("secretAccessKey", tb.s3_secret_key())]).await;
+    put_secret(
+        &client,
+        &operator_ns,
+        "redis",
+        &[("url", tb.redis_admin_url())],
+    )
+    .await;
+    put_secret(
+        &client,
+        &operator_ns,
+        "s3",
+        &[
+            ("accessKeyId", tb.s3_access_key()),
+            ("secretAccessKey", tb.s3_secret_key()),
+        ],
+    )
+    .await;
     let byok = format!("sk-byok-{}", bulkhead::layers::random_secret(24));
     put_secret(&client, &operator_ns, "a-openai", &[("apiKey", &byok)]).await;
 
@@ -135,18 +218,29 @@ async fn organizations_are_isolated_in_every_layer_rotated_and_cleaned_up() {
         }
     }))
     .unwrap();
-    platforms.create(&PostParams::default(), &p).await.expect("platform");
+    platforms
+        .create(&PostParams::default(), &p)
+        .await
+        .expect("platform");
     let operator = Operator::start(&platform, &operator_ns);
 
     let a = format!("{tag}-a");
     let b = format!("{tag}-b");
     let orgs: Api<Organization> = Api::all(client.clone());
     for (name, extra) in [
-        (&a, json!({ "aiProviders": [{ "name": "openai", "secretRef": { "name": "a-openai", "key": "apiKey" } }] })),
-        (&b, json!({ "deletionPolicy": "Delete", "displayName": "B's \"team\"; DROP TABLE members; --" })),
+        (
+            &a,
+            json!({ "aiProviders": [{ "name": "openai", "secretRef": { "name": "a-openai", "key": "apiKey" } }] }),
+        ),
+        (
+            &b,
+            json!({ "deletionPolicy": "Delete", "displayName": "B's \"team\"; DROP TABLE members; --" }),
+        ),
     ] {
         let mut spec = json!({ "orgId": name, "platformRef": platform });
-        spec.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        spec.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
         let o: Organization = serde_json::from_value(json!({
             "apiVersion": "bulkhead.dev/v1alpha1", "kind": "Organization", "metadata": { "name": name }, "spec": spec
         }))
@@ -155,8 +249,17 @@ async fn organizations_are_isolated_in_every_layer_rotated_and_cleaned_up() {
     }
     let oa = wait_verified(&orgs, &a).await;
     wait_verified(&orgs, &b).await;
-    for layer in ["DatabaseIsolated", "StorageIsolated", "CacheIsolated", "NetworkIsolated"] {
-        assert!(is_true(&oa, layer), "{layer} not True:\n{}", conditions(&oa));
+    for layer in [
+        "DatabaseIsolated",
+        "StorageIsolated",
+        "CacheIsolated",
+        "NetworkIsolated",
+    ] {
+        assert!(
+            is_true(&oa, layer),
+            "{layer} not True:\n{}",
+            conditions(&oa)
+        );
     }
     let ns_a = format!("{tag}-{a}");
     let ns_b = format!("{tag}-{b}");
@@ -169,19 +272,37 @@ async fn organizations_are_isolated_in_every_layer_rotated_and_cleaned_up() {
 
     // BYOK: the key is in A's Secret only; status names the provider, never the key.
     assert_eq!(ca.get("AI_OPENAI_API_KEY"), Some(&byok));
-    assert_eq!(oa.status.as_ref().unwrap().ai_providers, vec!["openai".to_owned()]);
-    let all = Api::<Secret>::all(client.clone()).list(&ListParams::default().labels("app.kubernetes.io/managed-by=bulkhead")).await.unwrap();
+    assert_eq!(
+        oa.status.as_ref().unwrap().ai_providers,
+        vec!["openai".to_owned()]
+    );
+    let all = Api::<Secret>::all(client.clone())
+        .list(&ListParams::default().labels("app.kubernetes.io/managed-by=bulkhead"))
+        .await
+        .unwrap();
     for s in all.items {
-        let holds = s.data.unwrap_or_default().values().any(|v| v.0 == byok.as_bytes());
-        assert!(!holds || s.metadata.namespace.as_deref() == Some(ns_a.as_str()), "BYOK key found in {:?}", s.metadata.namespace);
+        let holds = s
+            .data
+            .unwrap_or_default()
+            .values()
+            .any(|v| v.0 == byok.as_bytes());
+        assert!(
+            !holds || s.metadata.namespace.as_deref() == Some(ns_a.as_str()),
+            "BYOK key found in {:?}",
+            s.metadata.namespace
+        );
     }
     let status_json = serde_json::to_string(&oa.status).unwrap();
     assert!(!status_json.contains(&byok) && !status_json.contains(&ca["DATABASE_PASSWORD"]));
 
     // Rotation: every layer's credentials replaced in one write; the old ones stop working.
-    orgs.patch(&a, &PatchParams::default(), &Patch::Merge(json!({ "metadata": { "annotations": { "bulkhead.dev/rotate": "r1" } } })))
-        .await
-        .unwrap();
+    orgs.patch(
+        &a,
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "metadata": { "annotations": { "bulkhead.dev/rotate": "r1" } } })),
+    )
+    .await
+    .unwrap();
     wait_for("rotation carried out", Duration::from_secs(120), || {
         let orgs = orgs.clone();
         let a = a.clone();
@@ -192,12 +313,27 @@ async fn organizations_are_isolated_in_every_layer_rotated_and_cleaned_up() {
     })
     .await;
     let rotated = credentials(&client, &ns_a).await;
-    for k in ["DATABASE_PASSWORD", "REDIS_PASSWORD", "AWS_SECRET_ACCESS_KEY"] {
+    for k in [
+        "DATABASE_PASSWORD",
+        "REDIS_PASSWORD",
+        "AWS_SECRET_ACCESS_KEY",
+    ] {
         assert_ne!(rotated[k], ca[k], "{k} was not rotated");
     }
-    assert!(pg_connect(&ca["DATABASE_URL"]).await.is_err(), "old database password still works");
-    assert!(redis_connect(&ca["REDIS_URL"]).await.is_err(), "old Redis password still works");
-    let old_s3 = s3_client(&ca).list_objects_v2().bucket(&ca["S3_BUCKET"]).prefix(format!("{a}/")).send().await;
+    assert!(
+        pg_connect(&ca["DATABASE_URL"]).await.is_err(),
+        "old database password still works"
+    );
+    assert!(
+        redis_connect(&ca["REDIS_URL"]).await.is_err(),
+        "old Redis password still works"
+    );
+    let old_s3 = s3_client(&ca)
+        .list_objects_v2()
+        .bucket(&ca["S3_BUCKET"])
+        .prefix(format!("{a}/"))
+        .send()
+        .await;
     assert!(old_s3.is_err(), "old S3 key still works");
     assert_isolated(&rotated, &a, &b).await;
     wait_verified(&orgs, &a).await;
@@ -206,7 +342,12 @@ async fn organizations_are_isolated_in_every_layer_rotated_and_cleaned_up() {
     let log = operator.log();
     assert!(log.contains("reconciled"), "the log is empty?\n{log}");
     for creds in [&ca, &cb, &rotated] {
-        for k in ["DATABASE_PASSWORD", "REDIS_PASSWORD", "AWS_SECRET_ACCESS_KEY", "AI_OPENAI_API_KEY"] {
+        for k in [
+            "DATABASE_PASSWORD",
+            "REDIS_PASSWORD",
+            "AWS_SECRET_ACCESS_KEY",
+            "AI_OPENAI_API_KEY",
+        ] {
             if let Some(v) = creds.get(k) {
                 assert!(!log.contains(v.as_str()), "{k} found in the operator's log");
             }
@@ -221,10 +362,23 @@ async fn organizations_are_isolated_in_every_layer_rotated_and_cleaned_up() {
         async move { orgs.get_opt(&b).await.ok()?.is_none().then_some(()) }
     })
     .await;
-    assert!(pg_connect(&cb["DATABASE_URL"]).await.is_err(), "B's role still logs in");
-    assert!(redis_connect(&cb["REDIS_URL"]).await.is_err(), "B's ACL user still authenticates");
+    assert!(
+        pg_connect(&cb["DATABASE_URL"]).await.is_err(),
+        "B's role still logs in"
+    );
+    assert!(
+        redis_connect(&cb["REDIS_URL"]).await.is_err(),
+        "B's ACL user still authenticates"
+    );
     let admin_db = pg_connect(&db_url).await.unwrap();
-    let b_rows: i64 = admin_db.query_one("SELECT count(*) FROM public.conversations WHERE org_id = $1", &[&b]).await.unwrap().get(0);
+    let b_rows: i64 = admin_db
+        .query_one(
+            "SELECT count(*) FROM public.conversations WHERE org_id = $1",
+            &[&b],
+        )
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(b_rows, 0, "B's rows survived a Delete policy");
     assert_isolated(&rotated, &a, &b).await;
 
@@ -236,5 +390,8 @@ async fn organizations_are_isolated_in_every_layer_rotated_and_cleaned_up() {
     })
     .await;
     drop(operator);
-    platforms.delete(&platform, &DeleteParams::default()).await.unwrap();
+    platforms
+        .delete(&platform, &DeleteParams::default())
+        .await
+        .unwrap();
 }
