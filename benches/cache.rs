@@ -63,6 +63,8 @@ fn tenant(org: &str) -> Result<Tenant, BoxError> {
         rotate: false,
         peers: vec![OrgId::sentinel()],
         owner: OwnerReference::default(),
+        resource_quota: None,
+        limit_range: None,
     })
 }
 

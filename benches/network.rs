@@ -25,7 +25,11 @@ fn tenant(i: usize) -> Tenant {
         deletion_policy: DeletionPolicy::Retain,
         rotate: false,
         peers: vec![OrgId::sentinel(), OrgId::parse("org-1").expect("valid id")],
-        owner: OwnerReference { name: id.clone(), uid: id, ..Default::default() },
+        owner: OwnerReference {
+            name: id.clone(),
+            uid: id,
+            ..Default::default()
+        },
         resource_quota: None,
         limit_range: None,
     }
@@ -41,9 +45,15 @@ fn measure(n: usize) -> Duration {
     .expect("platform");
     let cfg = validate(&pf).expect("valid config");
     let tenants: Vec<Tenant> = (0..n).map(tenant).collect();
-    let policies: Vec<NetworkPolicy> = tenants.iter().flat_map(|t| plan(&cfg, t).policies).collect();
+    let policies: Vec<NetworkPolicy> = tenants
+        .iter()
+        .flat_map(|t| plan(&cfg, t).policies)
+        .collect();
     let namespaces = tenants.iter().map(|t| {
-        (t.namespace.clone(), BTreeMap::from([("bulkhead.dev/org-id".to_owned(), t.org_id.to_string())]))
+        (
+            t.namespace.clone(),
+            BTreeMap::from([("bulkhead.dev/org-id".to_owned(), t.org_id.to_string())]),
+        )
     });
     let cluster = Cluster::new(namespaces, &policies);
     let mut times = Vec::new();
@@ -66,6 +76,9 @@ fn main() {
     println!("assess, 10 organizations (baseline): {base:?}");
     for n in [100, 1_000, 5_000] {
         let t = measure(n);
-        println!("assess, {n} organizations: {t:?} ({:.1}x baseline)", t.as_secs_f64() / base.as_secs_f64());
+        println!(
+            "assess, {n} organizations: {t:?} ({:.1}x baseline)",
+            t.as_secs_f64() / base.as_secs_f64()
+        );
     }
 }

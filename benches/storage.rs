@@ -47,7 +47,10 @@ fn ms(d: Duration) -> f64 {
 #[tokio::main]
 async fn main() {
     let tb = common::Testbed::get();
-    let n: usize = std::env::var("BULKHEAD_BENCH_ORGS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+    let n: usize = std::env::var("BULKHEAD_BENCH_ORGS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
     let run = std::process::id() % 100_000;
     let bucket = format!("bh-bench-{run}");
     let spec: StoragePlatform = serde_json::from_value(serde_json::json!({
@@ -55,13 +58,20 @@ async fn main() {
         "adminSecretRef": {"name": "unused"}, "forcePathStyle": true,
     }))
     .expect("spec");
-    let layer = StorageLayer::connect(&spec, tb.s3_access_key(), tb.s3_secret_key()).expect("connect");
+    let layer =
+        StorageLayer::connect(&spec, tb.s3_access_key(), tb.s3_secret_key()).expect("connect");
     let started = Instant::now();
     layer.prepare().await.expect("prepare");
 
     // Baseline: one admin round trip.
     let admin = {
-        let creds = aws_sdk_s3::config::Credentials::new(tb.s3_access_key(), tb.s3_secret_key(), None, None, "bench");
+        let creds = aws_sdk_s3::config::Credentials::new(
+            tb.s3_access_key(),
+            tb.s3_secret_key(),
+            None,
+            None,
+            "bench",
+        );
         let conf = aws_sdk_s3::config::Builder::new()
             .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
             .region(aws_sdk_s3::config::Region::new("us-east-1"))
@@ -73,18 +83,31 @@ async fn main() {
     };
     let t = Instant::now();
     for _ in 0..BASELINE_CALLS {
-        admin.head_bucket().bucket(&bucket).send().await.expect("HeadBucket");
+        admin
+            .head_bucket()
+            .bucket(&bucket)
+            .send()
+            .await
+            .expect("HeadBucket");
     }
     let baseline = t.elapsed() / BASELINE_CALLS;
-    println!("baseline: one S3 round trip (HeadBucket) = {:.2} ms", ms(baseline));
+    println!(
+        "baseline: one S3 round trip (HeadBucket) = {:.2} ms",
+        ms(baseline)
+    );
 
-    let orgs: Vec<OrgId> = (0..n).map(|i| OrgId::parse(&format!("bench-{run}-{i}")).expect("org id")).collect();
+    let orgs: Vec<OrgId> = (0..n)
+        .map(|i| OrgId::parse(&format!("bench-{run}-{i}")).expect("org id"))
+        .collect();
     let mut sizes = Vec::new();
     let mut provisioned = 0usize;
     let mut provision_time = Duration::ZERO;
     let mut provision_calls = 0u64;
     let mut creds_of: Vec<Option<Credentials>> = vec![None; n];
-    let milestones: Vec<usize> = [1usize, 10, 100, 1000, n].into_iter().filter(|m| *m <= n).collect();
+    let milestones: Vec<usize> = [1usize, 10, 100, 1000, n]
+        .into_iter()
+        .filter(|m| *m <= n)
+        .collect();
     for &milestone in &milestones {
         if milestone <= provisioned {
             continue;
@@ -96,7 +119,10 @@ async fn main() {
                 let (layer, org) = (&layer, &orgs[i]);
                 async move {
                     let mut creds = Credentials::default();
-                    layer.ensure(&tenant(org, vec![OrgId::sentinel()]), &mut creds).await.expect("ensure");
+                    layer
+                        .ensure(&tenant(org, vec![OrgId::sentinel()]), &mut creds)
+                        .await
+                        .expect("ensure");
                     (i, creds)
                 }
             })
@@ -109,8 +135,15 @@ async fn main() {
             creds_of[i] = Some(c);
         }
         provisioned = milestone;
-        let policy = layer.bucket_policy().await.expect("bucket policy").unwrap_or_default();
-        println!("after {milestone:>5} organizations: bucket policy {} bytes", policy.len());
+        let policy = layer
+            .bucket_policy()
+            .await
+            .expect("bucket policy")
+            .unwrap_or_default();
+        println!(
+            "after {milestone:>5} organizations: bucket policy {} bytes",
+            policy.len()
+        );
         sizes.push((milestone, policy.len()));
         if started.elapsed() > TIME_LIMIT {
             println!("time limit reached after {provisioned} organizations");
@@ -127,17 +160,30 @@ async fn main() {
     );
 
     // Steady state: a second ensure of the sample changes nothing.
-    let sample: Vec<usize> = (0..provisioned).step_by((provisioned / VERIFY_SAMPLE).max(1)).take(VERIFY_SAMPLE).collect();
+    let sample: Vec<usize> = (0..provisioned)
+        .step_by((provisioned / VERIFY_SAMPLE).max(1))
+        .take(VERIFY_SAMPLE)
+        .collect();
     let calls_before = layer.api_calls();
     let t = Instant::now();
     for &i in &sample {
         let mut c = creds_of[i].clone().unwrap_or_default();
-        let repairs = layer.ensure(&tenant(&orgs[i], vec![OrgId::sentinel()]), &mut c).await.expect("ensure again");
-        assert!(repairs.is_empty(), "steady-state ensure repaired something: {repairs:?}");
+        let repairs = layer
+            .ensure(&tenant(&orgs[i], vec![OrgId::sentinel()]), &mut c)
+            .await
+            .expect("ensure again");
+        assert!(
+            repairs.is_empty(),
+            "steady-state ensure repaired something: {repairs:?}"
+        );
     }
     let reensure = t.elapsed() / sample.len().max(1) as u32;
     let reensure_calls = (layer.api_calls() - calls_before) as f64 / sample.len().max(1) as f64;
-    println!("steady-state ensure: {:.1} ms per organization = {:.1}x baseline, {reensure_calls:.1} API calls", ms(reensure), reensure.as_secs_f64() / baseline.as_secs_f64());
+    println!(
+        "steady-state ensure: {:.1} ms per organization = {:.1}x baseline, {reensure_calls:.1} API calls",
+        ms(reensure),
+        reensure.as_secs_f64() / baseline.as_secs_f64()
+    );
 
     // Verification of a sample, each attacking the sentinel and one real peer.
     let calls_before = layer.api_calls();
@@ -145,18 +191,28 @@ async fn main() {
     for &i in &sample {
         let peer = orgs[(i + 1) % provisioned].clone();
         let v = layer
-            .verify(&tenant(&orgs[i], vec![OrgId::sentinel(), peer]), creds_of[i].as_ref().expect("creds"))
+            .verify(
+                &tenant(&orgs[i], vec![OrgId::sentinel(), peer]),
+                creds_of[i].as_ref().expect("creds"),
+            )
             .await
             .expect("verify");
         assert!(v.isolated() && v.verified(), "{:?}", v.failures());
     }
     let verify = t.elapsed() / sample.len().max(1) as u32;
     let verify_calls = (layer.api_calls() - calls_before) as f64 / sample.len().max(1) as f64;
-    println!("verify (2 peers): {:.1} ms per organization = {:.1}x baseline, {verify_calls:.1} API calls", ms(verify), verify.as_secs_f64() / baseline.as_secs_f64());
+    println!(
+        "verify (2 peers): {:.1} ms per organization = {:.1}x baseline, {verify_calls:.1} API calls",
+        ms(verify),
+        verify.as_secs_f64() / baseline.as_secs_f64()
+    );
 
     let first = sizes.first().map(|s| s.1).unwrap_or(0);
     let constant = sizes.iter().all(|s| s.1 == first);
-    println!("bucket policy size constant across {:?}: {constant}", sizes.iter().map(|s| s.0).collect::<Vec<_>>());
+    println!(
+        "bucket policy size constant across {:?}: {constant}",
+        sizes.iter().map(|s| s.0).collect::<Vec<_>>()
+    );
 
     // Remove everything.
     let t = Instant::now();
@@ -164,15 +220,39 @@ async fn main() {
     futures::stream::iter(0..provisioned)
         .map(|i| {
             let (layer, org) = (&layer, &orgs[i]);
-            async move { layer.cleanup(&tenant(org, Vec::new())).await.expect("cleanup") }
+            async move {
+                layer
+                    .cleanup(&tenant(org, Vec::new()))
+                    .await
+                    .expect("cleanup")
+            }
         })
         .buffer_unordered(CONCURRENCY)
         .collect::<Vec<_>>()
         .await;
     let cleanup_calls = (layer.api_calls() - calls_before) as f64 / provisioned.max(1) as f64;
-    println!("cleanup (Delete) of {provisioned} organizations: {:.1} s, {cleanup_calls:.1} API calls per organization", t.elapsed().as_secs_f64());
-    layer.delete_prefix(&OrgId::sentinel()).await.expect("sentinel");
-    admin.delete_bucket_policy().bucket(&bucket).send().await.expect("delete policy");
-    admin.delete_bucket().bucket(&bucket).send().await.expect("delete bucket");
-    assert!(constant, "the bucket policy grew with the number of organizations");
+    println!(
+        "cleanup (Delete) of {provisioned} organizations: {:.1} s, {cleanup_calls:.1} API calls per organization",
+        t.elapsed().as_secs_f64()
+    );
+    layer
+        .delete_prefix(&OrgId::sentinel())
+        .await
+        .expect("sentinel");
+    admin
+        .delete_bucket_policy()
+        .bucket(&bucket)
+        .send()
+        .await
+        .expect("delete policy");
+    admin
+        .delete_bucket()
+        .bucket(&bucket)
+        .send()
+        .await
+        .expect("delete bucket");
+    assert!(
+        constant,
+        "the bucket policy grew with the number of organizations"
+    );
 }

@@ -14,15 +14,32 @@ use crate::tenant::{OrgId, render_template};
 
 /// Renders a compact table: per organization and per layer, isolated and verified.
 pub fn status_table(orgs: &[Organization]) -> String {
-    let mut rows = vec![["ORGANIZATION", "ORG ID", "READY", "VERIFIED", "DATABASE", "STORAGE", "CACHE", "NETWORK"].map(String::from).to_vec()];
+    let mut rows = vec![
+        [
+            "ORGANIZATION",
+            "ORG ID",
+            "READY",
+            "VERIFIED",
+            "DATABASE",
+            "STORAGE",
+            "CACHE",
+            "NETWORK",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
     for o in orgs {
         let status = o.status.clone().unwrap_or_default();
         let cond = |t: &str| {
-            status.conditions.iter().find(|c| c.type_ == t).map(|c| match c.status {
-                ConditionStatus::True => "yes".to_owned(),
-                ConditionStatus::False => "NO".to_owned(),
-                ConditionStatus::Unknown => "-".to_owned(),
-            })
+            status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == t)
+                .map(|c| match c.status {
+                    ConditionStatus::True => "yes".to_owned(),
+                    ConditionStatus::False => "NO".to_owned(),
+                    ConditionStatus::Unknown => "-".to_owned(),
+                })
         };
         let mut row = vec![
             o.name_any(),
@@ -56,11 +73,22 @@ pub fn status_table(orgs: &[Organization]) -> String {
 /// Left-aligned columns separated by two spaces.
 pub fn render(rows: &[Vec<String>]) -> String {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> =
-        (0..cols).map(|i| rows.iter().filter_map(|r| r.get(i)).map(|c| c.chars().count()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..cols)
+        .map(|i| {
+            rows.iter()
+                .filter_map(|r| r.get(i))
+                .map(|c| c.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
     let mut out = String::new();
     for r in rows {
-        let line: Vec<String> = r.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
         let _ = writeln!(out, "{}", line.join("  ").trim_end());
     }
     out
@@ -95,15 +123,22 @@ pub async fn cross_tenant_probe(
         }
         None => vec![OrgId::sentinel()],
     };
-    let platform = Api::<IsolationPlatform>::all(client.clone()).get(&org.spec.platform_ref).await?;
+    let platform = Api::<IsolationPlatform>::all(client.clone())
+        .get(&org.spec.platform_ref)
+        .await?;
     let namespace = org
         .status
         .as_ref()
         .and_then(|s| s.namespace.clone())
         .unwrap_or_else(|| render_template(&platform.spec.network.namespace_template, &org_id));
-    let secret = Api::<Secret>::namespaced(client.clone(), &namespace).get_opt(CREDENTIALS_SECRET).await?.ok_or_else(|| {
-        CliError::Usage(format!("Organization {attacker} has no credentials Secret in {namespace} yet"))
-    })?;
+    let secret = Api::<Secret>::namespaced(client.clone(), &namespace)
+        .get_opt(CREDENTIALS_SECRET)
+        .await?
+        .ok_or_else(|| {
+            CliError::Usage(format!(
+                "Organization {attacker} has no credentials Secret in {namespace} yet"
+            ))
+        })?;
     let creds = Credentials::new(
         secret
             .data
@@ -112,7 +147,11 @@ pub async fn cross_tenant_probe(
             .map(|(k, v)| (k, String::from_utf8_lossy(&v.0).into_owned()))
             .collect(),
     );
-    let env = BuildEnv { client: client.clone(), operator_namespace, platform: &platform };
+    let env = BuildEnv {
+        client: client.clone(),
+        operator_namespace,
+        platform: &platform,
+    };
     let built = layers::build_all(&env).await;
     let tenant = Tenant {
         name: org.name_any(),
@@ -130,7 +169,11 @@ pub async fn cross_tenant_probe(
     for (kind, slot) in built {
         let res = match slot {
             Err(e) => Err(e.to_string()),
-            Ok(layer) => layer.verify(&tenant, &creds).await.map(|v| v.probes).map_err(|e| e.to_string()),
+            Ok(layer) => layer
+                .verify(&tenant, &creds)
+                .await
+                .map(|v| v.probes)
+                .map_err(|e| e.to_string()),
         };
         out.insert(kind, res);
     }
@@ -143,7 +186,10 @@ mod tests {
 
     #[test]
     fn table_columns_align() {
-        let t = render(&[vec!["A".into(), "BB".into()], vec!["CCC".into(), "D".into()]]);
+        let t = render(&[
+            vec!["A".into(), "BB".into()],
+            vec!["CCC".into(), "D".into()],
+        ]);
         assert_eq!(t, "A    BB\nCCC  D\n");
     }
 }

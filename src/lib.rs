@@ -3,10 +3,10 @@
 
 pub mod api;
 pub mod cli;
-pub mod layers;
-pub mod tenant;
 pub mod controller;
+pub mod layers;
 pub mod telemetry;
+pub mod tenant;
 
 /// Selects the TLS crypto provider once per process: both `ring` (kube) and `aws-lc-rs` (the AWS
 /// SDK) are linked, so rustls cannot pick one by itself.

@@ -28,9 +28,39 @@ enum Command {
     Crd,
     /// Print per organization and per layer whether it is isolated and verified.
     Status,
+    /// Audit a PostgreSQL database's Row-Level Security without Kubernetes. Exits 1 when it finds
+    /// anything (so it can gate a migration in CI), 2 when it cannot run.
+    Audit(AuditArgs),
     /// Attack another organization's canaries with one organization's own credentials, in every
     /// layer, and print each answer. Exits 1 when any attempt was not refused.
     Probe(ProbeArgs),
+}
+
+#[derive(clap::Args)]
+struct AuditArgs {
+    /// Connection URL of a role that can read the catalog (prefer the env variable: a password
+    /// on the command line is visible to other users of the machine).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// An IsolationPlatform manifest whose `spec.database` settings the audit uses (schemas,
+    /// tenant column, identity function, overrides, exclusions).
+    #[arg(long)]
+    platform_file: Option<std::path::PathBuf>,
+    /// Governed schema (repeatable); default `public`.
+    #[arg(long = "schema")]
+    schemas: Vec<String>,
+    /// Column that carries the organization id.
+    #[arg(long)]
+    tenant_column: Option<String>,
+    /// Schema-qualified identity function.
+    #[arg(long)]
+    identity_function: Option<String>,
+    /// Table without the tenant column that is shared on purpose (repeatable).
+    #[arg(long = "exclude")]
+    excluded_tables: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -104,6 +134,62 @@ async fn main() -> ExitCode {
         Command::Run(args) => run(args).await,
         Command::Status => status().await,
         Command::Probe(args) => probe(args).await,
+        Command::Audit(args) => audit(args).await,
+    }
+}
+
+async fn audit(args: AuditArgs) -> ExitCode {
+    let mut spec = match audit_spec(&args) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if !args.schemas.is_empty() {
+        spec.schemas = args.schemas.clone();
+    }
+    if let Some(c) = &args.tenant_column {
+        spec.tenant_column = c.clone();
+    }
+    if let Some(f) = &args.identity_function {
+        spec.identity_function = f.clone();
+    }
+    spec.excluded_tables
+        .extend(args.excluded_tables.iter().cloned());
+    match bulkhead::layers::database::run_audit_cli(&args.database_url, &spec, args.json).await {
+        Ok((out, findings)) => {
+            print!("{out}");
+            if findings {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The database settings of `--platform-file`, or the defaults.
+fn audit_spec(args: &AuditArgs) -> Result<bulkhead::api::platform::DatabasePlatform, String> {
+    match &args.platform_file {
+        Some(path) => {
+            let text =
+                std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let platform: bulkhead::api::IsolationPlatform = serde_yaml::from_str(&text)
+                .map_err(|e| format!("{}: not an IsolationPlatform: {e}", path.display()))?;
+            platform
+                .spec
+                .database
+                .ok_or_else(|| format!("{}: has no spec.database section", path.display()))
+        }
+        None => serde_json::from_value(
+            serde_json::json!({ "adminUrlSecretRef": { "name": "unused", "key": "unused" } }),
+        )
+        .map_err(|e| e.to_string()),
     }
 }
 
@@ -119,7 +205,10 @@ async fn status() -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    match kube::Api::<bulkhead::api::Organization>::all(client).list(&Default::default()).await {
+    match kube::Api::<bulkhead::api::Organization>::all(client)
+        .list(&Default::default())
+        .await
+    {
         Ok(list) => {
             print!("{}", bulkhead::cli::status_table(&list.items));
             ExitCode::SUCCESS
@@ -137,14 +226,26 @@ async fn probe(args: ProbeArgs) -> ExitCode {
         Err(code) => return code,
     };
     let target = args.against.as_deref().unwrap_or("the sentinel");
-    let results = match bulkhead::cli::cross_tenant_probe(client, &args.namespace, &args.attacker, args.against.as_deref()).await {
+    let results = match bulkhead::cli::cross_tenant_probe(
+        client,
+        &args.namespace,
+        &args.attacker,
+        args.against.as_deref(),
+    )
+    .await
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let mut rows = vec![vec!["LAYER".to_owned(), "ATTEMPT".to_owned(), "RESULT".to_owned(), "ANSWER".to_owned()]];
+    let mut rows = vec![vec![
+        "LAYER".to_owned(),
+        "ATTEMPT".to_owned(),
+        "RESULT".to_owned(),
+        "ANSWER".to_owned(),
+    ]];
     let mut failed = false;
     for (kind, res) in results {
         match res {
@@ -161,9 +262,16 @@ async fn probe(args: ProbeArgs) -> ExitCode {
             }
         }
     }
-    println!("{} attacks {} with its own credentials:", args.attacker, target);
+    println!(
+        "{} attacks {} with its own credentials:",
+        args.attacker, target
+    );
     print!("{}", bulkhead::cli::render(&rows));
-    if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 async fn run(args: RunArgs) -> ExitCode {
@@ -178,25 +286,53 @@ async fn run(args: RunArgs) -> ExitCode {
     let metrics = Arc::new(Metrics::default());
     let health = Arc::new(Health::default());
     let instance = std::env::var("POD_NAME").ok().or_else(hostname);
-    let access = args
-        .namespace_role
-        .zip(args.service_account)
-        .map(|(cluster_role, service_account)| controller::NamespaceAccess { cluster_role, service_account });
+    let access =
+        args.namespace_role
+            .zip(args.service_account)
+            .map(
+                |(cluster_role, service_account)| controller::NamespaceAccess {
+                    cluster_role,
+                    service_account,
+                },
+            );
     // Replicas on one host (or outside a Pod) still need distinct lease identities.
-    let identity = std::env::var("POD_NAME")
-        .unwrap_or_else(|_| format!("{}-{}", instance.clone().unwrap_or_else(|| "bulkhead".into()), std::process::id()));
+    let identity = std::env::var("POD_NAME").unwrap_or_else(|_| {
+        format!(
+            "{}-{}",
+            instance.clone().unwrap_or_else(|| "bulkhead".into()),
+            std::process::id()
+        )
+    });
     let ctx = Arc::new(
-        Context::new(client.clone(), args.namespace.clone(), metrics.clone(), instance)
-            .with_platform_filter(args.platform)
-            .with_namespace_access(access),
+        Context::new(
+            client.clone(),
+            args.namespace.clone(),
+            metrics.clone(),
+            instance,
+        )
+        .with_platform_filter(args.platform)
+        .with_namespace_access(access),
     );
-    let server = tokio::spawn(telemetry::serve(args.metrics_addr, metrics.clone(), health.clone()));
-    let opts = RunOptions { concurrency: args.concurrency.max(1), watch_secrets: args.watch_secrets };
+    let server = tokio::spawn(telemetry::serve(
+        args.metrics_addr,
+        metrics.clone(),
+        health.clone(),
+    ));
+    let opts = RunOptions {
+        concurrency: args.concurrency.max(1),
+        watch_secrets: args.watch_secrets,
+    };
     let controllers = async {
         if args.leader_elect {
-            leader::run_as_leader(client, &args.namespace, &args.lease_name, &identity, args.lease_seconds, &metrics, || {
-                controller::run(ctx.clone(), health.clone(), opts.clone())
-            })
+            leader::run_as_leader(
+                client,
+                &args.namespace,
+                &args.lease_name,
+                &identity,
+                args.lease_seconds,
+                &metrics,
+                || controller::run(ctx.clone(), health.clone(), opts.clone()),
+            )
             .await
         } else {
             controller::run(ctx.clone(), health.clone(), opts.clone()).await;
@@ -253,7 +389,12 @@ mod leader {
             }
         };
         let (mut leading, task) = manager.watch().await;
-        tracing::info!(lease = lease_name, namespace, identity, "waiting for the leader lease");
+        tracing::info!(
+            lease = lease_name,
+            namespace,
+            identity,
+            "waiting for the leader lease"
+        );
         while !*leading.borrow_and_update() {
             if leading.changed().await.is_err() {
                 tracing::error!("leader election stopped before the lease was taken");
@@ -261,7 +402,11 @@ mod leader {
             }
         }
         metrics.leader.set(1);
-        tracing::info!(lease = lease_name, identity, "leader lease taken; reconciling");
+        tracing::info!(
+            lease = lease_name,
+            identity,
+            "leader lease taken; reconciling"
+        );
         let lost = async {
             loop {
                 if leading.changed().await.is_err() || !*leading.borrow() {

@@ -16,10 +16,13 @@ use prometheus_client::registry::Registry;
 /// Initialises structured logging; `json` switches to one JSON object per line.
 pub fn init_logging(json: bool) {
     use tracing_subscriber::{EnvFilter, fmt, prelude::*};
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,kube=warn"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,kube=warn"));
     let registry = tracing_subscriber::registry().with(filter);
     if json {
-        registry.with(fmt::layer().json().flatten_event(true)).init();
+        registry
+            .with(fmt::layer().json().flatten_event(true))
+            .init();
     } else {
         registry.with(fmt::layer().with_target(false)).init();
     }
@@ -74,27 +77,72 @@ impl Default for Metrics {
         let organizations_ready = Gauge::default();
         let leader = Gauge::default();
         registry.register("reconciles", "Reconciles run", reconciles.clone());
-        registry.register("reconcile_failures", "Reconciles that failed, by error reason", failures.clone());
-        registry.register("reconcile_duration_seconds", "Duration of reconciles", duration.clone());
-        registry.register("probes", "Isolation probes by layer and result (passed/failed)", probes.clone());
-        registry.register("drift_repairs", "Drifts found and repaired, by layer", repairs.clone());
+        registry.register(
+            "reconcile_failures",
+            "Reconciles that failed, by error reason",
+            failures.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Duration of reconciles",
+            duration.clone(),
+        );
+        registry.register(
+            "probes",
+            "Isolation probes by layer and result (passed/failed)",
+            probes.clone(),
+        );
+        registry.register(
+            "drift_repairs",
+            "Drifts found and repaired, by layer",
+            repairs.clone(),
+        );
         registry.register("status_patches", "Status writes", status_patches.clone());
-        registry.register("organizations_ready", "Organizations whose Ready condition is True", organizations_ready.clone());
-        registry.register("leader", "1 while this replica holds the leader lease", leader.clone());
-        Self { registry, reconciles, failures, duration, probes, repairs, status_patches, organizations_ready, leader }
+        registry.register(
+            "organizations_ready",
+            "Organizations whose Ready condition is True",
+            organizations_ready.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 while this replica holds the leader lease",
+            leader.clone(),
+        );
+        Self {
+            registry,
+            reconciles,
+            failures,
+            duration,
+            probes,
+            repairs,
+            status_patches,
+            organizations_ready,
+            leader,
+        }
     }
 }
 
 impl Metrics {
     /// Counts a reconcile and measures its duration when the returned guard drops.
     pub fn reconcile_timer(&self, kind: &str) -> ReconcileTimer<'_> {
-        let label = KindLabel { kind: kind.to_owned() };
+        let label = KindLabel {
+            kind: kind.to_owned(),
+        };
         self.reconciles.get_or_create(&label).inc();
-        ReconcileTimer { metrics: self, label, start: Instant::now() }
+        ReconcileTimer {
+            metrics: self,
+            label,
+            start: Instant::now(),
+        }
     }
 
     pub fn failure(&self, kind: &str, reason: &str) {
-        self.failures.get_or_create(&FailureLabels { kind: kind.to_owned(), reason: reason.to_owned() }).inc();
+        self.failures
+            .get_or_create(&FailureLabels {
+                kind: kind.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
     }
 
     pub fn encode(&self) -> String {
@@ -114,7 +162,10 @@ pub struct ReconcileTimer<'a> {
 
 impl Drop for ReconcileTimer<'_> {
     fn drop(&mut self) {
-        self.metrics.duration.get_or_create(&self.label).observe(self.start.elapsed().as_secs_f64());
+        self.metrics
+            .duration
+            .get_or_create(&self.label)
+            .observe(self.start.elapsed().as_secs_f64());
     }
 }
 
@@ -140,7 +191,11 @@ struct HttpState {
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` until the process ends.
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, health: Arc<Health>) -> std::io::Result<()> {
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(|| async { "ok" }))
@@ -152,11 +207,21 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, health: Arc<Health>)
 }
 
 async fn metrics_handler(State(s): State<HttpState>) -> impl IntoResponse {
-    ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.metrics.encode())
+    (
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
 }
 
 async fn ready_handler(State(s): State<HttpState>) -> impl IntoResponse {
-    if s.health.is_ready() { (StatusCode::OK, "ready") } else { (StatusCode::SERVICE_UNAVAILABLE, "starting") }
+    if s.health.is_ready() {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting")
+    }
 }
 
 #[cfg(test)]
@@ -171,8 +236,14 @@ mod tests {
         }
         m.failure("organization", "BackendUnreachable");
         let text = m.encode();
-        assert!(text.contains("bulkhead_reconciles_total{kind=\"organization\"} 1"), "{text}");
+        assert!(
+            text.contains("bulkhead_reconciles_total{kind=\"organization\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("reason=\"BackendUnreachable\""), "{text}");
-        assert!(text.contains("bulkhead_reconcile_duration_seconds_count{kind=\"organization\"} 1"), "{text}");
+        assert!(
+            text.contains("bulkhead_reconcile_duration_seconds_count{kind=\"organization\"} 1"),
+            "{text}"
+        );
     }
 }

@@ -31,7 +31,11 @@ impl OrgId {
     /// Validates `raw` with the same rules as the CRD's CEL validation.
     pub fn parse(raw: &str) -> Result<Self, InvalidOrgId> {
         Self::parse_inner(raw).and_then(|id| {
-            if id.0 == SENTINEL_ORG_ID { Err(InvalidOrgId::Reserved) } else { Ok(id) }
+            if id.0 == SENTINEL_ORG_ID {
+                Err(InvalidOrgId::Reserved)
+            } else {
+                Ok(id)
+            }
         })
     }
 
@@ -48,7 +52,10 @@ impl OrgId {
         if len > MAX_ORG_ID_LEN {
             return Err(InvalidOrgId::TooLong(len));
         }
-        if let Some(bad) = raw.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-')) {
+        if let Some(bad) = raw
+            .chars()
+            .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+        {
             return Err(InvalidOrgId::BadCharacter(bad));
         }
         if raw.starts_with('-') || raw.ends_with('-') {

@@ -20,7 +20,10 @@ fn undocumented(schema: &serde_json::Value, path: &str, out: &mut Vec<String>) {
     if let Some(props) = schema.get("properties").and_then(|p| p.as_object()) {
         for (k, v) in props {
             let p = format!("{path}.{k}");
-            if v.get("description").and_then(|d| d.as_str()).is_none_or(str::is_empty) {
+            if v.get("description")
+                .and_then(|d| d.as_str())
+                .is_none_or(str::is_empty)
+            {
                 out.push(p.clone());
             }
             undocumented(v, &p, out);
@@ -42,13 +45,20 @@ fn every_field_has_a_description() {
         let mut missing = Vec::new();
         undocumented(&schema["properties"]["spec"], "spec", &mut missing);
         undocumented(&schema["properties"]["status"], "status", &mut missing);
-        assert!(missing.is_empty(), "{}: fields without description: {missing:?}", crd.spec.names.kind);
+        assert!(
+            missing.is_empty(),
+            "{}: fields without description: {missing:?}",
+            crd.spec.names.kind
+        );
     }
 }
 
 #[test]
 fn printer_columns_show_org_id_ready_verified_and_age() {
-    let org = bulkhead::api::crds().into_iter().find(|c| c.spec.names.kind == "Organization").unwrap();
+    let org = bulkhead::api::crds()
+        .into_iter()
+        .find(|c| c.spec.names.kind == "Organization")
+        .unwrap();
     let cols: Vec<String> = org.spec.versions[0]
         .additional_printer_columns
         .as_ref()
@@ -57,6 +67,9 @@ fn printer_columns_show_org_id_ready_verified_and_age() {
         .map(|c| c.name.clone())
         .collect();
     for want in ["OrgID", "Ready", "Verified", "Age"] {
-        assert!(cols.iter().any(|c| c == want), "missing column {want}: {cols:?}");
+        assert!(
+            cols.iter().any(|c| c == want),
+            "missing column {want}: {cols:?}"
+        );
     }
 }

@@ -15,7 +15,10 @@ fn org(name: &str, spec: serde_json::Value) -> serde_json::Value {
     json!({ "apiVersion": "bulkhead.dev/v1alpha1", "kind": "Organization", "metadata": { "name": name }, "spec": spec })
 }
 
-async fn create_raw(client: &kube::Client, body: serde_json::Value) -> Result<Organization, kube::Error> {
+async fn create_raw(
+    client: &kube::Client,
+    body: serde_json::Value,
+) -> Result<Organization, kube::Error> {
     let api: Api<Organization> = Api::all(client.clone());
     let obj: Organization = match serde_json::from_value(body.clone()) {
         Ok(o) => o,
@@ -24,9 +27,10 @@ async fn create_raw(client: &kube::Client, body: serde_json::Value) -> Result<Or
             let ar = kube::discovery::ApiResource::erase::<Organization>(&());
             let dynapi: Api<kube::api::DynamicObject> = Api::all_with(client.clone(), &ar);
             let dynobj: kube::api::DynamicObject = serde_json::from_value(body).unwrap();
-            return dynapi.create(&PostParams::default(), &dynobj).await.map(|d| {
-                serde_json::from_value(serde_json::to_value(d).unwrap()).unwrap()
-            });
+            return dynapi
+                .create(&PostParams::default(), &dynobj)
+                .await
+                .map(|d| serde_json::from_value(serde_json::to_value(d).unwrap()).unwrap());
         }
     };
     api.create(&PostParams::default(), &obj).await
@@ -34,7 +38,10 @@ async fn create_raw(client: &kube::Client, body: serde_json::Value) -> Result<Or
 
 fn refusal(res: Result<Organization, kube::Error>) -> String {
     match res {
-        Ok(o) => panic!("the API server accepted an invalid Organization: {:?}", o.spec),
+        Ok(o) => panic!(
+            "the API server accepted an invalid Organization: {:?}",
+            o.spec
+        ),
         Err(kube::Error::Api(s)) => {
             assert_eq!(s.code, 422, "expected 422 Invalid, got {s:?}");
             s.message
@@ -51,7 +58,10 @@ async fn the_api_server_refuses_bad_organizations_with_clear_messages() {
     let cases: Vec<(serde_json::Value, &str)> = vec![
         (json!({}), "orgId"),
         (json!({ "orgId": "" }), "orgId"),
-        (json!({ "orgId": "Acme" }), "lowercase letters, digits or '-'"),
+        (
+            json!({ "orgId": "Acme" }),
+            "lowercase letters, digits or '-'",
+        ),
         (json!({ "orgId": "acme*" }), "no glob characters"),
         (json!({ "orgId": "ac?me" }), "no glob characters"),
         (json!({ "orgId": "a[b]" }), "no glob characters"),
@@ -59,34 +69,56 @@ async fn the_api_server_refuses_bad_organizations_with_clear_messages() {
         (json!({ "orgId": "a\\b" }), "no glob characters"),
         (json!({ "orgId": "a b" }), "no glob characters"),
         (json!({ "orgId": "o'brien" }), "no glob characters"),
-        (json!({ "orgId": "-acme" }), "starting and ending with a letter or digit"),
+        (
+            json!({ "orgId": "-acme" }),
+            "starting and ending with a letter or digit",
+        ),
         (json!({ "orgId": long }), "63"),
         (json!({ "orgId": "bulkhead-sentinel" }), "reserved"),
-        (json!({ "orgId": "acme", "deletionPolicy": "Shred" }), "Unsupported value"),
+        (
+            json!({ "orgId": "acme", "deletionPolicy": "Shred" }),
+            "Unsupported value",
+        ),
     ];
     for (spec, want) in cases {
         let name = unique("bad");
         let msg = refusal(create_raw(&client, org(&name, spec.clone())).await);
-        assert!(msg.contains(want), "spec {spec}: message {msg:?} does not mention {want:?}");
+        assert!(
+            msg.contains(want),
+            "spec {spec}: message {msg:?} does not mention {want:?}"
+        );
     }
 
     // orgId is immutable once set.
     let name = unique("immutable");
-    create_raw(&client, org(&name, json!({ "orgId": name }))).await.expect("valid org");
+    create_raw(&client, org(&name, json!({ "orgId": name })))
+        .await
+        .expect("valid org");
     let api: Api<Organization> = Api::all(client.clone());
     let err = api
-        .patch(&name, &PatchParams::default(), &Patch::Merge(json!({ "spec": { "orgId": "other" } })))
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "orgId": "other" } })),
+        )
         .await
         .expect_err("orgId change must be refused");
     match err {
         kube::Error::Api(s) => assert!(s.message.contains("orgId is immutable"), "{}", s.message),
         e => panic!("unexpected error: {e}"),
     }
-    api.delete(&name, &DeleteParams::default()).await.expect("delete");
+    api.delete(&name, &DeleteParams::default())
+        .await
+        .expect("delete");
 }
 
 fn condition(o: &Organization, t: &str) -> Option<(String, String)> {
-    o.status.as_ref()?.conditions.iter().find(|c| c.type_ == t).map(|c| (format!("{:?}", c.status), c.reason.clone()))
+    o.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == t)
+        .map(|c| (format!("{:?}", c.status), c.reason.clone()))
 }
 
 #[tokio::test]
@@ -103,7 +135,10 @@ async fn an_organization_gets_its_namespace_and_is_cleaned_up() {
         "spec": { "network": { "namespaceTemplate": "e2e-{orgId}" }, "verification": { "intervalSeconds": 20 } }
     }))
     .unwrap();
-    platforms.create(&PostParams::default(), &platform).await.expect("platform");
+    platforms
+        .create(&PostParams::default(), &platform)
+        .await
+        .expect("platform");
     let mut operator = Operator::start(&platform_name, &operator_ns);
 
     let org_id = unique("acme");
@@ -113,7 +148,9 @@ async fn an_organization_gets_its_namespace_and_is_cleaned_up() {
         json!({ "orgId": org_id, "displayName": "Acme \"Rockets\"; DROP TABLE x", "platformRef": platform_name }),
     ))
     .unwrap();
-    api.create(&PostParams::default(), &obj).await.expect("create org");
+    api.create(&PostParams::default(), &obj)
+        .await
+        .expect("create org");
 
     let ready = wait_for("Organization Ready", Duration::from_secs(90), || {
         let api = api.clone();
@@ -124,11 +161,22 @@ async fn an_organization_gets_its_namespace_and_is_cleaned_up() {
         }
     })
     .await;
-    assert!(ready.metadata.finalizers.as_ref().unwrap().contains(&"bulkhead.dev/cleanup".to_owned()));
+    assert!(
+        ready
+            .metadata
+            .finalizers
+            .as_ref()
+            .unwrap()
+            .contains(&"bulkhead.dev/cleanup".to_owned())
+    );
     let status = ready.status.clone().unwrap();
     assert_eq!(status.observed_generation, ready.metadata.generation);
     assert_eq!(condition(&ready, "NetworkIsolated").unwrap().0, "True");
-    assert_eq!(condition(&ready, "DatabaseIsolated").unwrap().1, "NotConfigured", "unbuilt layers never look isolated");
+    assert_eq!(
+        condition(&ready, "DatabaseIsolated").unwrap().1,
+        "NotConfigured",
+        "unbuilt layers never look isolated"
+    );
     assert_eq!(condition(&ready, "IsolationVerified").unwrap().0, "True");
 
     let ns_name = format!("e2e-{org_id}");
@@ -139,19 +187,33 @@ async fn an_organization_gets_its_namespace_and_is_cleaned_up() {
     assert_eq!(labels["bulkhead.dev/org-id"], org_id);
     assert_eq!(labels["pod-security.kubernetes.io/enforce"], "restricted");
     let owner = &ns.metadata.owner_references.as_ref().unwrap()[0];
-    assert_eq!((owner.kind.as_str(), owner.name.as_str()), ("Organization", org_id.as_str()));
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str()),
+        ("Organization", org_id.as_str())
+    );
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns_name);
-    secrets.get("bulkhead-credentials").await.expect("credentials Secret");
+    secrets
+        .get("bulkhead-credentials")
+        .await
+        .expect("credentials Secret");
 
     // A status write must not trigger another pass: the status stays put between passes.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let rv = api.get(&org_id).await.unwrap().metadata.resource_version;
     tokio::time::sleep(Duration::from_secs(5)).await;
-    assert_eq!(api.get(&org_id).await.unwrap().metadata.resource_version, rv, "no reconcile storm");
+    assert_eq!(
+        api.get(&org_id).await.unwrap().metadata.resource_version,
+        rv,
+        "no reconcile storm"
+    );
 
     // A removed label is repaired at once (the namespace is watched).
     namespaces
-        .patch(&ns_name, &PatchParams::default(), &Patch::Merge(json!({ "metadata": { "labels": { "bulkhead.dev/org-id": null } } })))
+        .patch(
+            &ns_name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "metadata": { "labels": { "bulkhead.dev/org-id": null } } })),
+        )
         .await
         .unwrap();
     wait_for("namespace label repaired", Duration::from_secs(30), || {
@@ -173,9 +235,22 @@ async fn an_organization_gets_its_namespace_and_is_cleaned_up() {
     })
     .await;
     let ns = namespaces.get_opt(&ns_name).await.unwrap();
-    assert!(ns.is_none_or(|n| n.metadata.deletion_timestamp.is_some()), "namespace deleted or terminating");
-    assert!(operator.alive(), "operator kept running:\n{}", operator.log());
+    assert!(
+        ns.is_none_or(|n| n.metadata.deletion_timestamp.is_some()),
+        "namespace deleted or terminating"
+    );
+    assert!(
+        operator.alive(),
+        "operator kept running:\n{}",
+        operator.log()
+    );
     operator.kill();
-    platforms.delete(&platform_name, &DeleteParams::default()).await.unwrap();
-    namespaces.delete(&operator_ns, &DeleteParams::default()).await.unwrap();
+    platforms
+        .delete(&platform_name, &DeleteParams::default())
+        .await
+        .unwrap();
+    namespaces
+        .delete(&operator_ns, &DeleteParams::default())
+        .await
+        .unwrap();
 }

@@ -116,7 +116,10 @@ async fn assert_isolated(me: &BTreeMap<String, String>, my_id: &str, other_id: &
         )
         .await
         .expect_err("insert with another org's id must fail");
-    let detail = err.as_db_error().map(|e| e.message().to_owned()).unwrap_or_else(|| err.to_string());
+    let detail = err
+        .as_db_error()
+        .map(|e| e.message().to_owned())
+        .unwrap_or_else(|| err.to_string());
     assert!(detail.contains("row-level security"), "{detail}");
 
     let mut r = redis_connect(&me["REDIS_URL"]).await.expect("tenant AUTH");

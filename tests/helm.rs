@@ -32,7 +32,9 @@ fn tool(name: &str) -> PathBuf {
 
 /// A scratch directory of this test run.
 fn scratch(prefix: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join("bulkhead-helm-tests").join(unique(prefix));
+    let dir = std::env::temp_dir()
+        .join("bulkhead-helm-tests")
+        .join(unique(prefix));
     std::fs::create_dir_all(&dir).expect("scratch dir");
     dir
 }
@@ -47,13 +49,21 @@ struct Run {
 
 impl Run {
     fn ok(self) -> Self {
-        assert!(self.ok, "`{}` failed\nstdout:\n{}\nstderr:\n{}", self.what, self.stdout, self.stderr);
+        assert!(
+            self.ok,
+            "`{}` failed\nstdout:\n{}\nstderr:\n{}",
+            self.what, self.stdout, self.stderr
+        );
         self
     }
 
     /// Refused by the API server, with `needle` (case-insensitive) in the refusal.
     fn refused(self, needle: &str) -> Self {
-        assert!(!self.ok, "`{}` was allowed but must be refused\nstdout:\n{}", self.what, self.stdout);
+        assert!(
+            !self.ok,
+            "`{}` was allowed but must be refused\nstdout:\n{}",
+            self.what, self.stdout
+        );
         let said = format!("{}\n{}", self.stdout, self.stderr);
         assert!(
             said.to_lowercase().contains(&needle.to_lowercase()),
@@ -67,12 +77,24 @@ impl Run {
 fn run(mut cmd: Command, stdin: Option<&str>) -> Run {
     let what = format!(
         "{} {}",
-        Path::new(cmd.get_program()).file_name().unwrap_or_default().to_string_lossy(),
-        cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ")
+        Path::new(cmd.get_program())
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy(),
+        cmd.get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start `{what}`: {e}"));
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start `{what}`: {e}"));
     if let Some(input) = stdin {
         use std::io::Write;
         let mut pipe = child.stdin.take().expect("stdin");
@@ -89,7 +111,8 @@ fn run(mut cmd: Command, stdin: Option<&str>) -> Run {
 
 fn helm(args: &[&str]) -> Run {
     let mut cmd = Command::new(tool("helm"));
-    cmd.args(args).env("KUBECONFIG", Testbed::get().kubeconfig());
+    cmd.args(args)
+        .env("KUBECONFIG", Testbed::get().kubeconfig());
     run(cmd, None)
 }
 
@@ -107,7 +130,13 @@ fn kubectl(args: &[&str]) -> Run {
 /// `helm template` of the chart with extra arguments (`--set`, `-f`).
 fn template(release: &str, namespace: &str, extra: &[&str]) -> Run {
     let chart = chart();
-    let mut args = vec!["template", release, chart.to_str().expect("utf-8 path"), "-n", namespace];
+    let mut args = vec![
+        "template",
+        release,
+        chart.to_str().expect("utf-8 path"),
+        "-n",
+        namespace,
+    ];
     args.extend(["--kube-version", KUBE_VERSION]);
     args.extend(extra);
     helm(&args)
@@ -123,7 +152,8 @@ fn documents(yaml: &str) -> Vec<Value> {
 }
 
 fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> Option<&'a Value> {
-    docs.iter().find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
 }
 
 fn container_args(deployment: &Value) -> Vec<String> {
@@ -174,7 +204,10 @@ struct Release {
 
 impl Release {
     fn install(prefix: &str, extra: &[&str]) -> Release {
-        let release = Release { name: unique(prefix), namespace: unique("bulkhead-sys") };
+        let release = Release {
+            name: unique(prefix),
+            namespace: unique("bulkhead-sys"),
+        };
         let chart = chart();
         let mut args = vec![
             "install",
@@ -195,20 +228,41 @@ impl Release {
     }
 
     fn deployment(&self) -> Value {
-        let out = kubectl(&["get", "deployment", &self.name, "-n", &self.namespace, "-o", "json"]).ok();
+        let out = kubectl(&[
+            "get",
+            "deployment",
+            &self.name,
+            "-n",
+            &self.namespace,
+            "-o",
+            "json",
+        ])
+        .ok();
         serde_json::from_str(&out.stdout).expect("deployment json")
     }
 
     /// A kubeconfig authenticated as the chart's ServiceAccount, with a TokenRequest token.
     fn service_account_kubeconfig(&self, dir: &Path) -> PathBuf {
-        let token = kubectl(&["create", "token", self.fullname(), "-n", &self.namespace, "--duration=1h"]).ok();
+        let token = kubectl(&[
+            "create",
+            "token",
+            self.fullname(),
+            "-n",
+            &self.namespace,
+            "--duration=1h",
+        ])
+        .ok();
         let token = token.stdout.trim().to_owned();
         assert!(!token.is_empty(), "TokenRequest returned no token");
-        let admin: serde_yaml::Value =
-            serde_yaml::from_str(&std::fs::read_to_string(Testbed::get().kubeconfig()).expect("admin kubeconfig"))
-                .expect("admin kubeconfig yaml");
+        let admin: serde_yaml::Value = serde_yaml::from_str(
+            &std::fs::read_to_string(Testbed::get().kubeconfig()).expect("admin kubeconfig"),
+        )
+        .expect("admin kubeconfig yaml");
         let cluster = serde_json::to_value(&admin["clusters"][0]["cluster"]).expect("cluster");
-        assert!(cluster["server"].is_string(), "the testbed kubeconfig names no server");
+        assert!(
+            cluster["server"].is_string(),
+            "the testbed kubeconfig names no server"
+        );
         let config = json!({
             "apiVersion": "v1",
             "kind": "Config",
@@ -218,7 +272,11 @@ impl Release {
             "current-context": "operator",
         });
         let path = dir.join("operator.kubeconfig");
-        std::fs::write(&path, serde_yaml::to_string(&config).expect("kubeconfig yaml")).expect("write kubeconfig");
+        std::fs::write(
+            &path,
+            serde_yaml::to_string(&config).expect("kubeconfig yaml"),
+        )
+        .expect("write kubeconfig");
         path
     }
 }
@@ -226,7 +284,13 @@ impl Release {
 impl Drop for Release {
     fn drop(&mut self) {
         let _ = helm(&["uninstall", &self.name, "-n", &self.namespace]);
-        let _ = kubectl(&["delete", "namespace", &self.namespace, "--wait=false", "--ignore-not-found"]);
+        let _ = kubectl(&[
+            "delete",
+            "namespace",
+            &self.namespace,
+            "--wait=false",
+            "--ignore-not-found",
+        ]);
     }
 }
 
@@ -242,7 +306,13 @@ fn can_i(kubeconfig: &Path, args: &[&str]) -> bool {
     }
 }
 
-fn rolebinding_yaml(name: &str, namespace: &str, cluster_role: &str, sa: &str, sa_namespace: &str) -> String {
+fn rolebinding_yaml(
+    name: &str,
+    namespace: &str,
+    cluster_role: &str,
+    sa: &str,
+    sa_namespace: &str,
+) -> String {
     serde_yaml::to_string(&json!({
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "RoleBinding",
@@ -254,9 +324,19 @@ fn rolebinding_yaml(name: &str, namespace: &str, cluster_role: &str, sa: &str, s
 }
 
 /// Creates a RoleBinding as `kubeconfig`, on the server but without persisting it.
-fn try_bind(kubeconfig: &Path, namespace: &str, cluster_role: &str, sa: &str, sa_namespace: &str) -> Run {
+fn try_bind(
+    kubeconfig: &Path,
+    namespace: &str,
+    cluster_role: &str,
+    sa: &str,
+    sa_namespace: &str,
+) -> Run {
     let body = rolebinding_yaml(&unique("probe"), namespace, cluster_role, sa, sa_namespace);
-    kubectl_with(kubeconfig, &["create", "--dry-run=server", "-f", "-"], Some(&body))
+    kubectl_with(
+        kubeconfig,
+        &["create", "--dry-run=server", "-f", "-"],
+        Some(&body),
+    )
 }
 
 fn try_patch_crd(kubeconfig: &Path) -> Run {
@@ -281,8 +361,10 @@ fn try_patch_crd(kubeconfig: &Path) -> Run {
 
 #[test]
 fn chart_crds_are_identical_to_the_crds_dir() {
-    let canonical = std::fs::read(repo().join("crds/bulkhead.dev.yaml")).expect("crds/bulkhead.dev.yaml");
-    let in_chart = std::fs::read(chart().join("crds/bulkhead.dev.yaml")).expect("charts/bulkhead/crds/bulkhead.dev.yaml");
+    let canonical =
+        std::fs::read(repo().join("crds/bulkhead.dev.yaml")).expect("crds/bulkhead.dev.yaml");
+    let in_chart = std::fs::read(chart().join("crds/bulkhead.dev.yaml"))
+        .expect("charts/bulkhead/crds/bulkhead.dev.yaml");
     assert!(
         canonical == in_chart,
         "charts/bulkhead/crds/bulkhead.dev.yaml differs from crds/bulkhead.dev.yaml: run `make crds`"
@@ -339,11 +421,18 @@ fn values_schema_of(crd_schema: &Value) -> Value {
 
 #[test]
 fn values_schema_of_the_platform_is_the_crd_schema() {
-    let crd = bulkhead::api::crds().into_iter().find(|c| c.spec.names.kind == "IsolationPlatform").expect("platform crd");
+    let crd = bulkhead::api::crds()
+        .into_iter()
+        .find(|c| c.spec.names.kind == "IsolationPlatform")
+        .expect("platform crd");
     let crd = serde_json::to_value(&crd).expect("crd json");
-    let want = values_schema_of(&crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]);
+    let want = values_schema_of(
+        &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"],
+    );
     let path = chart().join("values.schema.json");
-    let mut schema: Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("values.schema.json")).expect("json");
+    let mut schema: Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("values.schema.json"))
+            .expect("json");
     let have = &schema["properties"]["platform"]["properties"]["spec"];
     if *have != want {
         if std::env::var_os("BULKHEAD_BLESS").is_some() {
@@ -352,7 +441,9 @@ fn values_schema_of_the_platform_is_the_crd_schema() {
             std::fs::write(&path, text).expect("write values.schema.json");
             return;
         }
-        panic!("values.schema.json's platform.spec is not the IsolationPlatform schema: run `BULKHEAD_BLESS=1 cargo test --test helm values_schema`");
+        panic!(
+            "values.schema.json's platform.spec is not the IsolationPlatform schema: run `BULKHEAD_BLESS=1 cargo test --test helm values_schema`"
+        );
     }
 }
 
@@ -369,11 +460,25 @@ fn helm_lint_strict_passes() {
     let kv = ["--kube-version", KUBE_VERSION];
     helm(&[&["lint", "--strict", chart][..], &kv].concat()).ok();
     helm(&[&["lint", "--strict", chart, "--set", "replicas=2"][..], &kv].concat()).ok();
-    helm(&[&["lint", "--strict", chart, "-f", values.to_str().expect("utf-8")][..], &kv].concat()).ok();
+    helm(
+        &[
+            &[
+                "lint",
+                "--strict",
+                chart,
+                "-f",
+                values.to_str().expect("utf-8"),
+            ][..],
+            &kv,
+        ]
+        .concat(),
+    )
+    .ok();
     helm(&[&["lint", "--strict", chart, "--set", "rbac.manageCrds=true,rbac.watchSecretsClusterWide=true,serviceMonitor.enabled=true"][..], &kv].concat())
         .ok();
     // Lint fails on a value the schema does not know, so it can fail at all.
-    helm(&[&["lint", "--strict", chart, "--set", "replica=2"][..], &kv].concat()).refused("replica");
+    helm(&[&["lint", "--strict", chart, "--set", "replica=2"][..], &kv].concat())
+        .refused("replica");
 }
 
 #[test]
@@ -381,28 +486,61 @@ fn platform_values_take_credentials_only_from_secrets() {
     let dir = scratch("platform-values");
     let cases: [(&str, &str); 5] = [
         // A field the IsolationPlatform does not have: the values schema is closed.
-        ("platform:\n  enabled: true\n  spec:\n    database:\n      adminUrl: postgres://admin:hunter2@db:5432/app\n      adminUrlSecretRef: { name: pg, key: url }\n", "adminUrl"),
+        (
+            "platform:\n  enabled: true\n  spec:\n    database:\n      adminUrl: postgres://admin:hunter2@db:5432/app\n      adminUrlSecretRef: { name: pg, key: url }\n",
+            "adminUrl",
+        ),
         // A password inside a field that is a URL.
-        ("platform:\n  enabled: true\n  spec:\n    storage:\n      endpoint: http://admin:hunter2@s3:8333\n      bucket: tenant-uploads\n      adminSecretRef: { name: s3 }\n", "password"),
+        (
+            "platform:\n  enabled: true\n  spec:\n    storage:\n      endpoint: http://admin:hunter2@s3:8333\n      bucket: tenant-uploads\n      adminSecretRef: { name: s3 }\n",
+            "password",
+        ),
         // No Secret reference at all.
-        ("platform:\n  enabled: true\n  spec:\n    cache:\n      keyPrefix: \"org:{orgId}:\"\n", "adminUrlSecretRef"),
-        ("platform:\n  enabled: true\n  spec:\n    database:\n      adminUrlSecretRef: { name: pg }\n", "key"),
+        (
+            "platform:\n  enabled: true\n  spec:\n    cache:\n      keyPrefix: \"org:{orgId}:\"\n",
+            "adminUrlSecretRef",
+        ),
+        (
+            "platform:\n  enabled: true\n  spec:\n    database:\n      adminUrlSecretRef: { name: pg }\n",
+            "key",
+        ),
         // A Secret the operator could not read.
-        ("platform:\n  enabled: true\n  spec:\n    database:\n      adminUrlSecretRef: { name: pg, key: url, namespace: kube-system }\n", "release namespace"),
+        (
+            "platform:\n  enabled: true\n  spec:\n    database:\n      adminUrlSecretRef: { name: pg, key: url, namespace: kube-system }\n",
+            "release namespace",
+        ),
     ];
     for (i, (values, needle)) in cases.iter().enumerate() {
         let path = dir.join(format!("bad-{i}.yaml"));
         std::fs::write(&path, values).expect("write values");
-        let out = template("bulkhead", "bulkhead-system", &["-f", path.to_str().expect("utf-8")]).refused(needle);
-        assert!(!format!("{}{}", out.stdout, out.stderr).contains("hunter2"), "the refusal repeats the password: {}", out.stderr);
+        let out = template(
+            "bulkhead",
+            "bulkhead-system",
+            &["-f", path.to_str().expect("utf-8")],
+        )
+        .refused(needle);
+        assert!(
+            !format!("{}{}", out.stdout, out.stderr).contains("hunter2"),
+            "the refusal repeats the password: {}",
+            out.stderr
+        );
     }
     // The same shape with references renders the platform, named as asked.
     let good = platform_values(&dir, "shared");
-    let out = template("bulkhead", "bulkhead-system", &["-f", good.to_str().expect("utf-8")]).ok();
+    let out = template(
+        "bulkhead",
+        "bulkhead-system",
+        &["-f", good.to_str().expect("utf-8")],
+    )
+    .ok();
     let docs = documents(&out.stdout);
     let platform = find(&docs, "IsolationPlatform", "shared").expect("rendered IsolationPlatform");
-    assert_eq!(platform["spec"]["database"]["adminUrlSecretRef"]["name"], "bulkhead-postgres");
-    let parsed: IsolationPlatform = serde_json::from_value(platform.clone()).expect("a valid IsolationPlatform");
+    assert_eq!(
+        platform["spec"]["database"]["adminUrlSecretRef"]["name"],
+        "bulkhead-postgres"
+    );
+    let parsed: IsolationPlatform =
+        serde_json::from_value(platform.clone()).expect("a valid IsolationPlatform");
     assert_eq!(parsed.spec.verification.interval_seconds, 120);
 }
 
@@ -430,7 +568,13 @@ fn rendered_objects_follow_the_values() {
     );
     let pod = &deploy["spec"]["template"]["spec"];
     let c = &pod["containers"][0];
-    assert_eq!(c["image"], format!("ghcr.io/bulkhead-dev/bulkhead:{}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        c["image"],
+        format!(
+            "ghcr.io/bulkhead-dev/bulkhead:{}",
+            env!("CARGO_PKG_VERSION")
+        )
+    );
     let sc = &c["securityContext"];
     assert_eq!(sc["runAsNonRoot"], true);
     assert_eq!(sc["readOnlyRootFilesystem"], true);
@@ -438,13 +582,27 @@ fn rendered_objects_follow_the_values() {
     assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
     assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault");
     assert_eq!(pod["serviceAccountName"], "bulkhead");
-    assert!(c["resources"]["requests"]["memory"].is_string() && c["resources"]["limits"]["memory"].is_string());
+    assert!(
+        c["resources"]["requests"]["memory"].is_string()
+            && c["resources"]["limits"]["memory"].is_string()
+    );
     assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
-    let env: Vec<&str> = c["env"].as_array().expect("env").iter().filter_map(|e| e["name"].as_str()).collect();
+    let env: Vec<&str> = c["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
     assert_eq!(env, ["POD_NAME", "POD_NAMESPACE", "RUST_LOG"]);
-    assert_eq!(deploy["spec"]["strategy"]["type"], "Recreate", "one replica without a lease never overlaps");
-    assert!(docs.iter().all(|d| d["kind"] != "PodDisruptionBudget"), "no PDB for one replica");
+    assert_eq!(
+        deploy["spec"]["strategy"]["type"], "Recreate",
+        "one replica without a lease never overlaps"
+    );
+    assert!(
+        docs.iter().all(|d| d["kind"] != "PodDisruptionBudget"),
+        "no PDB for one replica"
+    );
     assert!(docs.iter().all(|d| d["kind"] != "ServiceMonitor"));
     assert!(docs.iter().all(|d| d["kind"] != "IsolationPlatform"));
 
@@ -452,28 +610,69 @@ fn rendered_objects_follow_the_values() {
     // rendered binding grants.
     let role = find(&docs, "ClusterRole", "bulkhead").expect("ClusterRole");
     let rules = role["rules"].as_array().expect("rules");
-    assert!(!rules.iter().any(|r| r["resources"].as_array().is_some_and(|res| res.iter().any(|x| x == "secrets"))));
-    assert!(!rules.iter().any(|r| r["apiGroups"].as_array().is_some_and(|g| g.iter().any(|x| x == "apiextensions.k8s.io"))));
-    let bind: Vec<&Value> = rules.iter().filter(|r| r["verbs"].as_array().is_some_and(|v| v.iter().any(|x| x == "bind"))).collect();
+    assert!(!rules.iter().any(|r| {
+        r["resources"]
+            .as_array()
+            .is_some_and(|res| res.iter().any(|x| x == "secrets"))
+    }));
+    assert!(!rules.iter().any(|r| {
+        r["apiGroups"]
+            .as_array()
+            .is_some_and(|g| g.iter().any(|x| x == "apiextensions.k8s.io"))
+    }));
+    let bind: Vec<&Value> = rules
+        .iter()
+        .filter(|r| {
+            r["verbs"]
+                .as_array()
+                .is_some_and(|v| v.iter().any(|x| x == "bind"))
+        })
+        .collect();
     assert_eq!(bind.len(), 1);
     assert_eq!(bind[0]["resourceNames"], json!(["bulkhead-namespace"]));
-    assert!(rules.iter().all(|r| !r["verbs"].as_array().is_some_and(|v| v.iter().any(|x| x == "*" || x == "escalate"))));
-    assert!(docs.iter().all(|d| !(d["kind"].as_str().is_some_and(|k| k.ends_with("Binding")) && d["roleRef"]["name"] == "bulkhead-namespace")));
+    assert!(rules.iter().all(|r| {
+        !r["verbs"]
+            .as_array()
+            .is_some_and(|v| v.iter().any(|x| x == "*" || x == "escalate"))
+    }));
+    assert!(docs.iter().all(
+        |d| !(d["kind"].as_str().is_some_and(|k| k.ends_with("Binding"))
+            && d["roleRef"]["name"] == "bulkhead-namespace")
+    ));
     assert!(find(&docs, "ValidatingAdmissionPolicy", "bulkhead-guard").is_some());
 
     // Every flag the chart passes is one the binary accepts.
-    let help = std::process::Command::new(env!("CARGO_BIN_EXE_bulkhead")).args(["run", "--help"]).output().expect("run --help");
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+        .args(["run", "--help"])
+        .output()
+        .expect("run --help");
     let help = String::from_utf8_lossy(&help.stdout);
-    let ha = documents(&template("bulkhead", "bulkhead-system", &["--set", "replicas=2,rbac.watchSecretsClusterWide=true"]).ok().stdout);
+    let ha = documents(
+        &template(
+            "bulkhead",
+            "bulkhead-system",
+            &["--set", "replicas=2,rbac.watchSecretsClusterWide=true"],
+        )
+        .ok()
+        .stdout,
+    );
     let ha_deploy = find(&ha, "Deployment", "bulkhead").expect("Deployment");
     let ha_args = container_args(ha_deploy);
     for flag in args.iter().chain(&ha_args).filter(|a| a.starts_with("--")) {
-        assert!(help.contains(flag.as_str()), "`bulkhead run` has no flag {flag}:\n{help}");
+        assert!(
+            help.contains(flag.as_str()),
+            "`bulkhead run` has no flag {flag}:\n{help}"
+        );
     }
 
     // Two replicas: leader election forced on, a PDB, rolling updates; cluster-wide Secret reads
     // and --watch-secrets only together.
-    assert!(ha_args.windows(3).any(|w| w == ["--leader-elect", "--lease-name", "bulkhead-leader"]), "{ha_args:?}");
+    assert!(
+        ha_args
+            .windows(3)
+            .any(|w| w == ["--leader-elect", "--lease-name", "bulkhead-leader"]),
+        "{ha_args:?}"
+    );
     assert!(ha_args.contains(&"--watch-secrets".to_owned()));
     assert_eq!(ha_deploy["spec"]["replicas"], 2);
     assert_eq!(ha_deploy["spec"]["strategy"]["type"], "RollingUpdate");
@@ -500,20 +699,34 @@ async fn rendered_chart_passes_a_server_side_dry_run() {
     let variants: [Vec<&str>; 3] = [
         vec!["--include-crds"],
         vec!["--set", "replicas=2", "-f", values.to_str().expect("utf-8")],
-        vec!["--set", "rbac.watchSecretsClusterWide=true,rbac.manageCrds=true,rbac.bindingGuard.enabled=false,serviceAccount.name=ops"],
+        vec![
+            "--set",
+            "rbac.watchSecretsClusterWide=true,rbac.manageCrds=true,rbac.bindingGuard.enabled=false,serviceAccount.name=ops",
+        ],
     ];
     let mut results = Vec::new();
     for extra in &variants {
         let rendered = template(&release, &ns, extra).ok();
-        let applied =
-            kubectl_with(Path::new(Testbed::get().kubeconfig()), &["apply", "--dry-run=server", "-f", "-"], Some(&rendered.stdout));
+        let applied = kubectl_with(
+            Path::new(Testbed::get().kubeconfig()),
+            &["apply", "--dry-run=server", "-f", "-"],
+            Some(&rendered.stdout),
+        );
         results.push((extra.join(" "), applied));
     }
     let _ = kubectl(&["delete", "namespace", &ns, "--wait=false"]);
     for (extra, applied) in results {
         let applied = applied.ok();
-        assert!(applied.stdout.contains("(server dry run)"), "{extra}: {}", applied.stdout);
-        assert!(applied.stdout.contains("deployment.apps/"), "{extra}: {}", applied.stdout);
+        assert!(
+            applied.stdout.contains("(server dry run)"),
+            "{extra}: {}",
+            applied.stdout
+        );
+        assert!(
+            applied.stdout.contains("deployment.apps/"),
+            "{extra}: {}",
+            applied.stdout
+        );
     }
 }
 
@@ -523,12 +736,30 @@ async fn helm_install_and_upgrade_against_the_api_server() {
     install_crds(&client).await;
     let release = Release::install("bulkhead-helm", &[]);
     let args = container_args(&release.deployment());
-    assert!(args.windows(2).any(|w| w == ["--concurrency", "8"]), "{args:?}");
+    assert!(
+        args.windows(2).any(|w| w == ["--concurrency", "8"]),
+        "{args:?}"
+    );
     for kind in ["serviceaccount", "role", "rolebinding", "service"] {
-        kubectl(&["get", kind, "-n", &release.namespace, "-l", &format!("app.kubernetes.io/instance={}", release.name), "-o", "name"])
-            .ok();
+        kubectl(&[
+            "get",
+            kind,
+            "-n",
+            &release.namespace,
+            "-l",
+            &format!("app.kubernetes.io/instance={}", release.name),
+            "-o",
+            "name",
+        ])
+        .ok();
     }
-    kubectl(&["get", "clusterrole", release.fullname(), &format!("{}-namespace", release.fullname())]).ok();
+    kubectl(&[
+        "get",
+        "clusterrole",
+        release.fullname(),
+        &format!("{}-namespace", release.fullname()),
+    ])
+    .ok();
 
     let chart = chart();
     helm(&[
@@ -542,16 +773,45 @@ async fn helm_install_and_upgrade_against_the_api_server() {
     ])
     .ok();
     let args = container_args(&release.deployment());
-    assert!(args.windows(2).any(|w| w == ["--concurrency", "3"]), "{args:?}");
+    assert!(
+        args.windows(2).any(|w| w == ["--concurrency", "3"]),
+        "{args:?}"
+    );
     assert!(args.contains(&"--leader-elect".to_owned()), "{args:?}");
-    kubectl(&["get", "poddisruptionbudget", &release.name, "-n", &release.namespace]).ok();
-    let history = helm(&["history", &release.name, "-n", &release.namespace, "-o", "json"]).ok();
+    kubectl(&[
+        "get",
+        "poddisruptionbudget",
+        &release.name,
+        "-n",
+        &release.namespace,
+    ])
+    .ok();
+    let history = helm(&[
+        "history",
+        &release.name,
+        "-n",
+        &release.namespace,
+        "-o",
+        "json",
+    ])
+    .ok();
     let history: Value = serde_json::from_str(&history.stdout).expect("history json");
     assert_eq!(history.as_array().map(Vec::len), Some(2), "{history}");
 
     helm(&["uninstall", &release.name, "-n", &release.namespace]).ok();
-    let gone = kubectl(&["get", "clusterrole", release.fullname(), "--ignore-not-found", "-o", "name"]).ok();
-    assert!(gone.stdout.trim().is_empty(), "the ClusterRole outlived the release");
+    let gone = kubectl(&[
+        "get",
+        "clusterrole",
+        release.fullname(),
+        "--ignore-not-found",
+        "-o",
+        "name",
+    ])
+    .ok();
+    assert!(
+        gone.stdout.trim().is_empty(),
+        "the ClusterRole outlived the release"
+    );
     kubectl(&["get", "crd", "organizations.bulkhead.dev"]).ok();
 }
 
@@ -572,39 +832,74 @@ async fn the_service_account_has_least_privilege_and_runs_the_operator() {
     let release = Release::install("bulkhead-rbac", &[]);
     let dir = scratch("rbac");
     let sa_config = release.service_account_kubeconfig(&dir);
-    let (ns, sa, ns_role) = (release.namespace.as_str(), release.fullname(), format!("{}-namespace", release.fullname()));
+    let (ns, sa, ns_role) = (
+        release.namespace.as_str(),
+        release.fullname(),
+        format!("{}-namespace", release.fullname()),
+    );
 
     // No Secret outside the namespaces it manages.
     assert!(!can_i(&sa_config, &["get", "secrets", "-n", "kube-system"]));
     assert!(!can_i(&sa_config, &["list", "secrets", "--all-namespaces"]));
     kubectl_with(&sa_config, &["get", "secrets", "-n", "kube-system"], None).refused("forbidden");
     kubectl_with(&sa_config, &["get", "secrets", "-n", ns], None).ok();
-    assert!(!can_i(&sa_config, &["create", "secrets", "-n", ns]), "platform Secrets are read-only to the operator");
+    assert!(
+        !can_i(&sa_config, &["create", "secrets", "-n", ns]),
+        "platform Secrets are read-only to the operator"
+    );
     // No CRD changes.
     try_patch_crd(&sa_config).refused("forbidden");
     // No escalation: it can bind exactly one role, and only as the guard allows.
     try_bind(&sa_config, ns, "cluster-admin", sa, ns).refused("forbidden");
-    try_bind(&sa_config, ns, "admin", sa, ns).refused("forbidden");
     // RBAC allows the namespace role to be bound anywhere; the admission guard narrows it. The
     // API server loads a new policy within seconds: wait for it, then every check must hold.
-    assert!(can_i(&sa_config, &["create", "rolebindings", "-n", "kube-system"]));
+    assert!(can_i(
+        &sa_config,
+        &["create", "rolebindings", "-n", "kube-system"]
+    ));
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while try_bind(&sa_config, "kube-system", &ns_role, sa, ns).ok && std::time::Instant::now() < deadline {
+    while try_bind(&sa_config, "kube-system", &ns_role, sa, ns).ok
+        && std::time::Instant::now() < deadline
+    {
         std::thread::sleep(Duration::from_millis(500));
     }
-    try_bind(&sa_config, "kube-system", &ns_role, sa, ns).refused("namespaces owned by an Organization");
+    try_bind(&sa_config, "kube-system", &ns_role, sa, ns)
+        .refused("namespaces owned by an Organization");
     try_bind(&sa_config, ns, &ns_role, sa, ns).refused("namespaces owned by an Organization");
+    // Binding a role it fully holds is no escalation to RBAC; the guard still allows only one.
+    try_bind(&sa_config, ns, sa, sa, ns)
+        .refused("may only create, change or delete RoleBindings of ClusterRole");
     // Namespaces it does not own: it can neither label (and so adopt) nor delete them.
     let foreign = unique("foreign");
     kubectl(&["create", "namespace", &foreign]).ok();
-    let label = kubectl_with(&sa_config, &["label", "namespace", &foreign, "app.kubernetes.io/managed-by=bulkhead", "--dry-run=server"], None);
-    let delete = kubectl_with(&sa_config, &["delete", "namespace", &foreign, "--dry-run=server"], None);
+    let label = kubectl_with(
+        &sa_config,
+        &[
+            "label",
+            "namespace",
+            &foreign,
+            "app.kubernetes.io/managed-by=bulkhead",
+            "--dry-run=server",
+        ],
+        None,
+    );
+    let delete = kubectl_with(
+        &sa_config,
+        &["delete", "namespace", &foreign, "--dry-run=server"],
+        None,
+    );
     kubectl(&["delete", "namespace", &foreign, "--wait=false"]).ok();
     label.refused("owned by an Organization");
     delete.refused("owned by an Organization");
     // The Lease of leader election, in its own namespace only.
-    assert!(can_i(&sa_config, &["create", "leases.coordination.k8s.io", "-n", ns]));
-    assert!(!can_i(&sa_config, &["create", "leases.coordination.k8s.io", "-n", "kube-system"]));
+    assert!(can_i(
+        &sa_config,
+        &["create", "leases.coordination.k8s.io", "-n", ns]
+    ));
+    assert!(!can_i(
+        &sa_config,
+        &["create", "leases.coordination.k8s.io", "-n", "kube-system"]
+    ));
 
     // The operator, as this ServiceAccount, with the chart's own flags, provisions an organization.
     let chart_args = container_args(&release.deployment());
@@ -618,7 +913,10 @@ async fn the_service_account_has_least_privilege_and_runs_the_operator() {
             extra.push(a);
         }
     }
-    assert!(extra.contains(&"--namespace-role") && extra.contains(&"--service-account"), "{extra:?}");
+    assert!(
+        extra.contains(&"--namespace-role") && extra.contains(&"--service-account"),
+        "{extra:?}"
+    );
     let platform = unique("rbac-platform");
     let org_id = unique("rbac");
     let template = format!("{org_id}-{{orgId}}");
@@ -629,42 +927,84 @@ async fn the_service_account_has_least_privilege_and_runs_the_operator() {
         "spec": { "network": { "namespaceTemplate": template } },
     }))
     .expect("platform");
-    platforms.create(&PostParams::default(), &p).await.expect("create platform");
+    platforms
+        .create(&PostParams::default(), &p)
+        .await
+        .expect("create platform");
     let mut operator = Operator::start_with_kubeconfig(&platform, ns, &extra, &sa_config);
 
     let orgs: Api<Organization> = Api::all(client.clone());
-    orgs.create(&PostParams::default(), &org_body(&org_id, &org_id, &platform)).await.expect("create organization");
-    let ready = wait_for("the Organization to be Ready under the ServiceAccount", Duration::from_secs(120), || {
-        let orgs = orgs.clone();
-        let org_id = org_id.clone();
-        let alive = operator.alive();
-        async move {
-            assert!(alive, "the operator exited");
-            let o = orgs.get(&org_id).await.ok()?;
-            let ready = o.status.as_ref()?.conditions.iter().find(|c| c.type_ == "Ready")?.clone();
-            (ready.status == ConditionStatus::True).then_some(o)
-        }
-    })
+    orgs.create(
+        &PostParams::default(),
+        &org_body(&org_id, &org_id, &platform),
+    )
+    .await
+    .expect("create organization");
+    let ready = wait_for(
+        "the Organization to be Ready under the ServiceAccount",
+        Duration::from_secs(120),
+        || {
+            let orgs = orgs.clone();
+            let org_id = org_id.clone();
+            let alive = operator.alive();
+            async move {
+                assert!(alive, "the operator exited");
+                let o = orgs.get(&org_id).await.ok()?;
+                let ready = o
+                    .status
+                    .as_ref()?
+                    .conditions
+                    .iter()
+                    .find(|c| c.type_ == "Ready")?
+                    .clone();
+                (ready.status == ConditionStatus::True).then_some(o)
+            }
+        },
+    )
     .await;
-    let org_ns = ready.status.as_ref().and_then(|s| s.namespace.clone()).expect("status.namespace");
+    let org_ns = ready
+        .status
+        .as_ref()
+        .and_then(|s| s.namespace.clone())
+        .expect("status.namespace");
     assert_eq!(org_ns, format!("{org_id}-{org_id}"));
-    let secret_name = ready.status.as_ref().and_then(|s| s.credentials_secret.clone()).expect("status.credentialsSecret");
-    Api::<Secret>::namespaced(client.clone(), &org_ns).get(&secret_name).await.expect("credentials Secret in the org namespace");
+    let secret_name = ready
+        .status
+        .as_ref()
+        .and_then(|s| s.credentials_secret.clone())
+        .expect("status.credentialsSecret");
+    Api::<Secret>::namespaced(client.clone(), &org_ns)
+        .get(&secret_name)
+        .await
+        .expect("credentials Secret in the org namespace");
     let bindings: Api<RoleBinding> = Api::namespaced(client.clone(), &org_ns);
-    let own = bindings.list(&Default::default()).await.expect("rolebindings");
-    assert!(own.items.iter().any(|b| b.role_ref.name == ns_role), "the operator bound its namespace role in {org_ns}");
+    let own = bindings
+        .list(&Default::default())
+        .await
+        .expect("rolebindings");
+    assert!(
+        own.items.iter().any(|b| b.role_ref.name == ns_role),
+        "the operator bound its namespace role in {org_ns}"
+    );
 
     // Inside an organization's namespace: the namespace role to itself, and nothing else.
     try_bind(&sa_config, &org_ns, &ns_role, sa, ns).ok();
     try_bind(&sa_config, &org_ns, "cluster-admin", sa, ns).refused("forbidden");
-    try_bind(&sa_config, &org_ns, &ns_role, "intruder", ns).refused("only to its own ServiceAccount");
+    try_bind(&sa_config, &org_ns, &ns_role, "intruder", ns)
+        .refused("only to its own ServiceAccount");
     assert!(can_i(&sa_config, &["get", "secrets", "-n", &org_ns]));
 
-    orgs.delete(&org_id, &DeleteParams::default()).await.expect("delete organization");
-    wait_for("the Organization to be gone", Duration::from_secs(120), || {
-        let (orgs, org_id) = (orgs.clone(), org_id.clone());
-        async move { orgs.get_opt(&org_id).await.ok()?.is_none().then_some(()) }
-    })
+    orgs.delete(&org_id, &DeleteParams::default())
+        .await
+        .expect("delete organization");
+    wait_for(
+        "the Organization to be gone",
+        Duration::from_secs(120),
+        || {
+            let (orgs, org_id) = (orgs.clone(), org_id.clone());
+            async move { orgs.get_opt(&org_id).await.ok()?.is_none().then_some(()) }
+        },
+    )
     .await;
     operator.kill();
     let log = operator.log();
@@ -679,19 +1019,47 @@ async fn optional_permissions_follow_the_values() {
     let dir = scratch("rbac-options");
     let release = Release::install(
         "bulkhead-opts",
-        &["--set", "rbac.manageCrds=true,rbac.watchSecretsClusterWide=true,rbac.bindingGuard.enabled=false"],
+        &[
+            "--set",
+            "rbac.manageCrds=true,rbac.watchSecretsClusterWide=true,rbac.bindingGuard.enabled=false",
+        ],
     );
     let sa_config = release.service_account_kubeconfig(&dir);
-    let (ns, sa, ns_role) = (release.namespace.as_str(), release.fullname(), format!("{}-namespace", release.fullname()));
+    let (ns, sa, ns_role) = (
+        release.namespace.as_str(),
+        release.fullname(),
+        format!("{}-namespace", release.fullname()),
+    );
 
     // rbac.manageCrds: its own two CRDs, no other.
     try_patch_crd(&sa_config).ok();
-    assert!(can_i(&sa_config, &["patch", "customresourcedefinitions.apiextensions.k8s.io/isolationplatforms.bulkhead.dev"]));
-    assert!(!can_i(&sa_config, &["patch", "customresourcedefinitions.apiextensions.k8s.io/widgets.example.com"]));
-    assert!(!can_i(&sa_config, &["create", "customresourcedefinitions.apiextensions.k8s.io"]));
+    assert!(can_i(
+        &sa_config,
+        &[
+            "patch",
+            "customresourcedefinitions.apiextensions.k8s.io/isolationplatforms.bulkhead.dev"
+        ]
+    ));
+    assert!(!can_i(
+        &sa_config,
+        &[
+            "patch",
+            "customresourcedefinitions.apiextensions.k8s.io/widgets.example.com"
+        ]
+    ));
+    assert!(!can_i(
+        &sa_config,
+        &["create", "customresourcedefinitions.apiextensions.k8s.io"]
+    ));
     // rbac.watchSecretsClusterWide: reads, never writes, and the flag that uses it.
-    assert!(can_i(&sa_config, &["watch", "secrets", "-n", "kube-system"]));
-    assert!(!can_i(&sa_config, &["create", "secrets", "-n", "kube-system"]));
+    assert!(can_i(
+        &sa_config,
+        &["watch", "secrets", "-n", "kube-system"]
+    ));
+    assert!(!can_i(
+        &sa_config,
+        &["create", "secrets", "-n", "kube-system"]
+    ));
     assert!(container_args(&release.deployment()).contains(&"--watch-secrets".to_owned()));
     // Without the guard, RBAC alone lets the namespace role be bound anywhere: the residual risk
     // that rbac.bindingGuard closes. cluster-admin stays out of reach either way.

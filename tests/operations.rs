@@ -27,11 +27,17 @@ async fn network_platform(client: &kube::Client, name: &str, prefix: &str) {
         "spec": { "network": { "namespaceTemplate": format!("{prefix}-{{orgId}}") }, "verification": { "intervalSeconds": 30 } }
     }))
     .unwrap();
-    api.create(&PostParams::default(), &p).await.expect("platform");
+    api.create(&PostParams::default(), &p)
+        .await
+        .expect("platform");
 }
 
 fn is_ready(o: &Organization) -> bool {
-    o.status.as_ref().is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && format!("{:?}", c.status) == "True"))
+    o.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && format!("{:?}", c.status) == "True")
+    })
 }
 
 async fn wait_ready(api: &Api<Organization>, name: &str, timeout: Duration) -> Organization {
@@ -66,21 +72,55 @@ async fn gitops_apply_sees_no_diff_and_no_conflict() {
     )
     .unwrap();
     let file = manifest.to_str().unwrap();
-    let out = kubectl(&["apply", "--server-side", "--field-manager=gitops", "-f", file]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = kubectl(&[
+        "apply",
+        "--server-side",
+        "--field-manager=gitops",
+        "-f",
+        file,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let api: Api<Organization> = Api::all(client.clone());
     let ready = wait_ready(&api, &name, Duration::from_secs(90)).await;
     let generation = ready.metadata.generation;
 
-    let diff = kubectl(&["diff", "--server-side", "--field-manager=gitops", "-f", file]);
-    assert_eq!(diff.status.code(), Some(0), "kubectl diff shows changes:\n{}", String::from_utf8_lossy(&diff.stdout));
+    let diff = kubectl(&[
+        "diff",
+        "--server-side",
+        "--field-manager=gitops",
+        "-f",
+        file,
+    ]);
+    assert_eq!(
+        diff.status.code(),
+        Some(0),
+        "kubectl diff shows changes:\n{}",
+        String::from_utf8_lossy(&diff.stdout)
+    );
     assert!(diff.stdout.is_empty());
 
-    let again = kubectl(&["apply", "--server-side", "--field-manager=gitops", "-f", file]);
-    assert!(again.status.success(), "second apply conflicted: {}", String::from_utf8_lossy(&again.stderr));
+    let again = kubectl(&[
+        "apply",
+        "--server-side",
+        "--field-manager=gitops",
+        "-f",
+        file,
+    ]);
+    assert!(
+        again.status.success(),
+        "second apply conflicted: {}",
+        String::from_utf8_lossy(&again.stderr)
+    );
     let after = api.get(&name).await.unwrap();
-    assert_eq!(after.metadata.generation, generation, "the re-apply changed the generation");
+    assert_eq!(
+        after.metadata.generation, generation,
+        "the re-apply changed the generation"
+    );
 
     // The operator owns status (and its finalizer), never the user's spec, labels or annotations.
     for mf in after.metadata.managed_fields.unwrap_or_default() {
@@ -89,7 +129,11 @@ async fn gitops_apply_sees_no_diff_and_no_conflict() {
         }
         let fields = serde_json::to_string(&mf.fields_v1).unwrap();
         for user_owned in ["f:spec", "f:labels", "f:annotations"] {
-            assert!(!fields.contains(user_owned), "manager {:?} owns {user_owned}: {fields}", mf.manager);
+            assert!(
+                !fields.contains(user_owned),
+                "manager {:?} owns {user_owned}: {fields}",
+                mf.manager
+            );
         }
     }
 
@@ -101,7 +145,10 @@ async fn gitops_apply_sees_no_diff_and_no_conflict() {
     })
     .await;
     let _ = std::fs::remove_file(&manifest);
-    Api::<IsolationPlatform>::all(client.clone()).delete(&platform, &DeleteParams::default()).await.unwrap();
+    Api::<IsolationPlatform>::all(client.clone())
+        .delete(&platform, &DeleteParams::default())
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -113,13 +160,27 @@ async fn a_standby_takes_over_when_the_leader_is_killed() {
     common::ensure_namespace(&client, &ns).await;
     network_platform(&client, &platform, &platform).await;
     let lease_seconds = 6u64;
-    let args = ["--leader-elect", "--lease-name", "bulkhead-ha", "--lease-seconds", "6"];
+    let args = [
+        "--leader-elect",
+        "--lease-name",
+        "bulkhead-ha",
+        "--lease-seconds",
+        "6",
+    ];
     let mut first = Operator::start_with(&platform, &ns, &args);
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
     let holder = |leases: Api<Lease>| async move {
-        leases.get_opt("bulkhead-ha").await.ok().flatten().and_then(|l| l.spec?.holder_identity)
+        leases
+            .get_opt("bulkhead-ha")
+            .await
+            .ok()
+            .flatten()
+            .and_then(|l| l.spec?.holder_identity)
     };
-    let leader1 = wait_for("first leader", Duration::from_secs(30), || holder(leases.clone())).await;
+    let leader1 = wait_for("first leader", Duration::from_secs(30), || {
+        holder(leases.clone())
+    })
+    .await;
     let mut second = Operator::start_with(&platform, &ns, &args);
 
     let api: Api<Organization> = Api::all(client.clone());
@@ -135,7 +196,11 @@ async fn a_standby_takes_over_when_the_leader_is_killed() {
     wait_ready(&api, &a, Duration::from_secs(90)).await;
     // Only the lease holder writes: the standby has reconciled nothing.
     assert!(second.alive());
-    assert!(!second.log().contains("reconciled"), "the standby reconciled:\n{}", second.log());
+    assert!(
+        !second.log().contains("reconciled"),
+        "the standby reconciled:\n{}",
+        second.log()
+    );
     assert!(first.log().contains("reconciled"));
 
     // SIGKILL the leader, then change things while nobody leads.
@@ -143,13 +208,19 @@ async fn a_standby_takes_over_when_the_leader_is_killed() {
     let killed_at = Instant::now();
     let burst: Vec<String> = (0..3).map(|_| unique("ha-burst")).collect();
     for name in &burst {
-        api.create(&PostParams::default(), &make(name)).await.unwrap();
+        api.create(&PostParams::default(), &make(name))
+            .await
+            .unwrap();
     }
-    let leader2 = wait_for("a new leader", Duration::from_secs(lease_seconds * 3), || {
-        let leases = leases.clone();
-        let leader1 = leader1.clone();
-        async move { holder(leases).await.filter(|h| *h != leader1) }
-    })
+    let leader2 = wait_for(
+        "a new leader",
+        Duration::from_secs(lease_seconds * 3),
+        || {
+            let leases = leases.clone();
+            let leader1 = leader1.clone();
+            async move { holder(leases).await.filter(|h| *h != leader1) }
+        },
+    )
     .await;
     let takeover = killed_at.elapsed();
     assert!(
@@ -159,7 +230,11 @@ async fn a_standby_takes_over_when_the_leader_is_killed() {
     for name in &burst {
         wait_ready(&api, name, Duration::from_secs(90)).await;
     }
-    assert!(second.log().contains("leader lease taken"), "{}", second.log());
+    assert!(
+        second.log().contains("leader lease taken"),
+        "{}",
+        second.log()
+    );
     eprintln!("takeover by {leader2} after {takeover:?}");
 
     for name in burst.iter().chain([&a]) {
@@ -174,5 +249,8 @@ async fn a_standby_takes_over_when_the_leader_is_killed() {
         .await;
     }
     second.kill();
-    Api::<IsolationPlatform>::all(client.clone()).delete(&platform, &DeleteParams::default()).await.unwrap();
+    Api::<IsolationPlatform>::all(client.clone())
+        .delete(&platform, &DeleteParams::default())
+        .await
+        .unwrap();
 }

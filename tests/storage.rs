@@ -33,13 +33,22 @@ fn platform(endpoint: &str, bucket: &str, extra: Value) -> StoragePlatform {
 
 fn seaweed(bucket: &str) -> StorageLayer {
     let tb = Testbed::get();
-    StorageLayer::connect(&platform(tb.s3_endpoint(), bucket, json!({})), tb.s3_access_key(), tb.s3_secret_key()).expect("connect")
+    StorageLayer::connect(
+        &platform(tb.s3_endpoint(), bucket, json!({})),
+        tb.s3_access_key(),
+        tb.s3_secret_key(),
+    )
+    .expect("connect")
 }
 
 fn moto(bucket: &str, extra: Value) -> StorageLayer {
     let tb = Testbed::get();
-    StorageLayer::connect(&platform(tb.moto_endpoint(), bucket, extra), tb.var("BULKHEAD_MOTO_ACCESS_KEY"), tb.var("BULKHEAD_MOTO_SECRET_KEY"))
-        .expect("connect")
+    StorageLayer::connect(
+        &platform(tb.moto_endpoint(), bucket, extra),
+        tb.var("BULKHEAD_MOTO_ACCESS_KEY"),
+        tb.var("BULKHEAD_MOTO_SECRET_KEY"),
+    )
+    .expect("connect")
 }
 
 /// A bucket name unique to this run (S3 bucket names allow no '_' and at most 63 characters).
@@ -59,7 +68,9 @@ fn tenant(org: &OrgId, peers: &[&OrgId]) -> Tenant {
         namespace: format!("org-{org}"),
         deletion_policy: DeletionPolicy::Delete,
         rotate: false,
-        peers: std::iter::once(OrgId::sentinel()).chain(peers.iter().map(|p| (*p).clone())).collect(),
+        peers: std::iter::once(OrgId::sentinel())
+            .chain(peers.iter().map(|p| (*p).clone()))
+            .collect(),
         owner: Default::default(),
         resource_quota: None,
         limit_range: None,
@@ -87,7 +98,10 @@ fn admin(endpoint: &str, key: &str, secret: &str) -> Admin {
         .credentials_provider(creds)
         .endpoint_url(endpoint)
         .build();
-    Admin { s3: aws_sdk_s3::Client::from_conf(s3), iam: aws_sdk_iam::Client::from_conf(iam) }
+    Admin {
+        s3: aws_sdk_s3::Client::from_conf(s3),
+        iam: aws_sdk_iam::Client::from_conf(iam),
+    }
 }
 
 fn seaweed_admin() -> Admin {
@@ -97,7 +111,11 @@ fn seaweed_admin() -> Admin {
 
 fn moto_admin() -> Admin {
     let tb = Testbed::get();
-    admin(tb.moto_endpoint(), tb.var("BULKHEAD_MOTO_ACCESS_KEY"), tb.var("BULKHEAD_MOTO_SECRET_KEY"))
+    admin(
+        tb.moto_endpoint(),
+        tb.var("BULKHEAD_MOTO_ACCESS_KEY"),
+        tb.var("BULKHEAD_MOTO_SECRET_KEY"),
+    )
 }
 
 async fn provision(layer: &StorageLayer, t: &Tenant) -> Credentials {
@@ -107,7 +125,11 @@ async fn provision(layer: &StorageLayer, t: &Tenant) -> Credentials {
 }
 
 fn failed(v: &Verification) -> Vec<String> {
-    v.probes.iter().filter(|p| !p.passed).map(|p| format!("{}: {}", p.name, p.detail)).collect()
+    v.probes
+        .iter()
+        .filter(|p| !p.passed)
+        .map(|p| format!("{}: {}", p.name, p.detail))
+        .collect()
 }
 
 fn assert_clean(v: &Verification) {
@@ -116,16 +138,28 @@ fn assert_clean(v: &Verification) {
 }
 
 fn probe_passed(v: &Verification, name: &str) -> bool {
-    v.probes.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no probe {name:?} in {:?}", v.probes)).passed
+    v.probes
+        .iter()
+        .find(|p| p.name == name)
+        .unwrap_or_else(|| panic!("no probe {name:?} in {:?}", v.probes))
+        .passed
 }
 
 /// Whether `policy` holds `statement` (servers store policies re-serialized, so compare canonically).
 fn holds(policy: &Value, statement: &Value) -> bool {
-    policy["Statement"].as_array().is_some_and(|sts| sts.iter().any(|s| storage::policy::same_document(s, statement)))
+    policy["Statement"].as_array().is_some_and(|sts| {
+        sts.iter()
+            .any(|s| storage::policy::same_document(s, statement))
+    })
 }
 
 async fn guard_text(a: &Admin, bucket: &str) -> Value {
-    let out = a.s3.get_bucket_policy().bucket(bucket).send().await.expect("bucket policy");
+    let out =
+        a.s3.get_bucket_policy()
+            .bucket(bucket)
+            .send()
+            .await
+            .expect("bucket policy");
     serde_json::from_str(out.policy().unwrap_or_default()).expect("policy JSON")
 }
 
@@ -146,7 +180,14 @@ async fn user_mode_isolates_prefixes_and_every_probe_passes() {
     let ca = provision(&layer, &ta).await;
     let cb = provision(&layer, &tb_).await;
 
-    for key in [storage::KEY_BUCKET, storage::KEY_PREFIX, storage::KEY_ENDPOINT, storage::KEY_REGION, storage::KEY_ACCESS_KEY_ID, storage::KEY_SECRET_ACCESS_KEY] {
+    for key in [
+        storage::KEY_BUCKET,
+        storage::KEY_PREFIX,
+        storage::KEY_ENDPOINT,
+        storage::KEY_REGION,
+        storage::KEY_ACCESS_KEY_ID,
+        storage::KEY_SECRET_ACCESS_KEY,
+    ] {
         assert!(ca.get(key).is_some_and(|v| !v.is_empty()), "{key} missing");
     }
     assert_eq!(ca.get(storage::KEY_PREFIX), Some(format!("{a}/").as_str()));
@@ -173,7 +214,10 @@ async fn user_mode_isolates_prefixes_and_every_probe_passes() {
         format!("PutBucketPolicy {b} as {a}"),
         format!("LIST whole bucket {b} as {a}"),
     ] {
-        assert!(names.contains(want.as_str()), "missing probe {want}: {names:?}");
+        assert!(
+            names.contains(want.as_str()),
+            "missing probe {want}: {names:?}"
+        );
     }
     assert_clean(&layer.verify(&tb_, &cb).await.expect("verify b"));
 
@@ -202,12 +246,33 @@ async fn widened_policy_is_held_by_the_guard_and_caught_when_the_guard_goes_too(
     // Behind the operator's back: a's policy now allows everything in the bucket.
     let widened = json!({"Version": POLICY_VERSION, "Statement": [{"Effect": "Allow", "Action": "s3:*",
         "Resource": [format!("arn:aws:s3:::{b}"), format!("arn:aws:s3:::{b}/*")]}]});
-    let arn = adm.iam.get_policy().policy_arn(format!("arn:aws:iam::000000000000:policy/bulkhead/bulkhead-{a}")).send().await.unwrap();
+    let arn = adm
+        .iam
+        .get_policy()
+        .policy_arn(format!(
+            "arn:aws:iam::000000000000:policy/bulkhead/bulkhead-{a}"
+        ))
+        .send()
+        .await
+        .unwrap();
     let arn = arn.policy().unwrap().arn().unwrap().to_owned();
-    adm.iam.create_policy_version().policy_arn(&arn).policy_document(widened.to_string()).set_as_default(true).send().await.unwrap();
+    adm.iam
+        .create_policy_version()
+        .policy_arn(&arn)
+        .policy_document(widened.to_string())
+        .set_as_default(true)
+        .send()
+        .await
+        .unwrap();
 
     let v = layer.verify(&ta, &ca).await.unwrap();
-    assert!(v.findings.iter().any(|f| f.contains("differs from the plan")), "{:?}", v.findings);
+    assert!(
+        v.findings
+            .iter()
+            .any(|f| f.contains("differs from the plan")),
+        "{:?}",
+        v.findings
+    );
     // The guard still refuses every cross-tenant attempt.
     assert!(v.verified(), "the guard should hold: {:?}", failed(&v));
 
@@ -215,13 +280,32 @@ async fn widened_policy_is_held_by_the_guard_and_caught_when_the_guard_goes_too(
     let foreign = json!({"Sid": "OperatorsOwn", "Effect": "Allow", "Principal": {"AWS": "arn:aws:iam::000000000000:user/nobody-here"},
         "Action": "s3:GetObject", "Resource": format!("arn:aws:s3:::{b}/public/*")});
     let only_foreign = json!({"Version": POLICY_VERSION, "Statement": [foreign.clone()]});
-    adm.s3.put_bucket_policy().bucket(&b).policy(only_foreign.to_string()).send().await.unwrap();
+    adm.s3
+        .put_bucket_policy()
+        .bucket(&b)
+        .policy(only_foreign.to_string())
+        .send()
+        .await
+        .unwrap();
     let v = layer.verify(&ta, &ca).await.unwrap();
-    assert!(v.findings.iter().any(|f| f.contains("no guard statement")), "{:?}", v.findings);
-    assert!(!probe_passed(&v, &format!("GET {o}/bulkhead-canary as {a}")));
-    assert!(!probe_passed(&v, &format!("presigned GET {o}/bulkhead-canary as {a}")));
+    assert!(
+        v.findings.iter().any(|f| f.contains("no guard statement")),
+        "{:?}",
+        v.findings
+    );
+    assert!(!probe_passed(
+        &v,
+        &format!("GET {o}/bulkhead-canary as {a}")
+    ));
+    assert!(!probe_passed(
+        &v,
+        &format!("presigned GET {o}/bulkhead-canary as {a}")
+    ));
     assert!(!probe_passed(&v, &format!("LIST {o}/ as {a}")));
-    assert!(!probe_passed(&v, &format!("GET bulkhead-sentinel/bulkhead-canary as {a}")));
+    assert!(!probe_passed(
+        &v,
+        &format!("GET bulkhead-sentinel/bulkhead-canary as {a}")
+    ));
     assert!(!v.verified());
     let mut status = bulkhead::api::IsolationPlatformStatus::default();
     layer.platform_status(&mut status).await.unwrap();
@@ -232,13 +316,24 @@ async fn widened_policy_is_held_by_the_guard_and_caught_when_the_guard_goes_too(
     assert!(prep.iter().any(|r| r.0.contains("guard")), "{prep:?}");
     let mut creds = ca.clone();
     let rep = layer.ensure(&ta, &mut creds).await.unwrap();
-    assert!(rep.iter().any(|r| r.0.contains("widened or edited")), "{rep:?}");
+    assert!(
+        rep.iter().any(|r| r.0.contains("widened or edited")),
+        "{rep:?}"
+    );
     assert_eq!(creds, ca, "repairing the policy keeps the key");
     assert_clean(&layer.verify(&ta, &creds).await.unwrap());
     let policy = guard_text(&adm, &b).await;
     let sts = policy["Statement"].as_array().unwrap();
-    assert!(holds(&policy, &foreign), "foreign statement preserved: {policy}");
-    assert_eq!(sts.iter().filter(|s| s["Sid"] == GUARD_SID || s["Sid"] == GUARD_BUCKET_SID).count(), 2);
+    assert!(
+        holds(&policy, &foreign),
+        "foreign statement preserved: {policy}"
+    );
+    assert_eq!(
+        sts.iter()
+            .filter(|s| s["Sid"] == GUARD_SID || s["Sid"] == GUARD_BUCKET_SID)
+            .count(),
+        2
+    );
 
     cleanup_all(&layer, &[&ta, &tb_]).await;
 }
@@ -253,18 +348,44 @@ async fn extra_attached_and_inline_policies_are_found_and_removed() {
     let ta = tenant(&a, &[]);
     let ca = provision(&layer, &ta).await;
     let wide = json!({"Version": POLICY_VERSION, "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]});
-    let extra = adm.iam.create_policy().policy_name(unique("extra")).policy_document(wide.to_string()).send().await.unwrap();
+    let extra = adm
+        .iam
+        .create_policy()
+        .policy_name(unique("extra"))
+        .policy_document(wide.to_string())
+        .send()
+        .await
+        .unwrap();
     let extra_arn = extra.policy().unwrap().arn().unwrap().to_owned();
-    adm.iam.attach_user_policy().user_name(a.as_str()).policy_arn(&extra_arn).send().await.unwrap();
+    adm.iam
+        .attach_user_policy()
+        .user_name(a.as_str())
+        .policy_arn(&extra_arn)
+        .send()
+        .await
+        .unwrap();
     let v = layer.verify(&ta, &ca).await.unwrap();
-    assert!(v.findings.iter().any(|f| f.contains("is attached to user")), "{:?}", v.findings);
+    assert!(
+        v.findings.iter().any(|f| f.contains("is attached to user")),
+        "{:?}",
+        v.findings
+    );
     // The guard fences this bucket only: every bucket on the server is now listed.
-    assert!(!probe_passed(&v, &format!("ListBuckets as {a}")), "{:?}", v.probes);
+    assert!(
+        !probe_passed(&v, &format!("ListBuckets as {a}")),
+        "{:?}",
+        v.probes
+    );
     let mut creds = ca.clone();
     let rep = layer.ensure(&ta, &mut creds).await.unwrap();
     assert!(rep.iter().any(|r| r.0.contains("detached")), "{rep:?}");
     assert_clean(&layer.verify(&ta, &creds).await.unwrap());
-    adm.iam.delete_policy().policy_arn(&extra_arn).send().await.unwrap();
+    adm.iam
+        .delete_policy()
+        .policy_arn(&extra_arn)
+        .send()
+        .await
+        .unwrap();
     cleanup_all(&layer, &[&ta]).await;
 }
 
@@ -277,13 +398,31 @@ async fn guard_edits_are_found_and_repaired_and_reformatting_is_not_an_edit() {
     adm.s3.create_bucket().bucket(&b).send().await.unwrap();
     let foreign = json!({"Sid": "Backups", "Effect": "Allow", "Principal": {"AWS": "arn:aws:iam::000000000000:user/backup-svc"},
         "Action": ["s3:GetObject"], "Resource": [format!("arn:aws:s3:::{b}/backups/*")]});
-    adm.s3.put_bucket_policy().bucket(&b).policy(json!({"Version": POLICY_VERSION, "Statement": [foreign.clone()]}).to_string()).send().await.unwrap();
+    adm.s3
+        .put_bucket_policy()
+        .bucket(&b)
+        .policy(json!({"Version": POLICY_VERSION, "Statement": [foreign.clone()]}).to_string())
+        .send()
+        .await
+        .unwrap();
     let prep = layer.prepare().await.unwrap();
     assert!(prep.iter().any(|r| r.0.contains("guard")));
     let installed = guard_text(&adm, &b).await;
     assert!(holds(&installed, &foreign), "{installed}");
-    let guard = installed["Statement"].as_array().unwrap().iter().find(|s| s["Sid"] == GUARD_SID).unwrap().clone();
-    let guard_bucket = installed["Statement"].as_array().unwrap().iter().find(|s| s["Sid"] == GUARD_BUCKET_SID).unwrap().clone();
+    let guard = installed["Statement"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["Sid"] == GUARD_SID)
+        .unwrap()
+        .clone();
+    let guard_bucket = installed["Statement"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["Sid"] == GUARD_BUCKET_SID)
+        .unwrap()
+        .clone();
 
     let a = org("ga");
     let ta = tenant(&a, &[]);
@@ -296,8 +435,17 @@ async fn guard_edits_are_found_and_repaired_and_reformatting_is_not_an_edit() {
     nr.reverse();
     reordered["NotResource"] = Value::Array(nr);
     let pretty = serde_json::to_string_pretty(&json!({"Statement": [guard_bucket.clone(), reordered, foreign.clone()], "Version": POLICY_VERSION})).unwrap();
-    adm.s3.put_bucket_policy().bucket(&b).policy(pretty).send().await.unwrap();
-    assert!(layer.prepare().await.unwrap().is_empty(), "reformatting is not drift");
+    adm.s3
+        .put_bucket_policy()
+        .bucket(&b)
+        .policy(pretty)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        layer.prepare().await.unwrap().is_empty(),
+        "reformatting is not drift"
+    );
     let (state, bytes) = layer.guard_state().await.unwrap();
     assert_eq!(state, storage::policy::GuardState::InPlace);
     assert!(bytes > 0);
@@ -307,7 +455,11 @@ async fn guard_edits_are_found_and_repaired_and_reformatting_is_not_an_edit() {
     edited["NotResource"] = json!([format!("arn:aws:s3:::{b}/*"), format!("arn:aws:s3:::{b}")]);
     adm.s3.put_bucket_policy().bucket(&b).policy(json!({"Version": POLICY_VERSION, "Statement": [foreign.clone(), edited, guard_bucket.clone()]}).to_string()).send().await.unwrap();
     let v = layer.verify(&ta, &ca).await.unwrap();
-    assert!(v.findings.iter().any(|f| f.contains("were edited")), "{:?}", v.findings);
+    assert!(
+        v.findings.iter().any(|f| f.contains("were edited")),
+        "{:?}",
+        v.findings
+    );
     let mut status = bulkhead::api::IsolationPlatformStatus::default();
     layer.platform_status(&mut status).await.unwrap();
     assert!(!status.storage.as_ref().unwrap().guard_in_place);
@@ -331,14 +483,30 @@ async fn deleted_access_key_is_found_and_replaced() {
     let a = org("ka");
     let ta = tenant(&a, &[]);
     let ca = provision(&layer, &ta).await;
-    adm.iam.delete_access_key().user_name(a.as_str()).access_key_id(ca.get(storage::KEY_ACCESS_KEY_ID).unwrap()).send().await.unwrap();
+    adm.iam
+        .delete_access_key()
+        .user_name(a.as_str())
+        .access_key_id(ca.get(storage::KEY_ACCESS_KEY_ID).unwrap())
+        .send()
+        .await
+        .unwrap();
     let v = layer.verify(&ta, &ca).await.unwrap();
-    assert!(v.findings.iter().any(|f| f.contains("no longer exists")), "{:?}", v.findings);
-    assert!(!probe_passed(&v, &format!("PUT {a}/bulkhead-probe as {a}")), "the deleted key must not work");
+    assert!(
+        v.findings.iter().any(|f| f.contains("no longer exists")),
+        "{:?}",
+        v.findings
+    );
+    assert!(
+        !probe_passed(&v, &format!("PUT {a}/bulkhead-probe as {a}")),
+        "the deleted key must not work"
+    );
     let mut creds = ca.clone();
     let rep = layer.ensure(&ta, &mut creds).await.unwrap();
     assert!(rep.iter().any(|r| r.0.contains("was deleted")), "{rep:?}");
-    assert_ne!(creds.get(storage::KEY_ACCESS_KEY_ID), ca.get(storage::KEY_ACCESS_KEY_ID));
+    assert_ne!(
+        creds.get(storage::KEY_ACCESS_KEY_ID),
+        ca.get(storage::KEY_ACCESS_KEY_ID)
+    );
     assert_clean(&layer.verify(&ta, &creds).await.unwrap());
     cleanup_all(&layer, &[&ta]).await;
 }
@@ -355,11 +523,18 @@ async fn rotation_issues_a_new_key_and_the_old_one_stops_working() {
     let mut new = old.clone();
     let rep = layer.ensure(&ta, &mut new).await.unwrap();
     assert!(rep.iter().any(|r| r.0.contains("rotated")), "{rep:?}");
-    assert_ne!(new.get(storage::KEY_ACCESS_KEY_ID), old.get(storage::KEY_ACCESS_KEY_ID));
+    assert_ne!(
+        new.get(storage::KEY_ACCESS_KEY_ID),
+        old.get(storage::KEY_ACCESS_KEY_ID)
+    );
     ta.rotate = false;
     assert_clean(&layer.verify(&ta, &new).await.unwrap());
     let v = layer.verify(&ta, &old).await.unwrap();
-    assert!(!probe_passed(&v, &format!("PUT {a}/bulkhead-probe as {a}")), "the old key still works: {:?}", v.probes);
+    assert!(
+        !probe_passed(&v, &format!("PUT {a}/bulkhead-probe as {a}")),
+        "the old key still works: {:?}",
+        v.probes
+    );
     cleanup_all(&layer, &[&ta]).await;
 }
 
@@ -381,29 +556,76 @@ async fn cleanup_retain_keeps_objects_and_delete_removes_them_all() {
     futures::stream::iter(0..n)
         .map(|i| {
             let (s3, b, gone) = (adm.s3.clone(), b.clone(), gone.clone());
-            async move { s3.put_object().bucket(b).key(format!("{gone}/f/{i:05}")).body(ByteStream::from_static(b"x")).send().await.unwrap() }
+            async move {
+                s3.put_object()
+                    .bucket(b)
+                    .key(format!("{gone}/f/{i:05}"))
+                    .body(ByteStream::from_static(b"x"))
+                    .send()
+                    .await
+                    .unwrap()
+            }
         })
         .buffer_unordered(16)
         .collect::<Vec<_>>()
         .await;
-    adm.s3.put_object().bucket(&b).key(format!("{keep}/file")).body(ByteStream::from_static(b"kept")).send().await.unwrap();
+    adm.s3
+        .put_object()
+        .bucket(&b)
+        .key(format!("{keep}/file"))
+        .body(ByteStream::from_static(b"kept"))
+        .send()
+        .await
+        .unwrap();
 
     layer.cleanup(&tk).await.unwrap();
     layer.cleanup(&tg).await.unwrap();
     let listed = |p: String| {
         let s3 = adm.s3.clone();
         let b = b.clone();
-        async move { s3.list_objects_v2().bucket(b).prefix(p).send().await.unwrap().key_count().unwrap_or(0) }
+        async move {
+            s3.list_objects_v2()
+                .bucket(b)
+                .prefix(p)
+                .send()
+                .await
+                .unwrap()
+                .key_count()
+                .unwrap_or(0)
+        }
     };
-    assert_eq!(listed(format!("{keep}/")).await, 1, "Retain keeps the organization's objects (the canary goes)");
-    assert_eq!(listed(format!("{gone}/")).await, 0, "Delete removes every object");
+    assert_eq!(
+        listed(format!("{keep}/")).await,
+        1,
+        "Retain keeps the organization's objects (the canary goes)"
+    );
+    assert_eq!(
+        listed(format!("{gone}/")).await,
+        0,
+        "Delete removes every object"
+    );
     for o in [&keep, &gone] {
-        let err = adm.iam.get_user().user_name(o.as_str()).send().await.unwrap_err();
-        assert_eq!(aws_sdk_iam::error::ProvideErrorMetadata::code(&err), Some("NoSuchEntity"));
+        let err = adm
+            .iam
+            .get_user()
+            .user_name(o.as_str())
+            .send()
+            .await
+            .unwrap_err();
+        assert_eq!(
+            aws_sdk_iam::error::ProvideErrorMetadata::code(&err),
+            Some("NoSuchEntity")
+        );
     }
     // Cleanup twice is fine.
     layer.cleanup(&tg).await.unwrap();
-    adm.s3.delete_object().bucket(&b).key(format!("{keep}/file")).send().await.unwrap();
+    adm.s3
+        .delete_object()
+        .bucket(&b)
+        .key(format!("{keep}/file"))
+        .send()
+        .await
+        .unwrap();
     let _ = layer.delete_prefix(&OrgId::sentinel()).await;
 }
 
@@ -412,9 +634,19 @@ async fn odd_org_ids_provision_and_verify() {
     let b = bucket("odd");
     let layer = seaweed(&b);
     layer.prepare().await.unwrap();
-    let long = format!("9{}", unique("x").replace('-', "0")).chars().chain(std::iter::repeat('z')).take(63).collect::<String>();
-    let ids: Vec<OrgId> = [unique("0"), unique("a"), long].iter().map(|s| OrgId::parse(s).unwrap()).collect();
-    let tenants: Vec<Tenant> = ids.iter().map(|id| tenant(id, &ids.iter().filter(|p| *p != id).collect::<Vec<_>>())).collect();
+    let long = format!("9{}", unique("x").replace('-', "0"))
+        .chars()
+        .chain(std::iter::repeat('z'))
+        .take(63)
+        .collect::<String>();
+    let ids: Vec<OrgId> = [unique("0"), unique("a"), long]
+        .iter()
+        .map(|s| OrgId::parse(s).unwrap())
+        .collect();
+    let tenants: Vec<Tenant> = ids
+        .iter()
+        .map(|id| tenant(id, &ids.iter().filter(|p| *p != id).collect::<Vec<_>>()))
+        .collect();
     let mut all = Vec::new();
     for t in &tenants {
         all.push(provision(&layer, t).await);
@@ -435,11 +667,23 @@ async fn an_org_id_naming_an_exempt_user_is_refused_and_nothing_is_created() {
     layer.prepare().await.unwrap();
     let id = OrgId::parse(&name).unwrap();
     let mut creds = Credentials::default();
-    let err = layer.ensure(&tenant(&id, &[]), &mut creds).await.unwrap_err();
+    let err = layer
+        .ensure(&tenant(&id, &[]), &mut creds)
+        .await
+        .unwrap_err();
     assert!(matches!(err, LayerError::Refused(_)), "{err}");
     assert!(creds.entries().is_empty());
-    let err = seaweed_admin().iam.get_user().user_name(&name).send().await.unwrap_err();
-    assert_eq!(aws_sdk_iam::error::ProvideErrorMetadata::code(&err), Some("NoSuchEntity"));
+    let err = seaweed_admin()
+        .iam
+        .get_user()
+        .user_name(&name)
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(
+        aws_sdk_iam::error::ProvideErrorMetadata::code(&err),
+        Some("NoSuchEntity")
+    );
     let _ = layer.delete_prefix(&OrgId::sentinel()).await;
 }
 
@@ -454,7 +698,13 @@ async fn bad_configuration_is_refused_before_any_request() {
         json!({"mode": "role"}),
     ] {
         let spec = platform(tb.s3_endpoint(), "some-bucket", bad.clone());
-        assert!(matches!(StorageLayer::connect(&spec, "k", "s"), Err(LayerError::Config(_))), "{bad}");
+        assert!(
+            matches!(
+                StorageLayer::connect(&spec, "k", "s"),
+                Err(LayerError::Config(_))
+            ),
+            "{bad}"
+        );
     }
     let spec = platform(tb.s3_endpoint(), "Bad_Bucket", json!({}));
     assert!(StorageLayer::connect(&spec, "k", "s").is_err());
@@ -473,7 +723,10 @@ async fn unreachable_backend_is_reported_as_such() {
 #[tokio::test]
 async fn role_mode_on_moto_creates_a_tagged_role_idempotently() {
     let b = bucket("role");
-    let layer = moto(&b, json!({"mode": "role", "oidcIssuer": "oidc.cluster.test/id/TEST", "accountId": "123456789012", "serviceAccount": "app"}));
+    let layer = moto(
+        &b,
+        json!({"mode": "role", "oidcIssuer": "oidc.cluster.test/id/TEST", "accountId": "123456789012", "serviceAccount": "app"}),
+    );
     let adm = moto_admin();
     layer.prepare().await.expect("prepare");
     let a = org("rl");
@@ -481,36 +734,93 @@ async fn role_mode_on_moto_creates_a_tagged_role_idempotently() {
     let mut ta = tenant(&a, &[]);
     ta.deletion_policy = DeletionPolicy::Retain;
     let creds = provision(&layer, &ta).await;
-    let arn = creds.get(storage::KEY_ROLE_ARN).expect("role ARN").to_owned();
+    let arn = creds
+        .get(storage::KEY_ROLE_ARN)
+        .expect("role ARN")
+        .to_owned();
     assert!(arn.ends_with(&format!(":role/bulkhead/{a}")), "{arn}");
     assert!(creds.get(storage::KEY_ACCESS_KEY_ID).is_none());
     assert_eq!(layer.identity(&a), Some(a.to_string()));
-    let tags = adm.iam.list_role_tags().role_name(a.as_str()).send().await.unwrap();
-    assert!(tags.tags().iter().any(|t| t.key() == "org_id" && t.value() == a.as_str()));
-    let role = adm.iam.get_role().role_name(a.as_str()).send().await.unwrap();
-    let trust = storage::policy::decode_document(role.role().unwrap().assume_role_policy_document().unwrap()).unwrap();
-    assert_eq!(trust["Statement"][0]["Condition"]["StringEquals"]["oidc.cluster.test/id/TEST:sub"], format!("system:serviceaccount:org-{a}:app"));
+    let tags = adm
+        .iam
+        .list_role_tags()
+        .role_name(a.as_str())
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        tags.tags()
+            .iter()
+            .any(|t| t.key() == "org_id" && t.value() == a.as_str())
+    );
+    let role = adm
+        .iam
+        .get_role()
+        .role_name(a.as_str())
+        .send()
+        .await
+        .unwrap();
+    let trust = storage::policy::decode_document(
+        role.role().unwrap().assume_role_policy_document().unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        trust["Statement"][0]["Condition"]["StringEquals"]["oidc.cluster.test/id/TEST:sub"],
+        format!("system:serviceaccount:org-{a}:app")
+    );
 
     let mut again = creds.clone();
     assert!(layer.ensure(&ta, &mut again).await.unwrap().is_empty());
     assert_eq!(again, creds);
     let v = layer.verify(&ta, &creds).await.unwrap();
     assert!(v.findings.is_empty(), "{:?}", v.findings);
-    assert!(!v.probes.is_empty(), "the operator assumed the role and probed (moto's answers prove nothing)");
+    assert!(
+        !v.probes.is_empty(),
+        "the operator assumed the role and probed (moto's answers prove nothing)"
+    );
 
     // Widened behind the operator's back: found and repaired (shape only on moto).
     let wide = json!({"Version": POLICY_VERSION, "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]});
-    adm.iam.put_role_policy().role_name(a.as_str()).policy_name("bulkhead-prefix").policy_document(wide.to_string()).send().await.unwrap();
-    adm.iam.put_role_policy().role_name(a.as_str()).policy_name("sneaky").policy_document(wide.to_string()).send().await.unwrap();
+    adm.iam
+        .put_role_policy()
+        .role_name(a.as_str())
+        .policy_name("bulkhead-prefix")
+        .policy_document(wide.to_string())
+        .send()
+        .await
+        .unwrap();
+    adm.iam
+        .put_role_policy()
+        .role_name(a.as_str())
+        .policy_name("sneaky")
+        .policy_document(wide.to_string())
+        .send()
+        .await
+        .unwrap();
     let v = layer.verify(&ta, &creds).await.unwrap();
-    assert!(v.findings.iter().any(|f| f.contains("widened or edited")), "{:?}", v.findings);
-    assert!(v.findings.iter().any(|f| f.contains("sneaky")), "{:?}", v.findings);
+    assert!(
+        v.findings.iter().any(|f| f.contains("widened or edited")),
+        "{:?}",
+        v.findings
+    );
+    assert!(
+        v.findings.iter().any(|f| f.contains("sneaky")),
+        "{:?}",
+        v.findings
+    );
     let rep = layer.ensure(&ta, &mut again).await.unwrap();
     assert_eq!(rep.len(), 2, "{rep:?}");
     assert!(layer.verify(&ta, &creds).await.unwrap().findings.is_empty());
 
     layer.cleanup(&ta).await.unwrap();
-    assert!(adm.iam.get_role().role_name(a.as_str()).send().await.is_err());
+    assert!(
+        adm.iam
+            .get_role()
+            .role_name(a.as_str())
+            .send()
+            .await
+            .is_err()
+    );
     layer.cleanup(&ta).await.unwrap();
 }
 
@@ -518,15 +828,39 @@ async fn role_mode_on_moto_creates_a_tagged_role_idempotently() {
 async fn abac_mode_on_moto_creates_one_shared_role_and_nothing_per_org() {
     let b = bucket("abac");
     let role = unique("bulkhead-tenant");
-    let layer = moto(&b, json!({"mode": "abac", "sharedRoleName": role, "accountId": "123456789012"}));
+    let layer = moto(
+        &b,
+        json!({"mode": "abac", "sharedRoleName": role, "accountId": "123456789012"}),
+    );
     let adm = moto_admin();
-    let roles_before = adm.iam.list_roles().max_items(1000).send().await.unwrap().roles().len();
+    let roles_before = adm
+        .iam
+        .list_roles()
+        .max_items(1000)
+        .send()
+        .await
+        .unwrap()
+        .roles()
+        .len();
     layer.prepare().await.expect("prepare");
-    assert!(layer.prepare().await.unwrap().is_empty(), "prepare is idempotent");
+    assert!(
+        layer.prepare().await.unwrap().is_empty(),
+        "prepare is idempotent"
+    );
     let shared = adm.iam.get_role().role_name(&role).send().await.unwrap();
-    let policy = adm.iam.get_role_policy().role_name(&role).policy_name("bulkhead-prefix").send().await.unwrap();
+    let policy = adm
+        .iam
+        .get_role_policy()
+        .role_name(&role)
+        .policy_name("bulkhead-prefix")
+        .send()
+        .await
+        .unwrap();
     let doc = storage::policy::decode_document(policy.policy_document()).unwrap();
-    assert_eq!(doc["Statement"][0]["Resource"][0], format!("arn:aws:s3:::{b}/${{aws:PrincipalTag/org_id}}/*"));
+    assert_eq!(
+        doc["Statement"][0]["Resource"][0],
+        format!("arn:aws:s3:::{b}/${{aws:PrincipalTag/org_id}}/*")
+    );
 
     let (a, o) = (org("aa"), org("ab"));
     let (mut ta, mut tb_) = (tenant(&a, &[&o]), tenant(&o, &[&a]));
@@ -534,12 +868,27 @@ async fn abac_mode_on_moto_creates_one_shared_role_and_nothing_per_org() {
     tb_.deletion_policy = DeletionPolicy::Retain;
     let ca = provision(&layer, &ta).await;
     let cb = provision(&layer, &tb_).await;
-    assert_eq!(ca.get(storage::KEY_ROLE_ARN), Some(shared.role().unwrap().arn()));
+    assert_eq!(
+        ca.get(storage::KEY_ROLE_ARN),
+        Some(shared.role().unwrap().arn())
+    );
     assert_eq!(ca.get(storage::KEY_ROLE_ARN), cb.get(storage::KEY_ROLE_ARN));
     assert_eq!(ca.get(storage::KEY_SESSION_TAG), Some(a.as_str()));
     assert_eq!(layer.identity(&a), None);
-    let roles_after = adm.iam.list_roles().max_items(1000).send().await.unwrap().roles().len();
-    assert_eq!(roles_after, roles_before + 1, "one shared role, none per organization");
+    let roles_after = adm
+        .iam
+        .list_roles()
+        .max_items(1000)
+        .send()
+        .await
+        .unwrap()
+        .roles()
+        .len();
+    assert_eq!(
+        roles_after,
+        roles_before + 1,
+        "one shared role, none per organization"
+    );
     let v = layer.verify(&ta, &ca).await.unwrap();
     assert!(v.findings.is_empty(), "{:?}", v.findings);
     assert!(!v.probes.is_empty());
@@ -547,6 +896,12 @@ async fn abac_mode_on_moto_creates_one_shared_role_and_nothing_per_org() {
     for t in [&ta, &tb_] {
         layer.cleanup(t).await.unwrap();
     }
-    adm.iam.delete_role_policy().role_name(&role).policy_name("bulkhead-prefix").send().await.unwrap();
+    adm.iam
+        .delete_role_policy()
+        .role_name(&role)
+        .policy_name("bulkhead-prefix")
+        .send()
+        .await
+        .unwrap();
     adm.iam.delete_role().role_name(&role).send().await.unwrap();
 }

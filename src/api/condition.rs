@@ -60,7 +60,12 @@ impl Condition {
 ///
 /// The transition time is kept from the previous condition of the same type when its status
 /// did not change, and set to `now` otherwise. Conditions not in `fresh` are dropped.
-pub fn merge(previous: &[Condition], fresh: Vec<Condition>, now: &Time, generation: Option<i64>) -> Vec<Condition> {
+pub fn merge(
+    previous: &[Condition],
+    fresh: Vec<Condition>,
+    now: &Time,
+    generation: Option<i64>,
+) -> Vec<Condition> {
     fresh
         .into_iter()
         .map(|mut c| {
@@ -80,7 +85,10 @@ pub fn transitions<'a>(
     current: &'a [Condition],
 ) -> impl Iterator<Item = (&'a Condition, Option<ConditionStatus>)> + 'a {
     current.iter().filter_map(move |c| {
-        let old = previous.iter().find(|p| p.type_ == c.type_).map(|p| p.status);
+        let old = previous
+            .iter()
+            .find(|p| p.type_ == c.type_)
+            .map(|p| p.status);
         (old != Some(c.status)).then_some((c, old))
     })
 }
@@ -95,13 +103,47 @@ mod tests {
 
     #[test]
     fn transition_time_moves_only_on_status_change() {
-        let first = merge(&[], vec![Condition::new("Ready", ConditionStatus::False, "Pending", "")], &t(10), Some(1));
+        let first = merge(
+            &[],
+            vec![Condition::new(
+                "Ready",
+                ConditionStatus::False,
+                "Pending",
+                "",
+            )],
+            &t(10),
+            Some(1),
+        );
         assert_eq!(first[0].last_transition_time, t(10));
-        let same = merge(&first, vec![Condition::new("Ready", ConditionStatus::False, "Other", "x")], &t(20), Some(2));
-        assert_eq!(same[0].last_transition_time, t(10), "same status keeps the time");
+        let same = merge(
+            &first,
+            vec![Condition::new(
+                "Ready",
+                ConditionStatus::False,
+                "Other",
+                "x",
+            )],
+            &t(20),
+            Some(2),
+        );
+        assert_eq!(
+            same[0].last_transition_time,
+            t(10),
+            "same status keeps the time"
+        );
         assert_eq!(same[0].reason, "Other");
         assert_eq!(same[0].observed_generation, Some(2));
-        let flipped = merge(&same, vec![Condition::new("Ready", ConditionStatus::True, "Isolated", "")], &t(30), Some(2));
+        let flipped = merge(
+            &same,
+            vec![Condition::new(
+                "Ready",
+                ConditionStatus::True,
+                "Isolated",
+                "",
+            )],
+            &t(30),
+            Some(2),
+        );
         assert_eq!(flipped[0].last_transition_time, t(30));
     }
 
@@ -116,7 +158,12 @@ mod tests {
             Condition::new("B", ConditionStatus::True, "r", ""),
             Condition::new("C", ConditionStatus::Unknown, "r", ""),
         ];
-        let changed: Vec<_> = transitions(&a, &b).map(|(c, old)| (c.type_.as_str(), old)).collect();
-        assert_eq!(changed, vec![("B", Some(ConditionStatus::False)), ("C", None)]);
+        let changed: Vec<_> = transitions(&a, &b)
+            .map(|(c, old)| (c.type_.as_str(), old))
+            .collect();
+        assert_eq!(
+            changed,
+            vec![("B", Some(ConditionStatus::False)), ("C", None)]
+        );
     }
 }

@@ -27,7 +27,8 @@ pub const MANAGED_BY: &str = "bulkhead";
 pub const ROTATE_ANNOTATION: &str = "bulkhead.dev/rotate";
 
 /// Every CRD this crate defines, in a stable order.
-pub fn crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
+pub fn crds()
+-> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
 {
     use kube::CustomResourceExt;
     vec![IsolationPlatform::crd(), Organization::crd()]

@@ -115,7 +115,11 @@ pub struct NetworkOverrides {
 
 impl Default for NetworkOverrides {
     fn default() -> Self {
-        Self { enabled: true, resource_quota: None, limit_range: None }
+        Self {
+            enabled: true,
+            resource_quota: None,
+            limit_range: None,
+        }
     }
 }
 

@@ -333,7 +333,8 @@ pub struct CachePlatform {
 
 /// A cache key or channel prefix template: safe characters, `{orgId}` once, then a character no
 /// org id holds so one organization's pattern never matches another's keys.
-const CACHE_PREFIX_PATTERN: &str = r"^[A-Za-z0-9:._/|@#=-]*\{orgId\}[A-Z:._/|@#=][A-Za-z0-9:._/|@#=-]*$";
+const CACHE_PREFIX_PATTERN: &str =
+    r"^[A-Za-z0-9:._/|@#=-]*\{orgId\}[A-Z:._/|@#=][A-Za-z0-9:._/|@#=-]*$";
 
 fn default_key_prefix() -> String {
     "org:{orgId}:".to_owned()
@@ -438,7 +439,9 @@ pub struct Verification {
 
 impl Default for Verification {
     fn default() -> Self {
-        Self { interval_seconds: default_interval() }
+        Self {
+            interval_seconds: default_interval(),
+        }
     }
 }
 

@@ -30,8 +30,8 @@ use tokio::sync::Mutex;
 
 use crate::api::condition::{merge, transitions};
 use crate::api::{
-    ConditionStatus, FIELD_MANAGER, FINALIZER, IsolationPlatform, MANAGED_BY, Organization, OrganizationIdentities,
-    OrganizationStatus, ROTATE_ANNOTATION,
+    ConditionStatus, FIELD_MANAGER, FINALIZER, IsolationPlatform, MANAGED_BY, Organization,
+    OrganizationIdentities, OrganizationStatus, ROTATE_ANNOTATION,
 };
 use crate::layers::{Credentials, LayerError, LayerKind, Repair, Tenant};
 use crate::telemetry::{Health, LayerLabels, Metrics, ProbeLabels};
@@ -72,13 +72,21 @@ impl Context {
         self.platform_filter.as_deref().is_none_or(|p| p == name)
     }
 
-    pub fn new(client: Client, operator_namespace: String, metrics: Arc<Metrics>, instance: Option<String>) -> Self {
+    pub fn new(
+        client: Client,
+        operator_namespace: String,
+        metrics: Arc<Metrics>,
+        instance: Option<String>,
+    ) -> Self {
         Self {
             client,
             operator_namespace,
             metrics,
             platforms: platform::PlatformCache::default(),
-            reporter: Reporter { controller: "bulkhead".into(), instance },
+            reporter: Reporter {
+                controller: "bulkhead".into(),
+                instance,
+            },
             platform_filter: None,
             namespace_access: None,
             failures: Mutex::new(HashMap::new()),
@@ -90,7 +98,12 @@ impl Context {
     pub fn organizations(&self) -> Vec<Arc<Organization>> {
         self.orgs
             .get()
-            .map(|s| s.state().iter().filter_map(|g| g.0.as_ref().ok().cloned().map(Arc::new)).collect())
+            .map(|s| {
+                s.state()
+                    .iter()
+                    .filter_map(|g| g.0.as_ref().ok().cloned().map(Arc::new))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 }
@@ -112,7 +125,10 @@ pub enum Error {
     #[error("{0}")]
     Layer(#[from] LayerError),
     #[error("cleanup of the {layer} layer failed: {source}")]
-    Cleanup { layer: LayerKind, source: LayerError },
+    Cleanup {
+        layer: LayerKind,
+        source: LayerError,
+    },
 }
 
 impl Error {
@@ -131,10 +147,20 @@ pub(crate) fn now() -> Time {
 }
 
 /// Publishes an Event about `regarding`; failures to publish are logged, never fatal.
-pub(crate) async fn publish_event(ctx: &Context, regarding: &ObjectReference, warning: bool, reason: &str, note: &str) {
+pub(crate) async fn publish_event(
+    ctx: &Context,
+    regarding: &ObjectReference,
+    warning: bool,
+    reason: &str,
+    note: &str,
+) {
     let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
     let ev = Event {
-        type_: if warning { EventType::Warning } else { EventType::Normal },
+        type_: if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
         reason: reason.to_owned(),
         note: Some(status::clip(note)),
         action: "Reconcile".to_owned(),
@@ -166,7 +192,8 @@ pub async fn run(ctx: Arc<Context>, health: Arc<Health>, opts: RunOptions) {
         .reflect(writer)
         .applied_objects()
         .predicate_filter(pass_trigger, Default::default());
-    let owned = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
+    let owned =
+        watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
     let platform_reader = reader.clone();
     let mut org_controller = Controller::for_stream(trigger, reader)
         .owns(Api::<Namespace>::all(client.clone()), owned.clone())
@@ -175,32 +202,43 @@ pub async fn run(ctx: Arc<Context>, health: Arc<Health>, opts: RunOptions) {
         org_controller = org_controller.owns(Api::<Secret>::all(client.clone()), owned);
     }
     let org_controller = org_controller
-        .watches(Api::<IsolationPlatform>::all(client.clone()), watcher::Config::default(), move |p: IsolationPlatform| {
-            let name = p.name_any();
-            platform_reader
-                .state()
-                .into_iter()
-                .filter(|g| g.0.as_ref().is_ok_and(|o| o.spec.platform_ref == name))
-                .map(|g| ObjectRef::from_obj(&*g))
-                .collect::<Vec<_>>()
-        })
+        .watches(
+            Api::<IsolationPlatform>::all(client.clone()),
+            watcher::Config::default(),
+            move |p: IsolationPlatform| {
+                let name = p.name_any();
+                platform_reader
+                    .state()
+                    .into_iter()
+                    .filter(|g| g.0.as_ref().is_ok_and(|o| o.spec.platform_ref == name))
+                    .map(|g| ObjectRef::from_obj(&*g))
+                    .collect::<Vec<_>>()
+            },
+        )
         .with_config(kube::runtime::controller::Config::default().concurrency(opts.concurrency))
         .shutdown_on_signal()
-        .run(reconcile_organization, organization_error_policy, ctx.clone())
+        .run(
+            reconcile_organization,
+            organization_error_policy,
+            ctx.clone(),
+        )
         .for_each(|res| async move {
             if let Err(e) = res {
                 tracing::debug!(error = %e, "organization reconcile not run");
             }
         });
-    let platform_controller = Controller::new(Api::<IsolationPlatform>::all(client), watcher::Config::default())
-        .with_config(kube::runtime::controller::Config::default().concurrency(2))
-        .shutdown_on_signal()
-        .run(platform::reconcile, platform_error_policy, ctx.clone())
-        .for_each(|res| async move {
-            if let Err(e) = res {
-                tracing::debug!(error = %e, "platform reconcile not run");
-            }
-        });
+    let platform_controller = Controller::new(
+        Api::<IsolationPlatform>::all(client),
+        watcher::Config::default(),
+    )
+    .with_config(kube::runtime::controller::Config::default().concurrency(2))
+    .shutdown_on_signal()
+    .run(platform::reconcile, platform_error_policy, ctx.clone())
+    .for_each(|res| async move {
+        if let Err(e) = res {
+            tracing::debug!(error = %e, "platform reconcile not run");
+        }
+    });
     health.set_ready(true);
     tracing::info!(concurrency = opts.concurrency, "controllers running");
     futures::join!(org_controller, platform_controller);
@@ -213,14 +251,26 @@ fn pass_trigger(o: &DeserializeGuard<Organization>) -> Option<u64> {
     let meta = o.meta();
     let mut h = std::collections::hash_map::DefaultHasher::new();
     meta.generation.hash(&mut h);
-    meta.deletion_timestamp.as_ref().map(|t| t.0.as_second()).hash(&mut h);
-    meta.annotations.as_ref().and_then(|a| a.get(ROTATE_ANNOTATION)).hash(&mut h);
-    meta.finalizers.as_ref().is_some_and(|f| f.iter().any(|x| x == FINALIZER)).hash(&mut h);
+    meta.deletion_timestamp
+        .as_ref()
+        .map(|t| t.0.as_second())
+        .hash(&mut h);
+    meta.annotations
+        .as_ref()
+        .and_then(|a| a.get(ROTATE_ANNOTATION))
+        .hash(&mut h);
+    meta.finalizers
+        .as_ref()
+        .is_some_and(|f| f.iter().any(|x| x == FINALIZER))
+        .hash(&mut h);
     o.0.is_err().hash(&mut h);
     Some(h.finish())
 }
 
-async fn reconcile_organization(guard: Arc<DeserializeGuard<Organization>>, ctx: Arc<Context>) -> Result<Action, Error> {
+async fn reconcile_organization(
+    guard: Arc<DeserializeGuard<Organization>>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile_timer("organization");
     let org = match &guard.0 {
         Ok(org) => Arc::new(org.clone()),
@@ -233,6 +283,10 @@ async fn reconcile_organization(guard: Arc<DeserializeGuard<Organization>>, ctx:
         return Ok(Action::await_change());
     }
     let api: Api<Organization> = Api::all(ctx.client.clone());
+    // A deletion may already be finished by an earlier pass queued behind this one.
+    if org.metadata.deletion_timestamp.is_some() && api.get_opt(&org.name_any()).await?.is_none() {
+        return Ok(Action::await_change());
+    }
     let action = finalizer(&api, FINALIZER, org, |event| async {
         match event {
             Finalizer::Apply(org) => apply(org, ctx.clone()).await,
@@ -245,7 +299,11 @@ async fn reconcile_organization(guard: Arc<DeserializeGuard<Organization>>, ctx:
     Ok(action)
 }
 
-fn organization_error_policy(guard: Arc<DeserializeGuard<Organization>>, err: &Error, ctx: Arc<Context>) -> Action {
+fn organization_error_policy(
+    guard: Arc<DeserializeGuard<Organization>>,
+    err: &Error,
+    ctx: Arc<Context>,
+) -> Action {
     ctx.metrics.failure("organization", err.metric_label());
     let name = guard.name_any();
     let attempts = ctx.failures.try_lock().map(|mut f| {
@@ -297,7 +355,9 @@ fn peers(ctx: &Context, org: &Organization, me: &OrgId) -> Vec<OrgId> {
     let mut ids: Vec<OrgId> = ctx
         .organizations()
         .iter()
-        .filter(|o| o.spec.platform_ref == org.spec.platform_ref && o.metadata.deletion_timestamp.is_none())
+        .filter(|o| {
+            o.spec.platform_ref == org.spec.platform_ref && o.metadata.deletion_timestamp.is_none()
+        })
         .filter_map(|o| OrgId::parse(&o.spec.org_id).ok())
         .filter(|id| id != me)
         .collect();
@@ -310,7 +370,10 @@ fn peers(ctx: &Context, org: &Organization, me: &OrgId) -> Vec<OrgId> {
     out
 }
 
-async fn load_platform(ctx: &Context, org: &Organization) -> Result<Option<IsolationPlatform>, Error> {
+async fn load_platform(
+    ctx: &Context,
+    org: &Organization,
+) -> Result<Option<IsolationPlatform>, Error> {
     let api: Api<IsolationPlatform> = Api::all(ctx.client.clone());
     Ok(api.get_opt(&org.spec.platform_ref).await?)
 }
@@ -325,21 +388,41 @@ fn layer_enabled(org: &Organization, kind: LayerKind) -> bool {
 }
 
 /// Writes the status when it differs from the current one.
-async fn write_status(ctx: &Context, org: &Organization, status: &OrganizationStatus) -> Result<(), Error> {
+async fn write_status(
+    ctx: &Context,
+    org: &Organization,
+    status: &OrganizationStatus,
+) -> Result<(), Error> {
     if org.status.as_ref() == Some(status) {
         return Ok(());
     }
     let api: Api<Organization> = Api::all(ctx.client.clone());
-    let patch = json!({ "apiVersion": "bulkhead.dev/v1alpha1", "kind": "Organization", "status": status });
-    api.patch_status(&org.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
-    ctx.metrics.status_patches.get_or_create(&crate::telemetry::KindLabel { kind: "organization".into() }).inc();
+    let patch =
+        json!({ "apiVersion": "bulkhead.dev/v1alpha1", "kind": "Organization", "status": status });
+    api.patch_status(
+        &org.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    ctx.metrics
+        .status_patches
+        .get_or_create(&crate::telemetry::KindLabel {
+            kind: "organization".into(),
+        })
+        .inc();
     Ok(())
 }
 
 /// A status that says only why the organization cannot be worked on.
 fn blocked_status(org: &Organization, reason: &str, message: &str) -> OrganizationStatus {
     let previous = org.status.clone().unwrap_or_default();
-    let fresh = vec![crate::api::Condition::new("Ready", ConditionStatus::False, reason, message)];
+    let fresh = vec![crate::api::Condition::new(
+        "Ready",
+        ConditionStatus::False,
+        reason,
+        message,
+    )];
     OrganizationStatus {
         observed_generation: org.metadata.generation,
         conditions: merge(&previous.conditions, fresh, &now(), org.metadata.generation),
@@ -353,7 +436,12 @@ async fn apply(org: Arc<Organization>, ctx: Arc<Context>) -> Result<Action, Erro
         Ok(id) => id,
         Err(e) => {
             // The CRD refuses these; an object from before validation existed still gets a clear answer.
-            write_status(&ctx, &org, &blocked_status(&org, "InvalidSpec", &e.to_string())).await?;
+            write_status(
+                &ctx,
+                &org,
+                &blocked_status(&org, "InvalidSpec", &e.to_string()),
+            )
+            .await?;
             return Ok(Action::await_change());
         }
     };
@@ -370,7 +458,11 @@ async fn apply(org: Arc<Organization>, ctx: Arc<Context>) -> Result<Action, Erro
 
     // Identities are recorded before they are created, so cleanup finds them after a crash.
     let identity_of = |kind: LayerKind| {
-        rt.layers.get(&kind).and_then(|slot| slot.as_ref().ok()).filter(|_| layer_enabled(&org, kind)).and_then(|l| l.identity(&org_id))
+        rt.layers
+            .get(&kind)
+            .and_then(|slot| slot.as_ref().ok())
+            .filter(|_| layer_enabled(&org, kind))
+            .and_then(|l| l.identity(&org_id))
     };
     let identities = OrganizationIdentities {
         database_role: identity_of(LayerKind::Database),
@@ -390,7 +482,11 @@ async fn apply(org: Arc<Organization>, ctx: Arc<Context>) -> Result<Action, Erro
     let mut tenant = Tenant {
         name: name.clone(),
         org_id: org_id.clone(),
-        display_name: org.spec.display_name.clone().unwrap_or_else(|| org_id.to_string()),
+        display_name: org
+            .spec
+            .display_name
+            .clone()
+            .unwrap_or_else(|| org_id.to_string()),
         namespace: namespace.clone(),
         deletion_policy: org.spec.deletion_policy,
         rotate: rotation_due,
@@ -403,7 +499,14 @@ async fn apply(org: Arc<Organization>, ctx: Arc<Context>) -> Result<Action, Erro
     let mut repairs: Vec<(Option<LayerKind>, Repair)> = Vec::new();
     let ws = workspace::ensure_namespace(&ctx, &org, &tenant, previous.namespace.is_some()).await;
     let (workspace, mut creds, secret_state) = match ws {
-        Err(e) => (Workspace::Failed { reason: e.reason().to_owned(), message: e.to_string() }, Credentials::default(), None),
+        Err(e) => (
+            Workspace::Failed {
+                reason: e.reason().to_owned(),
+                message: e.to_string(),
+            },
+            Credentials::default(),
+            None,
+        ),
         Ok(ns_repairs) => {
             repairs.extend(ns_repairs.into_iter().map(|r| (None, r)));
             match workspace::load_credentials_when_bound(&ctx, &tenant).await {
@@ -417,7 +520,14 @@ async fn apply(org: Arc<Organization>, ctx: Arc<Context>) -> Result<Action, Erro
                     }
                     (Workspace::Ready, loaded.credentials.clone(), Some(loaded))
                 }
-                Err(e) => (Workspace::Failed { reason: e.reason().to_owned(), message: e.to_string() }, Credentials::default(), None),
+                Err(e) => (
+                    Workspace::Failed {
+                        reason: e.reason().to_owned(),
+                        message: e.to_string(),
+                    },
+                    Credentials::default(),
+                    None,
+                ),
             }
         }
     };
@@ -435,14 +545,21 @@ async fn apply(org: Arc<Organization>, ctx: Arc<Context>) -> Result<Action, Erro
                 outcomes.insert(kind, LayerOutcome::Disabled);
             }
             Some(Err(e)) => {
-                outcomes.insert(kind, LayerOutcome::Failed { reason: e.reason().into(), message: e.to_string() });
+                outcomes.insert(
+                    kind,
+                    LayerOutcome::Failed {
+                        reason: e.reason().into(),
+                        message: e.to_string(),
+                    },
+                );
             }
             Some(Ok(_)) if !workspace_ok => {
                 outcomes.insert(
                     kind,
                     LayerOutcome::Failed {
                         reason: "WorkspaceNotReady".into(),
-                        message: "waiting for the organization's namespace and credentials Secret".into(),
+                        message: "waiting for the organization's namespace and credentials Secret"
+                            .into(),
                     },
                 );
             }
@@ -475,7 +592,13 @@ async fn apply(org: Arc<Organization>, ctx: Arc<Context>) -> Result<Action, Erro
             }
             Err(e) => {
                 tracing::warn!(organization = %name, layer = %kind, error = %e, "ensure failed");
-                outcomes.insert(*kind, LayerOutcome::Failed { reason: e.reason().into(), message: e.to_string() });
+                outcomes.insert(
+                    *kind,
+                    LayerOutcome::Failed {
+                        reason: e.reason().into(),
+                        message: e.to_string(),
+                    },
+                );
             }
         }
     }
@@ -491,11 +614,19 @@ async fn apply(org: Arc<Organization>, ctx: Arc<Context>) -> Result<Action, Erro
                     creds.set(key_name, value);
                 }
             }
-            Err(e) => workspace = Workspace::Failed { reason: e.reason().into(), message: e.to_string() },
+            Err(e) => {
+                workspace = Workspace::Failed {
+                    reason: e.reason().into(),
+                    message: e.to_string(),
+                }
+            }
         }
         workspace::drop_stale_provider_keys(&org, &mut creds);
         if let Err(e) = workspace::write_credentials(&ctx, &tenant, loaded, &creds).await {
-            workspace = Workspace::Failed { reason: e.reason().into(), message: e.to_string() };
+            workspace = Workspace::Failed {
+                reason: e.reason().into(),
+                message: e.to_string(),
+            };
         }
     }
 
@@ -516,11 +647,23 @@ async fn apply(org: Arc<Organization>, ctx: Arc<Context>) -> Result<Action, Erro
             Ok(v) => {
                 for p in &v.probes {
                     let result = if p.passed { "passed" } else { "failed" };
-                    ctx.metrics.probes.get_or_create(&ProbeLabels { layer: kind.name().into(), result: result.into() }).inc();
+                    ctx.metrics
+                        .probes
+                        .get_or_create(&ProbeLabels {
+                            layer: kind.name().into(),
+                            result: result.into(),
+                        })
+                        .inc();
                 }
-                LayerOutcome::Checked { verification: v, probed_at: probed_at.clone() }
+                LayerOutcome::Checked {
+                    verification: v,
+                    probed_at: probed_at.clone(),
+                }
             }
-            Err(e) => LayerOutcome::Failed { reason: e.reason().into(), message: e.to_string() },
+            Err(e) => LayerOutcome::Failed {
+                reason: e.reason().into(),
+                message: e.to_string(),
+            },
         };
         outcomes.insert(*kind, outcome);
     }
@@ -529,31 +672,71 @@ async fn apply(org: Arc<Organization>, ctx: Arc<Context>) -> Result<Action, Erro
     let oref = org.object_ref(&());
     for (kind, r) in &repairs {
         let layer = kind.map(LayerKind::name).unwrap_or("workspace");
-        ctx.metrics.repairs.get_or_create(&LayerLabels { layer: layer.into() }).inc();
+        ctx.metrics
+            .repairs
+            .get_or_create(&LayerLabels {
+                layer: layer.into(),
+            })
+            .inc();
         tracing::info!(organization = %name, layer, repair = %r.0, "drift repaired");
-        publish_event(&ctx, &oref, true, "DriftRepaired", &format!("{layer}: {}", r.0)).await;
+        publish_event(
+            &ctx,
+            &oref,
+            true,
+            "DriftRepaired",
+            &format!("{layer}: {}", r.0),
+        )
+        .await;
     }
-    let all_ensured = outcomes.values().all(|o| !matches!(o, LayerOutcome::Failed { .. })) && matches!(workspace, Workspace::Ready);
+    let all_ensured = outcomes
+        .values()
+        .all(|o| !matches!(o, LayerOutcome::Failed { .. }))
+        && matches!(workspace, Workspace::Ready);
     let fresh = status::conditions(&workspace, &outcomes);
     status.conditions = merge(&previous.conditions, fresh, &now(), org.metadata.generation);
     status.observed_generation = org.metadata.generation;
     status.layers = status::layer_details(&outcomes);
-    status.credentials_secret = secret_state.as_ref().map(|_| workspace::CREDENTIALS_SECRET.to_owned());
+    status.credentials_secret = secret_state
+        .as_ref()
+        .map(|_| workspace::CREDENTIALS_SECRET.to_owned());
     status.ai_providers = ai_providers;
     if rotation_due && all_ensured {
         status.rotation = requested_rotation;
-        publish_event(&ctx, &oref, false, "CredentialsRotated", "every layer's credentials were replaced").await;
+        publish_event(
+            &ctx,
+            &oref,
+            false,
+            "CredentialsRotated",
+            "every layer's credentials were replaced",
+        )
+        .await;
     }
     for (c, old) in transitions(&previous.conditions, &status.conditions) {
         let warning = c.status != ConditionStatus::True;
-        let note = format!("{} {:?} -> {:?} ({}): {}", c.type_, old, c.status, c.reason, c.message);
-        publish_event(&ctx, &oref, warning, &format!("{}{}", c.type_, if warning { "Lost" } else { "Reached" }), &note).await;
+        let note = format!(
+            "{} {:?} -> {:?} ({}): {}",
+            c.type_, old, c.status, c.reason, c.message
+        );
+        publish_event(
+            &ctx,
+            &oref,
+            warning,
+            &format!("{}{}", c.type_, if warning { "Lost" } else { "Reached" }),
+            &note,
+        )
+        .await;
     }
     write_status(&ctx, &org, &status).await?;
-    let ready = status.conditions.iter().any(|c| c.type_ == "Ready" && c.status == ConditionStatus::True);
+    let ready = status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.status == ConditionStatus::True);
     tracing::info!(organization = %name, org_id = %org_id, ready, "reconciled");
     if all_ensured {
-        Ok(Action::requeue(verification_delay(platform.spec.verification.interval_seconds, &name)))
+        Ok(Action::requeue(verification_delay(
+            platform.spec.verification.interval_seconds,
+            &name,
+        )))
     } else {
         Ok(Action::requeue(Duration::from_secs(15)))
     }
@@ -619,12 +802,33 @@ async fn cleanup(org: Arc<Organization>, ctx: Arc<Context>) -> Result<Action, Er
         }
         let layer = match slot {
             Ok(l) => l,
-            Err(e) => return Err(Error::Cleanup { layer: *kind, source: LayerError::Unreachable(e.to_string()) }),
+            Err(e) => {
+                return Err(Error::Cleanup {
+                    layer: *kind,
+                    source: LayerError::Unreachable(e.to_string()),
+                });
+            }
         };
-        layer.cleanup(&tenant).await.map_err(|source| Error::Cleanup { layer: *kind, source })?;
+        layer
+            .cleanup(&tenant)
+            .await
+            .map_err(|source| Error::Cleanup {
+                layer: *kind,
+                source,
+            })?;
     }
     workspace::delete_namespace(&ctx, &org, &tenant).await?;
-    publish_event(&ctx, &oref, false, "CleanedUp", &format!("isolation of {org_id} removed ({:?})", org.spec.deletion_policy)).await;
+    publish_event(
+        &ctx,
+        &oref,
+        false,
+        "CleanedUp",
+        &format!(
+            "isolation of {org_id} removed ({:?})",
+            org.spec.deletion_policy
+        ),
+    )
+    .await;
     tracing::info!(organization = %name, org_id = %org_id, "cleaned up");
     Ok(Action::await_change())
 }
@@ -653,7 +857,10 @@ mod tests {
 
     #[test]
     fn merged_credentials_keep_each_layers_changes() {
-        let base = Credentials::new(BTreeMap::from([("A".into(), "1".into()), ("B".into(), "2".into())]));
+        let base = Credentials::new(BTreeMap::from([
+            ("A".into(), "1".into()),
+            ("B".into(), "2".into()),
+        ]));
         let mut layer_a = base.clone();
         layer_a.set("A", "1b");
         let mut layer_c = base.clone();

@@ -13,7 +13,9 @@ use tokio::sync::Mutex;
 use super::{Context, Error};
 use crate::api::condition::merge;
 use crate::api::platform::OrganizationCounts;
-use crate::api::{Condition, ConditionStatus, FIELD_MANAGER, IsolationPlatform, IsolationPlatformStatus};
+use crate::api::{
+    Condition, ConditionStatus, FIELD_MANAGER, IsolationPlatform, IsolationPlatformStatus,
+};
 use crate::layers::{self, BuildEnv, LayerError, LayerKind, LayerSlot};
 
 /// How long a runtime with a failed layer is kept before it is built again.
@@ -31,7 +33,9 @@ pub struct PlatformRuntime {
 impl PlatformRuntime {
     /// Runs the layer's platform-level `prepare` unless it already succeeded for this runtime.
     pub async fn ensure_prepared(&self, kind: LayerKind) -> Result<(), LayerError> {
-        let Some(Ok(layer)) = self.layers.get(&kind) else { return Ok(()) };
+        let Some(Ok(layer)) = self.layers.get(&kind) else {
+            return Ok(());
+        };
         let mut prepared = self.prepared.lock().await;
         if prepared.contains(&kind) {
             return Ok(());
@@ -44,7 +48,8 @@ impl PlatformRuntime {
     fn stale_for(&self, p: &IsolationPlatform) -> bool {
         self.uid != p.metadata.uid
             || self.generation != p.metadata.generation
-            || (self.layers.values().any(Result::is_err) && self.built_at.elapsed() > RETRY_FAILED_BUILD)
+            || (self.layers.values().any(Result::is_err)
+                && self.built_at.elapsed() > RETRY_FAILED_BUILD)
     }
 }
 
@@ -55,13 +60,21 @@ pub struct PlatformCache {
 }
 
 impl PlatformCache {
-    pub async fn runtime(&self, ctx: &Context, platform: &IsolationPlatform) -> Arc<PlatformRuntime> {
+    pub async fn runtime(
+        &self,
+        ctx: &Context,
+        platform: &IsolationPlatform,
+    ) -> Arc<PlatformRuntime> {
         let name = platform.name_any();
         let mut map = self.inner.lock().await;
         if let Some(rt) = map.get(&name).filter(|rt| !rt.stale_for(platform)) {
             return rt.clone();
         }
-        let env = BuildEnv { client: ctx.client.clone(), operator_namespace: &ctx.operator_namespace, platform };
+        let env = BuildEnv {
+            client: ctx.client.clone(),
+            operator_namespace: &ctx.operator_namespace,
+            platform,
+        };
         let built = layers::build_all(&env).await;
         for (kind, slot) in &built {
             if let Err(e) = slot {
@@ -85,7 +98,10 @@ impl PlatformCache {
 }
 
 /// Reconciles one IsolationPlatform: platform-level setup of every layer, the audits, and status.
-pub async fn reconcile(platform: Arc<IsolationPlatform>, ctx: Arc<Context>) -> Result<Action, Error> {
+pub async fn reconcile(
+    platform: Arc<IsolationPlatform>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile_timer("isolationplatform");
     let name = platform.name_any();
     if !ctx.handles_platform(&name) {
@@ -96,7 +112,10 @@ pub async fn reconcile(platform: Arc<IsolationPlatform>, ctx: Arc<Context>) -> R
         return Ok(Action::await_change());
     }
     let rt = ctx.platforms.runtime(&ctx, &platform).await;
-    let mut status = IsolationPlatformStatus { observed_generation: platform.metadata.generation, ..Default::default() };
+    let mut status = IsolationPlatformStatus {
+        observed_generation: platform.metadata.generation,
+        ..Default::default()
+    };
     let mut fresh = Vec::new();
     let mut all_ok = true;
     for (kind, slot) in &rt.layers {
@@ -108,59 +127,125 @@ pub async fn reconcile(platform: Arc<IsolationPlatform>, ctx: Arc<Context>) -> R
                 Ok(repairs) => {
                     rt.prepared.lock().await.insert(*kind);
                     for r in &repairs {
-                        ctx.metrics.repairs.get_or_create(&crate::telemetry::LayerLabels { layer: kind.name().into() }).inc();
-                        super::publish_event(&ctx, &platform.object_ref(&()), true, "DriftRepaired", &format!("{kind}: {}", r.0)).await;
+                        ctx.metrics
+                            .repairs
+                            .get_or_create(&crate::telemetry::LayerLabels {
+                                layer: kind.name().into(),
+                            })
+                            .inc();
+                        super::publish_event(
+                            &ctx,
+                            &platform.object_ref(&()),
+                            true,
+                            "DriftRepaired",
+                            &format!("{kind}: {}", r.0),
+                        )
+                        .await;
                     }
-                    layer.platform_status(&mut status).await.map_err(|e| (e.reason(), e.to_string()))
+                    layer
+                        .platform_status(&mut status)
+                        .await
+                        .map_err(|e| (e.reason(), e.to_string()))
                 }
             },
         };
         match result {
-            Ok(()) => fresh.push(Condition::new(cond_type, ConditionStatus::True, "Prepared", format!("{kind} backend set up"))),
+            Ok(()) => fresh.push(Condition::new(
+                cond_type,
+                ConditionStatus::True,
+                "Prepared",
+                format!("{kind} backend set up"),
+            )),
             Err((reason, message)) => {
                 all_ok = false;
-                fresh.push(Condition::new(cond_type, ConditionStatus::False, reason, super::status::clip(&message)));
+                fresh.push(Condition::new(
+                    cond_type,
+                    ConditionStatus::False,
+                    reason,
+                    super::status::clip(&message),
+                ));
             }
         }
     }
-    if let Some(db) = &status.database {
-        if !db.findings.is_empty() {
-            all_ok = false;
-        }
+    if status
+        .database
+        .as_ref()
+        .is_some_and(|db| !db.findings.is_empty())
+    {
+        all_ok = false;
     }
     fresh.insert(
         0,
         if all_ok {
-            Condition::new("Ready", ConditionStatus::True, "Prepared", "every configured backend is set up and audited clean")
+            Condition::new(
+                "Ready",
+                ConditionStatus::True,
+                "Prepared",
+                "every configured backend is set up and audited clean",
+            )
         } else {
-            Condition::new("Ready", ConditionStatus::False, "LayerNotReady", "a backend failed or has audit findings; see the other conditions")
+            Condition::new(
+                "Ready",
+                ConditionStatus::False,
+                "LayerNotReady",
+                "a backend failed or has audit findings; see the other conditions",
+            )
         },
     );
     let orgs = ctx.organizations();
-    let mine: Vec<_> = orgs.iter().filter(|o| o.spec.platform_ref == name).collect();
-    let ready = mine
+    let ready_anywhere = orgs.iter().filter(|o| is_ready(o)).count();
+    ctx.metrics
+        .organizations_ready
+        .set(i64::try_from(ready_anywhere).unwrap_or(i64::MAX));
+    let mine: Vec<_> = orgs
         .iter()
-        .filter(|o| {
-            o.status.as_ref().is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == ConditionStatus::True))
-        })
-        .count();
+        .filter(|o| o.spec.platform_ref == name)
+        .collect();
+    let ready = mine.iter().filter(|o| is_ready(o)).count();
     status.organizations = Some(OrganizationCounts {
         total: u32::try_from(mine.len()).unwrap_or(u32::MAX),
         ready: u32::try_from(ready).unwrap_or(u32::MAX),
     });
 
     let previous = platform.status.clone().unwrap_or_default();
-    status.conditions = merge(&previous.conditions, fresh, &super::now(), platform.metadata.generation);
+    status.conditions = merge(
+        &previous.conditions,
+        fresh,
+        &super::now(),
+        platform.metadata.generation,
+    );
     if previous != status {
         let api: Api<IsolationPlatform> = Api::all(ctx.client.clone());
         let patch = json!({ "apiVersion": "bulkhead.dev/v1alpha1", "kind": "IsolationPlatform", "status": status });
-        api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
-        ctx.metrics.status_patches.get_or_create(&crate::telemetry::KindLabel { kind: "isolationplatform".into() }).inc();
+        api.patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+        ctx.metrics
+            .status_patches
+            .get_or_create(&crate::telemetry::KindLabel {
+                kind: "isolationplatform".into(),
+            })
+            .inc();
     }
-    Ok(Action::requeue(Duration::from_secs(u64::from(platform.spec.verification.interval_seconds))))
+    Ok(Action::requeue(Duration::from_secs(u64::from(
+        platform.spec.verification.interval_seconds,
+    ))))
+}
+
+fn is_ready(o: &crate::api::Organization) -> bool {
+    o.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == ConditionStatus::True)
+    })
 }
 
 fn capitalized(s: &str) -> String {
     let mut c = s.chars();
-    c.next().map(|f| f.to_ascii_uppercase().to_string() + c.as_str()).unwrap_or_default()
+    c.next()
+        .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+        .unwrap_or_default()
 }

@@ -20,7 +20,10 @@ pub enum LayerOutcome {
     /// The layer could not be built, ensured or verified.
     Failed { reason: String, message: String },
     /// The layer ran: its audit findings and probes.
-    Checked { verification: Verification, probed_at: Time },
+    Checked {
+        verification: Verification,
+        probed_at: Time,
+    },
 }
 
 impl LayerOutcome {
@@ -38,7 +41,10 @@ pub enum Workspace {
 }
 
 /// The freshly computed conditions, before merging with the previous ones.
-pub fn conditions(workspace: &Workspace, layers: &BTreeMap<LayerKind, LayerOutcome>) -> Vec<Condition> {
+pub fn conditions(
+    workspace: &Workspace,
+    layers: &BTreeMap<LayerKind, LayerOutcome>,
+) -> Vec<Condition> {
     let mut out = Vec::new();
     let mut not_ready: Vec<(String, String)> = Vec::new();
 
@@ -50,7 +56,12 @@ pub fn conditions(workspace: &Workspace, layers: &BTreeMap<LayerKind, LayerOutco
             "namespace and credentials Secret are in place",
         )),
         Workspace::Failed { reason, message } => {
-            out.push(Condition::new("CredentialsReady", ConditionStatus::False, reason.clone(), clip(message)));
+            out.push(Condition::new(
+                "CredentialsReady",
+                ConditionStatus::False,
+                reason.clone(),
+                clip(message),
+            ));
             not_ready.push((reason.clone(), message.clone()));
         }
     }
@@ -72,15 +83,30 @@ pub fn conditions(workspace: &Workspace, layers: &BTreeMap<LayerKind, LayerOutco
             ),
             LayerOutcome::Failed { reason, message } => {
                 not_ready.push((reason.clone(), format!("{kind}: {message}")));
-                Condition::new(kind.condition_type(), ConditionStatus::False, reason.clone(), clip(message))
+                Condition::new(
+                    kind.condition_type(),
+                    ConditionStatus::False,
+                    reason.clone(),
+                    clip(message),
+                )
             }
             LayerOutcome::Checked { verification, .. } => {
                 if verification.isolated() {
-                    Condition::new(kind.condition_type(), ConditionStatus::True, "Isolated", isolated_message(kind, verification))
+                    Condition::new(
+                        kind.condition_type(),
+                        ConditionStatus::True,
+                        "Isolated",
+                        isolated_message(kind, verification),
+                    )
                 } else {
                     let msg = verification.findings.join("; ");
                     not_ready.push(("IsolationFindings".into(), format!("{kind}: {msg}")));
-                    Condition::new(kind.condition_type(), ConditionStatus::False, "IsolationFindings", clip(&msg))
+                    Condition::new(
+                        kind.condition_type(),
+                        ConditionStatus::False,
+                        "IsolationFindings",
+                        clip(&msg),
+                    )
                 }
             }
         };
@@ -90,12 +116,24 @@ pub fn conditions(workspace: &Workspace, layers: &BTreeMap<LayerKind, LayerOutco
     out.push(verified_condition(layers, &mut not_ready));
 
     let ready = match not_ready.first() {
-        None if layers.values().any(LayerOutcome::counts) => {
-            Condition::new("Ready", ConditionStatus::True, "Isolated", "every managed layer is isolated and verified")
-        }
-        None => Condition::new("Ready", ConditionStatus::False, "NoLayers", "the platform manages no layer for this organization"),
+        None if layers.values().any(LayerOutcome::counts) => Condition::new(
+            "Ready",
+            ConditionStatus::True,
+            "Isolated",
+            "every managed layer is isolated and verified",
+        ),
+        None => Condition::new(
+            "Ready",
+            ConditionStatus::False,
+            "NoLayers",
+            "the platform manages no layer for this organization",
+        ),
         Some((reason, _)) => {
-            let msg = not_ready.iter().map(|(_, m)| m.as_str()).collect::<Vec<_>>().join("; ");
+            let msg = not_ready
+                .iter()
+                .map(|(_, m)| m.as_str())
+                .collect::<Vec<_>>()
+                .join("; ");
             Condition::new("Ready", ConditionStatus::False, reason.clone(), clip(&msg))
         }
     };
@@ -103,7 +141,10 @@ pub fn conditions(workspace: &Workspace, layers: &BTreeMap<LayerKind, LayerOutco
     out
 }
 
-fn verified_condition(layers: &BTreeMap<LayerKind, LayerOutcome>, not_ready: &mut Vec<(String, String)>) -> Condition {
+fn verified_condition(
+    layers: &BTreeMap<LayerKind, LayerOutcome>,
+    not_ready: &mut Vec<(String, String)>,
+) -> Condition {
     let mut refused = 0usize;
     let mut failing = Vec::new();
     let mut unverified = Vec::new();
@@ -111,37 +152,66 @@ fn verified_condition(layers: &BTreeMap<LayerKind, LayerOutcome>, not_ready: &mu
         match outcome {
             LayerOutcome::Checked { verification, .. } => {
                 refused += verification.probes.iter().filter(|p| p.passed).count();
-                failing.extend(verification.probes.iter().filter(|p| !p.passed).map(|p| format!("{kind}: {}: {}", p.name, p.detail)));
+                failing.extend(
+                    verification
+                        .probes
+                        .iter()
+                        .filter(|p| !p.passed)
+                        .map(|p| format!("{kind}: {}: {}", p.name, p.detail)),
+                );
                 if verification.probes.is_empty() {
                     unverified.push(format!("{kind}: no probe ran"));
                 }
             }
-            LayerOutcome::Failed { .. } => unverified.push(format!("{kind}: not probed, the layer failed")),
+            LayerOutcome::Failed { .. } => {
+                unverified.push(format!("{kind}: not probed, the layer failed"))
+            }
             LayerOutcome::Disabled | LayerOutcome::NotConfigured => {}
         }
     }
     if !failing.is_empty() {
         let msg = failing.join("; ");
         not_ready.push(("ProbeFailed".into(), msg.clone()));
-        Condition::new("IsolationVerified", ConditionStatus::False, "ProbeFailed", clip(&msg))
+        Condition::new(
+            "IsolationVerified",
+            ConditionStatus::False,
+            "ProbeFailed",
+            clip(&msg),
+        )
     } else if !unverified.is_empty() {
         let msg = unverified.join("; ");
         not_ready.push(("NotVerified".into(), msg.clone()));
-        Condition::new("IsolationVerified", ConditionStatus::False, "NotVerified", clip(&msg))
+        Condition::new(
+            "IsolationVerified",
+            ConditionStatus::False,
+            "NotVerified",
+            clip(&msg),
+        )
     } else if refused == 0 {
-        Condition::new("IsolationVerified", ConditionStatus::Unknown, "NoLayers", "no layer to verify")
+        Condition::new(
+            "IsolationVerified",
+            ConditionStatus::Unknown,
+            "NoLayers",
+            "no layer to verify",
+        )
     } else {
         Condition::new(
             "IsolationVerified",
             ConditionStatus::True,
             "ProbesPassed",
-            format!("{refused} probes behaved as isolation requires (cross-tenant attempts refused, own access allowed)"),
+            format!(
+                "{refused} probes behaved as isolation requires (cross-tenant attempts refused, own access allowed)"
+            ),
         )
     }
 }
 
 fn isolated_message(kind: LayerKind, v: &Verification) -> String {
-    format!("{kind} isolation in place; {} of {} probes passed", v.probes.iter().filter(|p| p.passed).count(), v.probes.len())
+    format!(
+        "{kind} isolation in place; {} of {} probes passed",
+        v.probes.iter().filter(|p| p.passed).count(),
+        v.probes.len()
+    )
 }
 
 /// Per-layer detail for status.
@@ -159,14 +229,22 @@ pub fn layer_details(layers: &BTreeMap<LayerKind, LayerOutcome>) -> Vec<LayerDet
                 probes_failed: 0,
                 failures: vec![clip(message)],
             }),
-            LayerOutcome::Checked { verification, probed_at } => Some(LayerDetail {
+            LayerOutcome::Checked {
+                verification,
+                probed_at,
+            } => Some(LayerDetail {
                 layer: kind.name().to_owned(),
                 isolated: verification.isolated(),
                 verified: verification.verified(),
                 last_probe_time: Some(probed_at.clone()),
                 probes_passed: count(verification.probes.iter().filter(|p| p.passed).count()),
                 probes_failed: count(verification.probes.iter().filter(|p| !p.passed).count()),
-                failures: verification.failures().iter().take(20).map(|f| clip(f)).collect(),
+                failures: verification
+                    .failures()
+                    .iter()
+                    .take(20)
+                    .map(|f| clip(f))
+                    .collect(),
             }),
         })
         .collect()
@@ -201,7 +279,10 @@ mod tests {
         LayerOutcome::Checked {
             verification: Verification {
                 findings: findings.iter().map(|s| s.to_string()).collect(),
-                probes: probes.iter().map(|(n, ok)| Probe::new(*n, *ok, if *ok { "refused" } else { "allowed" })).collect(),
+                probes: probes
+                    .iter()
+                    .map(|(n, ok)| Probe::new(*n, *ok, if *ok { "refused" } else { "allowed" }))
+                    .collect(),
             },
             probed_at: now(),
         }
@@ -215,7 +296,10 @@ mod tests {
     fn all_isolated_and_verified_is_ready() {
         let layers = BTreeMap::from([
             (LayerKind::Database, checked(&[], &[("select other", true)])),
-            (LayerKind::Network, checked(&[], &[("ingress from org-b", true)])),
+            (
+                LayerKind::Network,
+                checked(&[], &[("ingress from org-b", true)]),
+            ),
             (LayerKind::Storage, LayerOutcome::NotConfigured),
             (LayerKind::Cache, LayerOutcome::Disabled),
         ]);
@@ -223,7 +307,11 @@ mod tests {
         assert_eq!(get(&cs, "Ready").status, ConditionStatus::True);
         assert_eq!(get(&cs, "IsolationVerified").status, ConditionStatus::True);
         assert_eq!(get(&cs, "DatabaseIsolated").status, ConditionStatus::True);
-        assert_eq!(get(&cs, "StorageIsolated").status, ConditionStatus::Unknown, "not configured never looks isolated");
+        assert_eq!(
+            get(&cs, "StorageIsolated").status,
+            ConditionStatus::Unknown,
+            "not configured never looks isolated"
+        );
         assert_eq!(get(&cs, "StorageIsolated").reason, "NotConfigured");
         assert_eq!(get(&cs, "CacheIsolated").reason, "Disabled");
         assert_eq!(cs[0].type_, "Ready");
@@ -233,7 +321,13 @@ mod tests {
     fn a_failing_layer_sets_only_its_own_condition_false() {
         let layers = BTreeMap::from([
             (LayerKind::Database, checked(&[], &[("select other", true)])),
-            (LayerKind::Cache, LayerOutcome::Failed { reason: "BackendUnreachable".into(), message: "connection refused".into() }),
+            (
+                LayerKind::Cache,
+                LayerOutcome::Failed {
+                    reason: "BackendUnreachable".into(),
+                    message: "connection refused".into(),
+                },
+            ),
             (LayerKind::Network, checked(&[], &[("ingress", true)])),
         ]);
         let cs = conditions(&Workspace::Ready, &layers);
@@ -248,7 +342,10 @@ mod tests {
 
     #[test]
     fn an_allowed_cross_tenant_probe_fails_verification_with_its_name() {
-        let layers = BTreeMap::from([(LayerKind::Cache, checked(&[], &[("GET org:b:canary", false), ("SET org:b:x", true)]))]);
+        let layers = BTreeMap::from([(
+            LayerKind::Cache,
+            checked(&[], &[("GET org:b:canary", false), ("SET org:b:x", true)]),
+        )]);
         let cs = conditions(&Workspace::Ready, &layers);
         let v = get(&cs, "IsolationVerified");
         assert_eq!(v.status, ConditionStatus::False);
@@ -259,10 +356,16 @@ mod tests {
 
     #[test]
     fn findings_make_the_layer_not_isolated() {
-        let layers = BTreeMap::from([(LayerKind::Database, checked(&["messages: RLS disabled"], &[("select", true)]))]);
+        let layers = BTreeMap::from([(
+            LayerKind::Database,
+            checked(&["messages: RLS disabled"], &[("select", true)]),
+        )]);
         let cs = conditions(&Workspace::Ready, &layers);
         let d = get(&cs, "DatabaseIsolated");
-        assert_eq!((d.status, d.reason.as_str()), (ConditionStatus::False, "IsolationFindings"));
+        assert_eq!(
+            (d.status, d.reason.as_str()),
+            (ConditionStatus::False, "IsolationFindings")
+        );
         assert!(d.message.contains("messages: RLS disabled"));
         let details = layer_details(&layers);
         assert_eq!(details.len(), 1);
@@ -281,7 +384,10 @@ mod tests {
     #[test]
     fn workspace_failure_blocks_ready() {
         let layers = BTreeMap::from([(LayerKind::Network, checked(&[], &[("x", true)]))]);
-        let ws = Workspace::Failed { reason: "NamespaceConflict".into(), message: "namespace org-a belongs to someone else".into() };
+        let ws = Workspace::Failed {
+            reason: "NamespaceConflict".into(),
+            message: "namespace org-a belongs to someone else".into(),
+        };
         let cs = conditions(&ws, &layers);
         assert_eq!(get(&cs, "CredentialsReady").status, ConditionStatus::False);
         assert_eq!(get(&cs, "Ready").reason, "NamespaceConflict");

@@ -6,8 +6,8 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use k8s_openapi::api::rbac::v1::{RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use sha2::{Digest, Sha256};
 
 use super::Context;
@@ -24,7 +24,10 @@ const PROVIDER_KEY_SUFFIX: &str = "_API_KEY";
 /// Labels on every object bulkhead creates for an organization.
 pub fn managed_labels(tenant: &Tenant) -> BTreeMap<String, String> {
     BTreeMap::from([
-        ("app.kubernetes.io/managed-by".to_owned(), MANAGED_BY.to_owned()),
+        (
+            "app.kubernetes.io/managed-by".to_owned(),
+            MANAGED_BY.to_owned(),
+        ),
         (ORG_ID_LABEL.to_owned(), tenant.org_id.to_string()),
         (ORGANIZATION_LABEL.to_owned(), tenant.name.clone()),
     ])
@@ -34,7 +37,10 @@ pub fn managed_labels(tenant: &Tenant) -> BTreeMap<String, String> {
 pub fn namespace_plan(tenant: &Tenant) -> Namespace {
     let mut labels = managed_labels(tenant);
     for mode in ["enforce", "audit", "warn"] {
-        labels.insert(format!("pod-security.kubernetes.io/{mode}"), "restricted".to_owned());
+        labels.insert(
+            format!("pod-security.kubernetes.io/{mode}"),
+            "restricted".to_owned(),
+        );
     }
     Namespace {
         metadata: ObjectMeta {
@@ -60,7 +66,10 @@ pub async fn ensure_namespace(
     let mut repairs = Vec::new();
     match api.get_opt(&tenant.namespace).await? {
         Some(live) => {
-            let owned = live.owner_references().iter().any(|o| Some(&o.uid) == org.metadata.uid.as_ref());
+            let owned = live
+                .owner_references()
+                .iter()
+                .any(|o| Some(&o.uid) == org.metadata.uid.as_ref());
             if !owned {
                 return Err(LayerError::Refused(format!(
                     "namespace {} already exists and does not belong to Organization {}; it is not adopted",
@@ -68,7 +77,10 @@ pub async fn ensure_namespace(
                 )));
             }
             if live.metadata.deletion_timestamp.is_some() {
-                return Err(LayerError::Refused(format!("namespace {} is being deleted", tenant.namespace)));
+                return Err(LayerError::Refused(format!(
+                    "namespace {} is being deleted",
+                    tenant.namespace
+                )));
             }
             let live_labels = live.labels();
             let missing: Vec<&String> = plan
@@ -81,18 +93,35 @@ pub async fn ensure_namespace(
                 repairs.push(Repair(format!(
                     "namespace {} labels restored: {}",
                     tenant.namespace,
-                    missing.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ")
+                    missing
+                        .iter()
+                        .map(|k| k.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )));
             }
         }
-        None if existed_before => repairs.push(Repair(format!("namespace {} was deleted; created again", tenant.namespace))),
+        None if existed_before => repairs.push(Repair(format!(
+            "namespace {} was deleted; created again",
+            tenant.namespace
+        ))),
         None => {}
     }
-    api.patch(&tenant.namespace, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&plan)).await?;
+    api.patch(
+        &tenant.namespace,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&plan),
+    )
+    .await?;
     if let Some(access) = &ctx.namespace_access {
         let rb = access_binding(tenant, access, &ctx.operator_namespace);
         let rbs: Api<RoleBinding> = Api::namespaced(ctx.client.clone(), &tenant.namespace);
-        rbs.patch(ACCESS_BINDING, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&rb)).await?;
+        rbs.patch(
+            ACCESS_BINDING,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&rb),
+        )
+        .await?;
     }
     Ok(repairs)
 }
@@ -101,7 +130,11 @@ pub async fn ensure_namespace(
 pub const ACCESS_BINDING: &str = "bulkhead-operator";
 
 /// The RoleBinding that lets the operator manage Secrets in this namespace only.
-pub fn access_binding(tenant: &Tenant, access: &super::NamespaceAccess, operator_namespace: &str) -> RoleBinding {
+pub fn access_binding(
+    tenant: &Tenant,
+    access: &super::NamespaceAccess,
+    operator_namespace: &str,
+) -> RoleBinding {
     RoleBinding {
         metadata: ObjectMeta {
             name: Some(ACCESS_BINDING.to_owned()),
@@ -136,11 +169,16 @@ pub struct LoadedCredentials {
 
 /// Reads the credentials Secret, allowing a just-created access RoleBinding a moment to reach
 /// the API server's authorizer.
-pub async fn load_credentials_when_bound(ctx: &Context, tenant: &Tenant) -> Result<LoadedCredentials, LayerError> {
+pub async fn load_credentials_when_bound(
+    ctx: &Context,
+    tenant: &Tenant,
+) -> Result<LoadedCredentials, LayerError> {
     let mut attempt = 0;
     loop {
         match load_credentials(ctx, tenant).await {
-            Err(LayerError::Kube(kube::Error::Api(s))) if s.code == 403 && ctx.namespace_access.is_some() && attempt < 10 => {
+            Err(LayerError::Kube(kube::Error::Api(s)))
+                if s.code == 403 && ctx.namespace_access.is_some() && attempt < 10 =>
+            {
                 attempt += 1;
                 tokio::time::sleep(std::time::Duration::from_millis(200)).await;
             }
@@ -150,19 +188,33 @@ pub async fn load_credentials_when_bound(ctx: &Context, tenant: &Tenant) -> Resu
 }
 
 /// Reads the organization's credentials Secret.
-pub async fn load_credentials(ctx: &Context, tenant: &Tenant) -> Result<LoadedCredentials, LayerError> {
+pub async fn load_credentials(
+    ctx: &Context,
+    tenant: &Tenant,
+) -> Result<LoadedCredentials, LayerError> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &tenant.namespace);
     let Some(secret) = api.get_opt(CREDENTIALS_SECRET).await? else {
-        return Ok(LoadedCredentials { credentials: Credentials::default(), missing: true, tampered: false });
+        return Ok(LoadedCredentials {
+            credentials: Credentials::default(),
+            missing: true,
+            tampered: false,
+        });
     };
     let mut entries = BTreeMap::new();
     for (k, v) in secret.data.clone().unwrap_or_default() {
         entries.insert(k, String::from_utf8_lossy(&v.0).into_owned());
     }
     let credentials = Credentials::new(entries);
-    let recorded = secret.annotations().get(CREDENTIALS_DIGEST_ANNOTATION).cloned();
+    let recorded = secret
+        .annotations()
+        .get(CREDENTIALS_DIGEST_ANNOTATION)
+        .cloned();
     let tampered = recorded.as_deref() != Some(digest(&credentials).as_str());
-    Ok(LoadedCredentials { credentials, missing: false, tampered })
+    Ok(LoadedCredentials {
+        credentials,
+        missing: false,
+        tampered,
+    })
 }
 
 /// Digest of the Secret's data, stored beside it to notice edits made outside bulkhead.
@@ -193,26 +245,46 @@ pub async fn write_credentials(
             name: Some(CREDENTIALS_SECRET.to_owned()),
             namespace: Some(tenant.namespace.clone()),
             labels: Some(managed_labels(tenant)),
-            annotations: Some(BTreeMap::from([(CREDENTIALS_DIGEST_ANNOTATION.to_owned(), digest(creds))])),
+            annotations: Some(BTreeMap::from([(
+                CREDENTIALS_DIGEST_ANNOTATION.to_owned(),
+                digest(creds),
+            )])),
             owner_references: Some(vec![tenant.owner.clone()]),
             ..Default::default()
         },
         type_: Some("Opaque".to_owned()),
-        data: Some(creds.entries().iter().map(|(k, v)| (k.clone(), ByteString(v.clone().into_bytes()))).collect()),
+        data: Some(
+            creds
+                .entries()
+                .iter()
+                .map(|(k, v)| (k.clone(), ByteString(v.clone().into_bytes())))
+                .collect(),
+        ),
         ..Default::default()
     };
-    api.patch(CREDENTIALS_SECRET, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&secret)).await?;
+    api.patch(
+        CREDENTIALS_SECRET,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&secret),
+    )
+    .await?;
     Ok(())
 }
 
 /// Secret key under which a provider's key is stored, e.g. `AI_OPENAI_API_KEY`.
 pub fn provider_key_name(provider: &str) -> String {
-    format!("{PROVIDER_KEY_PREFIX}{}{PROVIDER_KEY_SUFFIX}", provider.to_ascii_uppercase().replace('-', "_"))
+    format!(
+        "{PROVIDER_KEY_PREFIX}{}{PROVIDER_KEY_SUFFIX}",
+        provider.to_ascii_uppercase().replace('-', "_")
+    )
 }
 
 /// Reads every BYOK key from its source Secret in the operator's namespace:
 /// (provider, Secret key name, value).
-pub async fn provider_keys(ctx: &Context, org: &Organization) -> Result<Vec<(String, String, String)>, LayerError> {
+pub async fn provider_keys(
+    ctx: &Context,
+    org: &Organization,
+) -> Result<Vec<(String, String, String)>, LayerError> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.operator_namespace);
     let mut out = Vec::new();
     for p in &org.spec.ai_providers {
@@ -241,11 +313,20 @@ pub async fn provider_keys(ctx: &Context, org: &Organization) -> Result<Vec<(Str
 
 /// Removes keys of providers no longer in the spec.
 pub fn drop_stale_provider_keys(org: &Organization, creds: &mut Credentials) {
-    let wanted: Vec<String> = org.spec.ai_providers.iter().map(|p| provider_key_name(&p.name)).collect();
+    let wanted: Vec<String> = org
+        .spec
+        .ai_providers
+        .iter()
+        .map(|p| provider_key_name(&p.name))
+        .collect();
     let stale: Vec<String> = creds
         .entries()
         .keys()
-        .filter(|k| k.starts_with(PROVIDER_KEY_PREFIX) && k.ends_with(PROVIDER_KEY_SUFFIX) && !wanted.contains(k))
+        .filter(|k| {
+            k.starts_with(PROVIDER_KEY_PREFIX)
+                && k.ends_with(PROVIDER_KEY_SUFFIX)
+                && !wanted.contains(k)
+        })
         .cloned()
         .collect();
     for k in stale {
@@ -254,12 +335,20 @@ pub fn drop_stale_provider_keys(org: &Organization, creds: &mut Credentials) {
 }
 
 /// Deletes the organization's namespace (and with it the credentials Secret), if it owns it.
-pub async fn delete_namespace(ctx: &Context, org: &Organization, tenant: &Tenant) -> Result<(), kube::Error> {
+pub async fn delete_namespace(
+    ctx: &Context,
+    org: &Organization,
+    tenant: &Tenant,
+) -> Result<(), kube::Error> {
     let api: Api<Namespace> = Api::all(ctx.client.clone());
     if let Some(live) = api.get_opt(&tenant.namespace).await? {
-        let owned = live.owner_references().iter().any(|o| Some(&o.uid) == org.metadata.uid.as_ref());
+        let owned = live
+            .owner_references()
+            .iter()
+            .any(|o| Some(&o.uid) == org.metadata.uid.as_ref());
         if owned && live.metadata.deletion_timestamp.is_none() {
-            api.delete(&tenant.namespace, &DeleteParams::background()).await?;
+            api.delete(&tenant.namespace, &DeleteParams::background())
+                .await?;
         }
     }
     Ok(())

@@ -128,7 +128,11 @@ pub struct Probe {
 
 impl Probe {
     pub fn new(name: impl Into<String>, passed: bool, detail: impl Into<String>) -> Self {
-        Self { name: name.into(), passed, detail: detail.into() }
+        Self {
+            name: name.into(),
+            passed,
+            detail: detail.into(),
+        }
     }
 }
 
@@ -155,7 +159,12 @@ impl Verification {
         self.findings
             .iter()
             .cloned()
-            .chain(self.probes.iter().filter(|p| !p.passed).map(|p| format!("{}: {}", p.name, p.detail)))
+            .chain(
+                self.probes
+                    .iter()
+                    .filter(|p| !p.passed)
+                    .map(|p| format!("{}: {}", p.name, p.detail)),
+            )
             .collect()
     }
 }
@@ -209,11 +218,19 @@ pub trait Layer: Send + Sync {
     }
 
     /// Creates or repairs the organization's isolation and writes its credentials into `creds`.
-    async fn ensure(&self, tenant: &Tenant, creds: &mut Credentials) -> Result<Vec<Repair>, LayerError>;
+    async fn ensure(
+        &self,
+        tenant: &Tenant,
+        creds: &mut Credentials,
+    ) -> Result<Vec<Repair>, LayerError>;
 
     /// Audits the organization's isolation and probes it with the organization's own credentials.
     /// Never modifies tenant data other than the layer's own canaries.
-    async fn verify(&self, tenant: &Tenant, creds: &Credentials) -> Result<Verification, LayerError>;
+    async fn verify(
+        &self,
+        tenant: &Tenant,
+        creds: &Credentials,
+    ) -> Result<Verification, LayerError>;
 
     /// Removes the organization's identities, and its data when the deletion policy says so.
     async fn cleanup(&self, tenant: &Tenant) -> Result<(), LayerError>;
@@ -244,9 +261,16 @@ pub struct BuildEnv<'a> {
 impl BuildEnv<'_> {
     /// Reads one key of a Secret, as text.
     pub async fn secret_key(&self, sel: &SecretKeySelector) -> Result<String, LayerError> {
-        let data = self.secret_data(sel.namespace.as_deref(), &sel.name).await?;
+        let data = self
+            .secret_data(sel.namespace.as_deref(), &sel.name)
+            .await?;
         data.get(&sel.key).cloned().ok_or_else(|| {
-            LayerError::Config(format!("Secret {}/{} has no key {:?}", self.ns(sel.namespace.as_deref()), sel.name, sel.key))
+            LayerError::Config(format!(
+                "Secret {}/{} has no key {:?}",
+                self.ns(sel.namespace.as_deref()),
+                sel.name,
+                sel.key
+            ))
         })
     }
 
@@ -259,17 +283,23 @@ impl BuildEnv<'_> {
         ns.unwrap_or(self.operator_namespace)
     }
 
-    async fn secret_data(&self, ns: Option<&str>, name: &str) -> Result<BTreeMap<String, String>, LayerError> {
+    async fn secret_data(
+        &self,
+        ns: Option<&str>,
+        name: &str,
+    ) -> Result<BTreeMap<String, String>, LayerError> {
         let ns = self.ns(ns);
-        let api: kube::Api<k8s_openapi::api::core::v1::Secret> = kube::Api::namespaced(self.client.clone(), ns);
+        let api: kube::Api<k8s_openapi::api::core::v1::Secret> =
+            kube::Api::namespaced(self.client.clone(), ns);
         let secret = api
             .get_opt(name)
             .await?
             .ok_or_else(|| LayerError::Config(format!("Secret {ns}/{name} not found")))?;
         let mut out = BTreeMap::new();
         for (k, v) in secret.data.unwrap_or_default() {
-            let text = String::from_utf8(v.0)
-                .map_err(|_| LayerError::Config(format!("Secret {ns}/{name} key {k:?} is not UTF-8")))?;
+            let text = String::from_utf8(v.0).map_err(|_| {
+                LayerError::Config(format!("Secret {ns}/{name} key {k:?} is not UTF-8"))
+            })?;
             out.insert(k, text);
         }
         Ok(out)
@@ -302,7 +332,9 @@ pub fn random_secret(len: usize) -> String {
     use rand::Rng;
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
     let mut rng = rand::rng();
-    (0..len).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect()
+    (0..len)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect()
 }
 
 #[cfg(test)]
@@ -329,7 +361,13 @@ mod tests {
         assert!(!v.verified());
         v.findings.push("RLS disabled on messages".into());
         assert!(!v.isolated());
-        assert_eq!(v.failures(), vec!["RLS disabled on messages".to_owned(), "SET other: OK".to_owned()]);
+        assert_eq!(
+            v.failures(),
+            vec![
+                "RLS disabled on messages".to_owned(),
+                "SET other: OK".to_owned()
+            ]
+        );
     }
 
     #[test]

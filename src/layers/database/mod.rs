@@ -298,7 +298,12 @@ impl DatabaseLayer {
 
     /// Governed tables of the last audit, whatever its age (canaries only), or of a fresh one.
     async fn governed_tables(&self) -> Result<Vec<TableState>, LayerError> {
-        let cached = self.audit_cache.lock().await.as_ref().map(|(_, a)| a.clone());
+        let cached = self
+            .audit_cache
+            .lock()
+            .await
+            .as_ref()
+            .map(|(_, a)| a.clone());
         let snapshot = match cached {
             Some(a) => a,
             None => self.audit().await?,
@@ -462,15 +467,15 @@ impl DatabaseLayer {
 }
 
 /// Reads the catalog in a transaction that is rolled back (the policy shapes use temp tables).
-async fn read_and_audit(
-    client: &mut Client,
-    s: &Settings,
-) -> Result<AuditSnapshot, LayerError> {
+async fn read_and_audit(client: &mut Client, s: &Settings) -> Result<AuditSnapshot, LayerError> {
     let tx = client.transaction().await.map_err(backend)?;
     let cat = catalog::read(&tx, s).await?;
     tx.rollback().await.map_err(backend)?;
     let report = audit::audit(s, &cat);
-    Ok(AuditSnapshot { catalog: cat, report })
+    Ok(AuditSnapshot {
+        catalog: cat,
+        report,
+    })
 }
 
 async fn upsert_registry(

@@ -666,7 +666,8 @@ enum Direction {
 #[derive(Clone, Debug, Default)]
 pub struct Cluster {
     namespaces: BTreeMap<String, BTreeMap<String, String>>,
-    policies: Vec<Policy>,
+    /// Policies by namespace: a question only ever reads one namespace's.
+    policies: BTreeMap<String, Vec<Policy>>,
     unreadable: Vec<(String, String)>,
 }
 
@@ -697,7 +698,7 @@ impl Cluster {
 
     /// Replaces every policy of `namespace` with `policies` (a fresher read of that namespace).
     pub fn replace_policies(&mut self, namespace: &str, policies: &[NetworkPolicy]) {
-        self.policies.retain(|p| p.namespace != namespace);
+        self.policies.remove(namespace);
         self.unreadable
             .retain(|(id, _)| !id.starts_with(&format!("{namespace}/")));
         for np in policies
@@ -710,11 +711,18 @@ impl Cluster {
 
     fn add_policy(&mut self, np: &NetworkPolicy) {
         match parse_policy(np) {
-            Ok(p) => self.policies.push(p),
+            Ok(p) => self
+                .policies
+                .entry(p.namespace.clone())
+                .or_default()
+                .push(p),
             Err(e) => {
                 let p = unreadable_policy(np);
                 self.unreadable.push((p.id.clone(), e));
-                self.policies.push(p);
+                self.policies
+                    .entry(p.namespace.clone())
+                    .or_default()
+                    .push(p);
             }
         }
     }
@@ -788,8 +796,9 @@ impl Cluster {
         }
         let relevant: Vec<&Policy> = self
             .policies
-            .iter()
-            .filter(|p| &p.namespace == ns)
+            .get(ns)
+            .into_iter()
+            .flatten()
             .filter(|p| match dir {
                 Direction::Ingress => p.ingress.is_some(),
                 Direction::Egress => p.egress.is_some(),

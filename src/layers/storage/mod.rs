@@ -16,7 +16,9 @@ use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use tokio::sync::OnceCell;
 
-use super::{BuildEnv, Credentials, Layer, LayerError, LayerKind, LayerSlot, Repair, Tenant, Verification};
+use super::{
+    BuildEnv, Credentials, Layer, LayerError, LayerKind, LayerSlot, Repair, Tenant, Verification,
+};
 use crate::api::platform::{GuardStyle, StorageAudit, StorageMode, StoragePlatform};
 use crate::tenant::{OrgId, render_template};
 use policy::{BucketGuard, BucketPolicy, GuardState};
@@ -45,10 +47,12 @@ pub async fn build(env: &BuildEnv<'_>) -> LayerSlot {
         .ok_or_else(|| LayerError::Config("the platform has no storage section".to_owned()))?;
     let secret = env.secret(&spec.admin_secret_ref).await?;
     let key = |k: &str| {
-        secret
-            .get(k)
-            .cloned()
-            .ok_or_else(|| LayerError::Config(format!("Secret {} has no key {k:?}", spec.admin_secret_ref.name)))
+        secret.get(k).cloned().ok_or_else(|| {
+            LayerError::Config(format!(
+                "Secret {} has no key {k:?}",
+                spec.admin_secret_ref.name
+            ))
+        })
     };
     let layer = StorageLayer::connect(spec, &key("accessKeyId")?, &key("secretAccessKey")?)?;
     Ok(Arc::new(layer))
@@ -111,8 +115,12 @@ impl Connection {
             .credentials_provider(creds)
             .force_path_style(self.force_path_style)
             .timeout_config(Self::timeouts())
-            .request_checksum_calculation(aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired)
-            .response_checksum_validation(aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired)
+            .request_checksum_calculation(
+                aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired,
+            )
+            .response_checksum_validation(
+                aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired,
+            )
             .interceptor(self.calls.clone());
         if let Some(ep) = &self.s3_endpoint {
             b = b.endpoint_url(ep);
@@ -160,38 +168,61 @@ pub struct StorageLayer {
 
 impl std::fmt::Debug for StorageLayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StorageLayer").field("bucket", &self.spec.bucket).field("mode", &self.spec.mode).finish()
+        f.debug_struct("StorageLayer")
+            .field("bucket", &self.spec.bucket)
+            .field("mode", &self.spec.mode)
+            .finish()
     }
 }
 
 fn non_empty(s: &Option<String>) -> Option<String> {
-    s.as_deref().map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned)
+    s.as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
 }
 
 /// Validates the platform's storage section.
 pub fn validate(spec: &StoragePlatform) -> Result<(), LayerError> {
     let bucket = &spec.bucket;
     let bucket_ok = (3..=63).contains(&bucket.len())
-        && bucket.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && bucket
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
         && bucket.starts_with(|c: char| c.is_ascii_alphanumeric())
         && bucket.ends_with(|c: char| c.is_ascii_alphanumeric());
     if !bucket_ok {
-        return Err(LayerError::Config(format!("bucket {bucket:?} is not a valid S3 bucket name")));
+        return Err(LayerError::Config(format!(
+            "bucket {bucket:?} is not a valid S3 bucket name"
+        )));
     }
     policy::validate_prefix_template(&spec.prefix_template).map_err(LayerError::Config)?;
     if !(spec.iam_path.starts_with('/') && spec.iam_path.ends_with('/'))
-        || spec.iam_path.chars().any(|c| !(c.is_ascii_alphanumeric() || matches!(c, '/' | '-' | '_' | '.')))
+        || spec
+            .iam_path
+            .chars()
+            .any(|c| !(c.is_ascii_alphanumeric() || matches!(c, '/' | '-' | '_' | '.')))
     {
-        return Err(LayerError::Config(format!("iamPath {:?} must start and end with '/' and hold only letters, digits, '-', '_', '.'", spec.iam_path)));
+        return Err(LayerError::Config(format!(
+            "iamPath {:?} must start and end with '/' and hold only letters, digits, '-', '_', '.'",
+            spec.iam_path
+        )));
     }
     if spec.account_id.is_empty() || !spec.account_id.chars().all(|c| c.is_ascii_digit()) {
-        return Err(LayerError::Config(format!("accountId {:?} must be digits", spec.account_id)));
+        return Err(LayerError::Config(format!(
+            "accountId {:?} must be digits",
+            spec.account_id
+        )));
     }
     if spec.mode == StorageMode::Role && non_empty(&spec.oidc_issuer).is_none() {
         return Err(LayerError::Config("mode role needs oidcIssuer".to_owned()));
     }
-    if spec.mode == StorageMode::Abac && (spec.shared_role_name.is_empty() || spec.shared_role_name.len() > 64) {
-        return Err(LayerError::Config("sharedRoleName must be 1-64 characters".to_owned()));
+    if spec.mode == StorageMode::Abac
+        && (spec.shared_role_name.is_empty() || spec.shared_role_name.len() > 64)
+    {
+        return Err(LayerError::Config(
+            "sharedRoleName must be 1-64 characters".to_owned(),
+        ));
     }
     Ok(())
 }
@@ -199,10 +230,16 @@ pub fn validate(spec: &StoragePlatform) -> Result<(), LayerError> {
 impl StorageLayer {
     /// Builds the layer with static admin credentials (no environment or instance-metadata
     /// lookups). Makes no request: the backend is first contacted by `prepare`.
-    pub fn connect(spec: &StoragePlatform, access_key: &str, secret_key: &str) -> Result<Self, LayerError> {
+    pub fn connect(
+        spec: &StoragePlatform,
+        access_key: &str,
+        secret_key: &str,
+    ) -> Result<Self, LayerError> {
         validate(spec)?;
         if access_key.is_empty() || secret_key.is_empty() {
-            return Err(LayerError::Config("the storage admin credentials are empty".to_owned()));
+            return Err(LayerError::Config(
+                "the storage admin credentials are empty".to_owned(),
+            ));
         }
         let s3_endpoint = non_empty(&spec.endpoint);
         let conn = Connection {
@@ -212,8 +249,13 @@ impl StorageLayer {
             force_path_style: spec.force_path_style,
             calls: CallCounter::default(),
         };
-        let creds = AwsCredentials::new(access_key, secret_key, None, None, "bulkhead-storage-admin");
-        let style = spec.guard_style.unwrap_or(if s3_endpoint.is_some() { GuardStyle::AllUsers } else { GuardStyle::PathCondition });
+        let creds =
+            AwsCredentials::new(access_key, secret_key, None, None, "bulkhead-storage-admin");
+        let style = spec.guard_style.unwrap_or(if s3_endpoint.is_some() {
+            GuardStyle::AllUsers
+        } else {
+            GuardStyle::PathCondition
+        });
         Ok(Self {
             spec: spec.clone(),
             style,
@@ -247,9 +289,16 @@ impl StorageLayer {
     async fn operator(&self) -> Result<&Operator, LayerError> {
         self.operator
             .get_or_try_init(|| async {
-                let out = self.sts.get_caller_identity().send().await.map_err(|e| api_error("GetCallerIdentity", &e).into_layer())?;
+                let out = self
+                    .sts
+                    .get_caller_identity()
+                    .send()
+                    .await
+                    .map_err(|e| api_error("GetCallerIdentity", &e).into_layer())?;
                 let arn = out.arn().unwrap_or_default().to_owned();
-                let user = arn.split_once(":user/").map(|(_, rest)| rest.rsplit('/').next().unwrap_or(rest).to_owned());
+                let user = arn
+                    .split_once(":user/")
+                    .map(|(_, rest)| rest.rsplit('/').next().unwrap_or(rest).to_owned());
                 Ok::<_, LayerError>(Operator { arn, user })
             })
             .await
@@ -283,7 +332,13 @@ impl StorageLayer {
 
     /// The bucket policy text, `None` when the bucket has none.
     async fn bucket_policy_text(&self) -> Result<Option<String>, LayerError> {
-        match self.s3.get_bucket_policy().bucket(&self.spec.bucket).send().await {
+        match self
+            .s3
+            .get_bucket_policy()
+            .bucket(&self.spec.bucket)
+            .send()
+            .await
+        {
             Ok(out) => Ok(out.policy().map(str::to_owned)),
             Err(e) => {
                 let err = api_error("GetBucketPolicy", &e);
@@ -301,7 +356,10 @@ impl StorageLayer {
         let text = self.bucket_policy_text().await?;
         let policy = BucketPolicy::parse(text.as_deref()).map_err(LayerError::Backend)?;
         let planned = self.guard().await?.statement_values();
-        Ok((policy.guard_state(&planned), text.map(|t| t.len()).unwrap_or(0)))
+        Ok((
+            policy.guard_state(&planned),
+            text.map(|t| t.len()).unwrap_or(0),
+        ))
     }
 
     /// The raw bucket policy (tests and benchmarks read its size and foreign statements).
@@ -322,7 +380,9 @@ impl StorageLayer {
                 if self.spec.region != "us-east-1" && self.conn.s3_endpoint.is_none() {
                     req = req.create_bucket_configuration(
                         aws_sdk_s3::types::CreateBucketConfiguration::builder()
-                            .location_constraint(aws_sdk_s3::types::BucketLocationConstraint::from(self.spec.region.as_str()))
+                            .location_constraint(aws_sdk_s3::types::BucketLocationConstraint::from(
+                                self.spec.region.as_str(),
+                            ))
                             .build(),
                     );
                 }
@@ -331,7 +391,10 @@ impl StorageLayer {
                     Err(e) => {
                         let err = api_error("CreateBucket", &e);
                         // A concurrent prepare created it first.
-                        if matches!(err.code.as_deref(), Some("BucketAlreadyOwnedByYou") | Some("BucketAlreadyExists")) {
+                        if matches!(
+                            err.code.as_deref(),
+                            Some("BucketAlreadyOwnedByYou") | Some("BucketAlreadyExists")
+                        ) {
                             Ok(Vec::new())
                         } else {
                             Err(err.into_layer())
@@ -346,9 +409,15 @@ impl StorageLayer {
     async fn ensure_guard(&self) -> Result<Vec<Repair>, LayerError> {
         let guard = self.guard().await?;
         let existing = self.bucket_policy_text().await?;
-        let (state, write) = policy::merge_guard(existing.as_deref(), &guard)
-            .map_err(|e| LayerError::Backend(format!("the bucket policy of {} cannot be read, so it is left alone: {e}", self.spec.bucket)))?;
-        let Some(text) = write else { return Ok(Vec::new()) };
+        let (state, write) = policy::merge_guard(existing.as_deref(), &guard).map_err(|e| {
+            LayerError::Backend(format!(
+                "the bucket policy of {} cannot be read, so it is left alone: {e}",
+                self.spec.bucket
+            ))
+        })?;
+        let Some(text) = write else {
+            return Ok(Vec::new());
+        };
         self.s3
             .put_bucket_policy()
             .bucket(&self.spec.bucket)
@@ -364,7 +433,9 @@ impl StorageLayer {
     }
 
     async fn put_canary(&self, org: &OrgId) -> Result<(), LayerError> {
-        let body = format!("bulkhead canary of {org}; any other organization must be refused access to it\n");
+        let body = format!(
+            "bulkhead canary of {org}; any other organization must be refused access to it\n"
+        );
         self.s3
             .put_object()
             .bucket(&self.spec.bucket)
@@ -405,14 +476,22 @@ impl StorageLayer {
                 .send()
                 .await
                 .map_err(|e| api_error("ListObjectsV2", &e).into_layer())?;
-            let keys: Vec<String> = page.contents().iter().filter_map(|o| o.key().map(str::to_owned)).collect();
+            let keys: Vec<String> = page
+                .contents()
+                .iter()
+                .filter_map(|o| o.key().map(str::to_owned))
+                .collect();
             if keys.is_empty() {
                 return Ok(deleted);
             }
             for batch in keys.chunks(1000) {
                 let objects = batch
                     .iter()
-                    .map(|k| aws_sdk_s3::types::ObjectIdentifier::builder().key(k).build())
+                    .map(|k| {
+                        aws_sdk_s3::types::ObjectIdentifier::builder()
+                            .key(k)
+                            .build()
+                    })
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|e| LayerError::Backend(format!("DeleteObjects request: {e}")))?;
                 let delete = aws_sdk_s3::types::Delete::builder()
@@ -439,7 +518,9 @@ impl StorageLayer {
                 deleted += batch.len() as u64;
             }
         }
-        Err(LayerError::Backend(format!("more than {MAX_PAGES} pages of objects under {prefix}")))
+        Err(LayerError::Backend(format!(
+            "more than {MAX_PAGES} pages of objects under {prefix}"
+        )))
     }
 }
 
@@ -459,7 +540,11 @@ impl Layer for StorageLayer {
         Ok(repairs)
     }
 
-    async fn ensure(&self, tenant: &Tenant, creds: &mut Credentials) -> Result<Vec<Repair>, LayerError> {
+    async fn ensure(
+        &self,
+        tenant: &Tenant,
+        creds: &mut Credentials,
+    ) -> Result<Vec<Repair>, LayerError> {
         let repairs = match self.spec.mode {
             StorageMode::User => self.ensure_user(tenant, creds).await?,
             StorageMode::Role => self.ensure_role(tenant, creds).await?,
@@ -477,7 +562,11 @@ impl Layer for StorageLayer {
         Ok(repairs)
     }
 
-    async fn verify(&self, tenant: &Tenant, creds: &Credentials) -> Result<Verification, LayerError> {
+    async fn verify(
+        &self,
+        tenant: &Tenant,
+        creds: &Credentials,
+    ) -> Result<Verification, LayerError> {
         let mut findings = Vec::new();
         let (state, _) = self.guard_state().await?;
         findings.extend(state.finding());
@@ -514,7 +603,10 @@ impl Layer for StorageLayer {
         }
     }
 
-    async fn platform_status(&self, status: &mut crate::api::IsolationPlatformStatus) -> Result<(), LayerError> {
+    async fn platform_status(
+        &self,
+        status: &mut crate::api::IsolationPlatformStatus,
+    ) -> Result<(), LayerError> {
         let (state, bytes) = self.guard_state().await?;
         status.storage = Some(StorageAudit {
             guard_in_place: state == GuardState::InPlace,
@@ -562,11 +654,18 @@ impl ApiError {
     }
 
     pub fn into_layer(self) -> LayerError {
-        if self.unreachable { LayerError::Unreachable(self.describe()) } else { LayerError::Backend(self.describe()) }
+        if self.unreachable {
+            LayerError::Unreachable(self.describe())
+        } else {
+            LayerError::Backend(self.describe())
+        }
     }
 }
 
-pub(crate) fn api_error<E>(op: &'static str, e: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> ApiError
+pub(crate) fn api_error<E>(
+    op: &'static str,
+    e: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> ApiError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
 {

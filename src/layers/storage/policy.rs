@@ -24,8 +24,14 @@ pub const ORG_TAG_VAR: &str = "${aws:PrincipalTag/org_id}";
 
 /// Object-level actions an organization may perform under its own prefix. (SeaweedFS 4.48 refuses
 /// `s3:ListMultipartUploadParts` in CreatePolicyVersion, so repairs could not restore it.)
-pub const OBJECT_ACTIONS: &[&str] =
-    &["s3:AbortMultipartUpload", "s3:DeleteObject", "s3:GetObject", "s3:GetObjectTagging", "s3:PutObject", "s3:PutObjectTagging"];
+pub const OBJECT_ACTIONS: &[&str] = &[
+    "s3:AbortMultipartUpload",
+    "s3:DeleteObject",
+    "s3:GetObject",
+    "s3:GetObjectTagging",
+    "s3:PutObject",
+    "s3:PutObjectTagging",
+];
 
 /// An IAM policy document.
 #[derive(Serialize, Clone, Debug, PartialEq)]
@@ -38,12 +44,17 @@ pub struct PolicyDocument {
 
 impl PolicyDocument {
     pub fn new(statement: Vec<Statement>) -> Self {
-        Self { version: POLICY_VERSION, statement }
+        Self {
+            version: POLICY_VERSION,
+            statement,
+        }
     }
 
     /// Compact JSON, as sent to IAM.
     pub fn to_json(&self) -> String {
-        serde_json::to_value(self).map(|v| v.to_string()).unwrap_or_default()
+        serde_json::to_value(self)
+            .map(|v| v.to_string())
+            .unwrap_or_default()
     }
 
     pub fn to_value(&self) -> Value {
@@ -113,7 +124,10 @@ pub fn org_policy(bucket: &str, prefix: &str) -> PolicyDocument {
 
 /// The shared tenant role's permissions in `abac` mode: the prefix named by the session's tag.
 pub fn abac_policy(bucket: &str, prefix_template: &str) -> PolicyDocument {
-    PolicyDocument::new(prefix_statements(bucket, &prefix_template.replace("{orgId}", ORG_TAG_VAR)))
+    PolicyDocument::new(prefix_statements(
+        bucket,
+        &prefix_template.replace("{orgId}", ORG_TAG_VAR),
+    ))
 }
 
 /// The guard statement for the shared bucket policy. Its size depends only on the platform, never
@@ -135,7 +149,11 @@ impl BucketGuard {
     /// The two Deny statements, for any tenant principal: every action on objects outside its own
     /// prefix; and every bucket-level action unless it lists inside its own prefix.
     pub fn statements(&self) -> Vec<Statement> {
-        let var = if self.by_tag { ORG_TAG_VAR } else { USERNAME_VAR };
+        let var = if self.by_tag {
+            ORG_TAG_VAR
+        } else {
+            USERNAME_VAR
+        };
         let own_prefix = self.prefix_template.replace("{orgId}", var);
         let own = objects_arn(&self.bucket, &own_prefix);
         let kind = if self.by_tag { "role" } else { "user" };
@@ -147,9 +165,15 @@ impl BucketGuard {
                 exempt.dedup();
                 let mut condition = Map::new();
                 if !exempt.is_empty() {
-                    condition.insert("StringNotEquals".to_owned(), json!({ "aws:username": exempt }));
+                    condition.insert(
+                        "StringNotEquals".to_owned(),
+                        json!({ "aws:username": exempt }),
+                    );
                 }
-                (json!({ "AWS": format!("arn:aws:iam::{}:{kind}/*", self.account_id) }), condition)
+                (
+                    json!({ "AWS": format!("arn:aws:iam::{}:{kind}/*", self.account_id) }),
+                    condition,
+                )
             }
             // AWS: wildcards are not allowed inside a Principal ARN, so match the tenant path.
             GuardStyle::PathCondition => {
@@ -173,7 +197,10 @@ impl BucketGuard {
         // A missing s3:prefix matches a negated operator, so whole-bucket listings and policy
         // reads or writes are denied too.
         let mut bucket_condition = condition;
-        bucket_condition.insert("StringNotLike".to_owned(), json!({ "s3:prefix": format!("{own_prefix}*") }));
+        bucket_condition.insert(
+            "StringNotLike".to_owned(),
+            json!({ "s3:prefix": format!("{own_prefix}*") }),
+        );
         let bucket = Statement {
             sid: Some(GUARD_BUCKET_SID.to_owned()),
             effect: "Deny",
@@ -187,22 +214,40 @@ impl BucketGuard {
     }
 
     pub fn statement_values(&self) -> Vec<Value> {
-        self.statements().iter().map(|s| serde_json::to_value(s).unwrap_or(Value::Null)).collect()
+        self.statements()
+            .iter()
+            .map(|s| serde_json::to_value(s).unwrap_or(Value::Null))
+            .collect()
     }
 }
 
 /// Trust policy of an organization's role: its ServiceAccount through the cluster's OIDC issuer,
 /// and the operator (for probes).
-pub fn role_trust_policy(account_id: &str, oidc_issuer: &str, namespace: &str, service_account: &str, operator_arn: &str) -> PolicyDocument {
-    let issuer = oidc_issuer.trim_start_matches("https://").trim_end_matches('/');
+pub fn role_trust_policy(
+    account_id: &str,
+    oidc_issuer: &str,
+    namespace: &str,
+    service_account: &str,
+    operator_arn: &str,
+) -> PolicyDocument {
+    let issuer = oidc_issuer
+        .trim_start_matches("https://")
+        .trim_end_matches('/');
     let mut cond = Map::new();
-    cond.insert(format!("{issuer}:sub"), json!(format!("system:serviceaccount:{namespace}:{service_account}")));
+    cond.insert(
+        format!("{issuer}:sub"),
+        json!(format!(
+            "system:serviceaccount:{namespace}:{service_account}"
+        )),
+    );
     cond.insert(format!("{issuer}:aud"), json!("sts.amazonaws.com"));
     PolicyDocument::new(vec![
         Statement {
             sid: Some("OrgServiceAccount".to_owned()),
             effect: "Allow",
-            principal: Some(json!({ "Federated": format!("arn:aws:iam::{account_id}:oidc-provider/{issuer}") })),
+            principal: Some(
+                json!({ "Federated": format!("arn:aws:iam::{account_id}:oidc-provider/{issuer}") }),
+            ),
             action: vec!["sts:AssumeRoleWithWebIdentity".to_owned()],
             condition: Some(json!({ "StringEquals": Value::Object(cond) })),
             ..Statement::default()
@@ -253,7 +298,10 @@ pub fn decode_document(raw: &str) -> Result<Value, String> {
     let text = if raw.trim_start().starts_with('{') {
         raw.to_owned()
     } else {
-        percent_encoding::percent_decode_str(raw).decode_utf8().map_err(|e| format!("policy document is not UTF-8: {e}"))?.into_owned()
+        percent_encoding::percent_decode_str(raw)
+            .decode_utf8()
+            .map_err(|e| format!("policy document is not UTF-8: {e}"))?
+            .into_owned()
     };
     serde_json::from_str(&text).map_err(|e| format!("policy document is not JSON: {e}"))
 }
@@ -263,7 +311,8 @@ pub fn decode_document(raw: &str) -> Result<Value, String> {
 pub fn canonical(v: &Value) -> Value {
     match v {
         Value::Object(m) => {
-            let sorted: std::collections::BTreeMap<&String, Value> = m.iter().map(|(k, v)| (k, canonical(v))).collect();
+            let sorted: std::collections::BTreeMap<&String, Value> =
+                m.iter().map(|(k, v)| (k, canonical(v))).collect();
             Value::Object(sorted.into_iter().map(|(k, v)| (k.clone(), v)).collect())
         }
         Value::Array(items) if items.iter().all(Value::is_string) => {
@@ -332,8 +381,12 @@ impl GuardState {
     pub fn finding(self) -> Option<String> {
         match self {
             Self::InPlace => None,
-            Self::Missing => Some(format!("the bucket policy has no guard statement ({GUARD_SID}, {GUARD_BUCKET_SID})")),
-            Self::Edited => Some(format!("the bucket policy's guard statements ({GUARD_SID}, {GUARD_BUCKET_SID}) were edited or removed")),
+            Self::Missing => Some(format!(
+                "the bucket policy has no guard statement ({GUARD_SID}, {GUARD_BUCKET_SID})"
+            )),
+            Self::Edited => Some(format!(
+                "the bucket policy's guard statements ({GUARD_SID}, {GUARD_BUCKET_SID}) were edited or removed"
+            )),
         }
     }
 }
@@ -351,7 +404,10 @@ impl BucketPolicy {
         let Some(text) = text.filter(|t| !t.trim().is_empty()) else {
             let mut root = Map::new();
             root.insert("Version".to_owned(), json!(POLICY_VERSION));
-            return Ok(Self { root, statements: Vec::new() });
+            return Ok(Self {
+                root,
+                statements: Vec::new(),
+            });
         };
         let value = decode_document(text)?;
         let Value::Object(mut root) = value else {
@@ -361,36 +417,64 @@ impl BucketPolicy {
             None => Vec::new(),
             Some(Value::Array(items)) => items,
             Some(single @ Value::Object(_)) => vec![single],
-            Some(_) => return Err("the bucket policy's Statement is neither an object nor a list".to_owned()),
+            Some(_) => {
+                return Err(
+                    "the bucket policy's Statement is neither an object nor a list".to_owned(),
+                );
+            }
         };
         Ok(Self { root, statements })
     }
 
     fn is_guard(st: &Value) -> bool {
-        st.get("Sid").and_then(Value::as_str).is_some_and(|sid| GUARD_SIDS.contains(&sid))
+        st.get("Sid")
+            .and_then(Value::as_str)
+            .is_some_and(|sid| GUARD_SIDS.contains(&sid))
     }
 
     /// Whether the guard is there as planned: each planned statement exactly once, unchanged.
     pub fn guard_state(&self, guard: &[Value]) -> GuardState {
-        let mine: Vec<&Value> = self.statements.iter().filter(|s| Self::is_guard(s)).collect();
+        let mine: Vec<&Value> = self
+            .statements
+            .iter()
+            .filter(|s| Self::is_guard(s))
+            .collect();
         if mine.is_empty() {
             return GuardState::Missing;
         }
-        let intact = mine.len() == guard.len() && guard.iter().all(|g| mine.iter().filter(|m| same_document(m, g)).count() == 1);
-        if intact { GuardState::InPlace } else { GuardState::Edited }
+        let intact = mine.len() == guard.len()
+            && guard
+                .iter()
+                .all(|g| mine.iter().filter(|m| same_document(m, g)).count() == 1);
+        if intact {
+            GuardState::InPlace
+        } else {
+            GuardState::Edited
+        }
     }
 
     /// Replaces every statement with a guard `Sid` by the planned guard, appended after the
     /// statements the operator does not own.
     pub fn with_guard(&self, guard: &[Value]) -> Self {
-        let mut statements: Vec<Value> = self.statements.iter().filter(|s| !Self::is_guard(s)).cloned().collect();
+        let mut statements: Vec<Value> = self
+            .statements
+            .iter()
+            .filter(|s| !Self::is_guard(s))
+            .cloned()
+            .collect();
         statements.extend(guard.iter().cloned());
-        Self { root: self.root.clone(), statements }
+        Self {
+            root: self.root.clone(),
+            statements,
+        }
     }
 
     /// Statements the operator does not own, verbatim.
     pub fn foreign_statements(&self) -> Vec<&Value> {
-        self.statements.iter().filter(|s| !Self::is_guard(s)).collect()
+        self.statements
+            .iter()
+            .filter(|s| !Self::is_guard(s))
+            .collect()
     }
 
     pub fn to_json(&self) -> String {
@@ -398,13 +482,19 @@ impl BucketPolicy {
         if !root.contains_key("Version") {
             root.insert("Version".to_owned(), json!(POLICY_VERSION));
         }
-        root.insert("Statement".to_owned(), Value::Array(self.statements.clone()));
+        root.insert(
+            "Statement".to_owned(),
+            Value::Array(self.statements.clone()),
+        );
         Value::Object(root).to_string()
     }
 }
 
 /// What `prepare` must write to put the guard in place: `None` when it already is.
-pub fn merge_guard(existing: Option<&str>, guard: &BucketGuard) -> Result<(GuardState, Option<String>), String> {
+pub fn merge_guard(
+    existing: Option<&str>,
+    guard: &BucketGuard,
+) -> Result<(GuardState, Option<String>), String> {
     let policy = BucketPolicy::parse(existing)?;
     let planned = guard.statement_values();
     let state = policy.guard_state(&planned);
@@ -416,17 +506,26 @@ pub fn merge_guard(existing: Option<&str>, guard: &BucketGuard) -> Result<(Guard
 /// read as a wildcard or variable.
 pub fn validate_prefix_template(template: &str) -> Result<(), String> {
     if template.matches("{orgId}").count() != 1 {
-        return Err(format!("prefixTemplate {template:?} must contain {{orgId}} exactly once"));
+        return Err(format!(
+            "prefixTemplate {template:?} must contain {{orgId}} exactly once"
+        ));
     }
     if !template.ends_with('/') {
         return Err(format!("prefixTemplate {template:?} must end with '/'"));
     }
     if template.starts_with('/') {
-        return Err(format!("prefixTemplate {template:?} must not start with '/'"));
+        return Err(format!(
+            "prefixTemplate {template:?} must not start with '/'"
+        ));
     }
     let rest = template.replace("{orgId}", "");
-    if let Some(bad) = rest.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '/' | '-' | '_' | '.'))) {
-        return Err(format!("prefixTemplate {template:?} contains {bad:?}; only letters, digits, '/', '-', '_' and '.' are allowed"));
+    if let Some(bad) = rest
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '/' | '-' | '_' | '.')))
+    {
+        return Err(format!(
+            "prefixTemplate {template:?} contains {bad:?}; only letters, digits, '/', '-', '_' and '.' are allowed"
+        ));
     }
     Ok(())
 }
@@ -451,12 +550,24 @@ mod tests {
     fn org_policy_scopes_objects_and_listing_to_the_prefix() {
         let doc = org_policy("files", "acme/").to_value();
         assert_eq!(doc["Version"], POLICY_VERSION);
-        assert_eq!(doc["Statement"][0]["Resource"], json!(["arn:aws:s3:::files/acme/*"]));
+        assert_eq!(
+            doc["Statement"][0]["Resource"],
+            json!(["arn:aws:s3:::files/acme/*"])
+        );
         assert_eq!(doc["Statement"][1]["Action"], json!(["s3:ListBucket"]));
-        assert_eq!(doc["Statement"][1]["Resource"], json!(["arn:aws:s3:::files"]));
-        assert_eq!(doc["Statement"][1]["Condition"], json!({"StringLike": {"s3:prefix": ["acme/*"]}}));
+        assert_eq!(
+            doc["Statement"][1]["Resource"],
+            json!(["arn:aws:s3:::files"])
+        );
+        assert_eq!(
+            doc["Statement"][1]["Condition"],
+            json!({"StringLike": {"s3:prefix": ["acme/*"]}})
+        );
         let text = org_policy("files", "acme/").to_json();
-        assert!(!text.contains("\"s3:*\""), "no wildcard action in a tenant's policy");
+        assert!(
+            !text.contains("\"s3:*\""),
+            "no wildcard action in a tenant's policy"
+        );
     }
 
     #[test]
@@ -473,10 +584,19 @@ mod tests {
         let (objects, bucket) = (&sts[0], &sts[1]);
         assert_eq!(objects["Sid"], GUARD_SID);
         assert_eq!(objects["Effect"], "Deny");
-        assert_eq!(objects["Principal"], json!({"AWS": "arn:aws:iam::000000000000:user/*"}));
+        assert_eq!(
+            objects["Principal"],
+            json!({"AWS": "arn:aws:iam::000000000000:user/*"})
+        );
         assert_eq!(objects["Action"], json!(["s3:*"]));
-        assert_eq!(objects["NotResource"], json!(["arn:aws:s3:::files/${aws:username}/*", "arn:aws:s3:::files"]));
-        assert_eq!(objects["Condition"], json!({"StringNotEquals": {"aws:username": ["admin", "backup"]}}));
+        assert_eq!(
+            objects["NotResource"],
+            json!(["arn:aws:s3:::files/${aws:username}/*", "arn:aws:s3:::files"])
+        );
+        assert_eq!(
+            objects["Condition"],
+            json!({"StringNotEquals": {"aws:username": ["admin", "backup"]}})
+        );
         assert_eq!(bucket["Sid"], GUARD_BUCKET_SID);
         assert_eq!(bucket["Resource"], json!(["arn:aws:s3:::files"]));
         assert_eq!(
@@ -489,14 +609,29 @@ mod tests {
     fn guard_for_aws_matches_the_tenant_path_by_condition() {
         let sts = guard(GuardStyle::PathCondition).statement_values();
         assert_eq!(sts[0]["Principal"], json!("*"));
-        assert_eq!(sts[0]["Condition"], json!({"ArnLike": {"aws:PrincipalArn": "arn:aws:iam::000000000000:user/bulkhead/*"}}));
-        assert_eq!(sts[1]["Condition"]["ArnLike"], sts[0]["Condition"]["ArnLike"]);
+        assert_eq!(
+            sts[0]["Condition"],
+            json!({"ArnLike": {"aws:PrincipalArn": "arn:aws:iam::000000000000:user/bulkhead/*"}})
+        );
+        assert_eq!(
+            sts[1]["Condition"]["ArnLike"],
+            sts[0]["Condition"]["ArnLike"]
+        );
         let mut g = guard(GuardStyle::PathCondition);
         g.by_tag = true;
         let sts = g.statement_values();
-        assert_eq!(sts[0]["NotResource"][0], "arn:aws:s3:::files/${aws:PrincipalTag/org_id}/*");
-        assert_eq!(sts[0]["Condition"]["ArnLike"]["aws:PrincipalArn"], "arn:aws:iam::000000000000:role/bulkhead/*");
-        assert_eq!(sts[1]["Condition"]["StringNotLike"]["s3:prefix"], "${aws:PrincipalTag/org_id}/*");
+        assert_eq!(
+            sts[0]["NotResource"][0],
+            "arn:aws:s3:::files/${aws:PrincipalTag/org_id}/*"
+        );
+        assert_eq!(
+            sts[0]["Condition"]["ArnLike"]["aws:PrincipalArn"],
+            "arn:aws:iam::000000000000:role/bulkhead/*"
+        );
+        assert_eq!(
+            sts[1]["Condition"]["StringNotLike"]["s3:prefix"],
+            "${aws:PrincipalTag/org_id}/*"
+        );
     }
 
     #[test]
@@ -531,7 +666,10 @@ mod tests {
         let sts = out["Statement"].as_array().unwrap();
         assert_eq!(sts.len(), 4);
         assert_eq!(sts[0]["Sid"], "PublicRead");
-        assert_eq!(sts[0]["Action"], "s3:GetObject", "foreign statements are not normalized");
+        assert_eq!(
+            sts[0]["Action"], "s3:GetObject",
+            "foreign statements are not normalized"
+        );
         assert!(sts[1].get("Sid").is_none());
         assert_eq!(sts[2..].to_vec(), g.statement_values());
     }
@@ -570,10 +708,18 @@ mod tests {
         let mut edited = sts[0].clone();
         edited["NotResource"] = json!(["arn:aws:s3:::files/*"]);
         let policy = json!({"Version": "2012-10-17", "Statement": [edited, sts[1]]}).to_string();
-        assert_eq!(merge_guard(Some(&policy), &g).unwrap().0, GuardState::Edited);
+        assert_eq!(
+            merge_guard(Some(&policy), &g).unwrap().0,
+            GuardState::Edited
+        );
         let half = json!({"Version": "2012-10-17", "Statement": [sts[0]]}).to_string();
-        assert_eq!(merge_guard(Some(&half), &g).unwrap().0, GuardState::Edited, "one of two removed");
-        let dup = json!({"Version": "2012-10-17", "Statement": [sts[0], sts[1], sts[0]]}).to_string();
+        assert_eq!(
+            merge_guard(Some(&half), &g).unwrap().0,
+            GuardState::Edited,
+            "one of two removed"
+        );
+        let dup =
+            json!({"Version": "2012-10-17", "Statement": [sts[0], sts[1], sts[0]]}).to_string();
         let (state, write) = merge_guard(Some(&dup), &g).unwrap();
         assert_eq!(state, GuardState::Edited);
         let out: Value = serde_json::from_str(&write.unwrap()).unwrap();
@@ -590,8 +736,13 @@ mod tests {
     #[test]
     fn url_encoded_documents_decode() {
         let doc = org_policy("files", "acme/").to_json();
-        let encoded = percent_encoding::utf8_percent_encode(&doc, percent_encoding::NON_ALPHANUMERIC).to_string();
-        assert!(same_document(&decode_document(&encoded).unwrap(), &org_policy("files", "acme/").to_value()));
+        let encoded =
+            percent_encoding::utf8_percent_encode(&doc, percent_encoding::NON_ALPHANUMERIC)
+                .to_string();
+        assert!(same_document(
+            &decode_document(&encoded).unwrap(),
+            &org_policy("files", "acme/").to_value()
+        ));
     }
 
     #[test]
@@ -604,18 +755,47 @@ mod tests {
 
     #[test]
     fn trust_policies_are_well_formed() {
-        let t = role_trust_policy("123456789012", "https://oidc.example.test/id/ABC/", "org-acme", "app", "arn:aws:iam::123456789012:role/bulkhead").to_value();
-        assert_eq!(t["Statement"][0]["Principal"]["Federated"], "arn:aws:iam::123456789012:oidc-provider/oidc.example.test/id/ABC");
-        assert_eq!(t["Statement"][0]["Condition"]["StringEquals"]["oidc.example.test/id/ABC:sub"], "system:serviceaccount:org-acme:app");
-        let a = abac_trust_policy(&["arn:aws:iam::1:role/b".into(), "arn:aws:iam::1:role/a".into()]).to_value();
-        assert_eq!(a["Statement"][0]["Principal"]["AWS"], json!(["arn:aws:iam::1:role/a", "arn:aws:iam::1:role/b"]));
-        assert_eq!(a["Statement"][0]["Condition"]["ForAllValues:StringEquals"]["aws:TagKeys"], json!(["org_id"]));
+        let t = role_trust_policy(
+            "123456789012",
+            "https://oidc.example.test/id/ABC/",
+            "org-acme",
+            "app",
+            "arn:aws:iam::123456789012:role/bulkhead",
+        )
+        .to_value();
+        assert_eq!(
+            t["Statement"][0]["Principal"]["Federated"],
+            "arn:aws:iam::123456789012:oidc-provider/oidc.example.test/id/ABC"
+        );
+        assert_eq!(
+            t["Statement"][0]["Condition"]["StringEquals"]["oidc.example.test/id/ABC:sub"],
+            "system:serviceaccount:org-acme:app"
+        );
+        let a = abac_trust_policy(&[
+            "arn:aws:iam::1:role/b".into(),
+            "arn:aws:iam::1:role/a".into(),
+        ])
+        .to_value();
+        assert_eq!(
+            a["Statement"][0]["Principal"]["AWS"],
+            json!(["arn:aws:iam::1:role/a", "arn:aws:iam::1:role/b"])
+        );
+        assert_eq!(
+            a["Statement"][0]["Condition"]["ForAllValues:StringEquals"]["aws:TagKeys"],
+            json!(["org_id"])
+        );
     }
 
     #[test]
     fn assumed_role_sessions_are_trusted_through_their_role() {
-        assert_eq!(trust_principal("arn:aws:sts::123:assumed-role/operator/pod-1"), "arn:aws:iam::123:role/operator");
-        assert_eq!(trust_principal("arn:aws:iam::123:user/admin"), "arn:aws:iam::123:user/admin");
+        assert_eq!(
+            trust_principal("arn:aws:sts::123:assumed-role/operator/pod-1"),
+            "arn:aws:iam::123:role/operator"
+        );
+        assert_eq!(
+            trust_principal("arn:aws:iam::123:user/admin"),
+            "arn:aws:iam::123:user/admin"
+        );
     }
 
     #[test]
@@ -623,7 +803,16 @@ mod tests {
         for ok in ["{orgId}/", "tenants/{orgId}/", "t_1.{orgId}-x/"] {
             assert!(validate_prefix_template(ok).is_ok(), "{ok}");
         }
-        for bad in ["{orgId}", "tenants/", "{orgId}/{orgId}/", "/{orgId}/", "t*/{orgId}/", "${x}/{orgId}/", "a b/{orgId}/", "t\"/{orgId}/"] {
+        for bad in [
+            "{orgId}",
+            "tenants/",
+            "{orgId}/{orgId}/",
+            "/{orgId}/",
+            "t*/{orgId}/",
+            "${x}/{orgId}/",
+            "a b/{orgId}/",
+            "t\"/{orgId}/",
+        ] {
             assert!(validate_prefix_template(bad).is_err(), "{bad}");
         }
     }
@@ -633,7 +822,10 @@ mod tests {
         for id in ["0", "a-b-c", "9-9", &"z".repeat(63)] {
             let doc = org_policy("files", &format!("{id}/")).to_json();
             let back: Value = serde_json::from_str(&doc).unwrap();
-            assert_eq!(back["Statement"][0]["Resource"][0], format!("arn:aws:s3:::files/{id}/*"));
+            assert_eq!(
+                back["Statement"][0]["Resource"][0],
+                format!("arn:aws:s3:::files/{id}/*")
+            );
         }
     }
 }

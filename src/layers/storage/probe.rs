@@ -20,7 +20,11 @@ const KEY_PROPAGATION_STEP: Duration = Duration::from_millis(250);
 fn refused(name: String, result: Result<String, ApiError>) -> Probe {
     match result {
         Err(e) if e.is_access_denied() => Probe::new(name, true, e.describe()),
-        Err(e) => Probe::new(name, false, format!("not refused with AccessDenied: {}", e.describe())),
+        Err(e) => Probe::new(
+            name,
+            false,
+            format!("not refused with AccessDenied: {}", e.describe()),
+        ),
         Ok(what) => Probe::new(name, false, format!("allowed: {what}")),
     }
 }
@@ -35,11 +39,21 @@ fn allowed(name: String, result: Result<String, ApiError>) -> Probe {
 
 impl StorageLayer {
     /// Runs every probe. Never fails: what cannot be tried is a failed probe.
-    pub(super) async fn probes(&self, tenant: &Tenant, client: &Result<aws_sdk_s3::Client, String>) -> Vec<Probe> {
+    pub(super) async fn probes(
+        &self,
+        tenant: &Tenant,
+        client: &Result<aws_sdk_s3::Client, String>,
+    ) -> Vec<Probe> {
         let org = &tenant.org_id;
         let c = match client {
             Ok(c) => c,
-            Err(why) => return vec![Probe::new(format!("act as {org} in S3"), false, why.clone())],
+            Err(why) => {
+                return vec![Probe::new(
+                    format!("act as {org} in S3"),
+                    false,
+                    why.clone(),
+                )];
+            }
         };
         let bucket = &self.spec.bucket;
         let prefix = self.prefix(org);
@@ -48,7 +62,13 @@ impl StorageLayer {
         // Own prefix. The first request may meet a key the server has not loaded yet.
         let own_key = format!("{prefix}{OWN_PROBE_KEY}");
         let body = format!("probe by {org}");
-        let mut put = Err(ApiError { op: "PutObject", code: None, status: None, message: String::new(), unreachable: false });
+        let mut put = Err(ApiError {
+            op: "PutObject",
+            code: None,
+            status: None,
+            message: String::new(),
+            unreachable: false,
+        });
         for attempt in 0..KEY_PROPAGATION_ATTEMPTS {
             put = c
                 .put_object()
@@ -68,9 +88,23 @@ impl StorageLayer {
         probes.push(allowed(format!("PUT {own_key} as {org}"), put));
         let get = match c.get_object().bucket(bucket).key(&own_key).send().await {
             Ok(out) => match out.body.collect().await.map(|b| b.into_bytes()) {
-                Ok(b) if b.as_ref() == body.as_bytes() => Ok("read back what was written".to_owned()),
-                Ok(_) => Err(ApiError { op: "GetObject", code: None, status: None, message: "read back different content".to_owned(), unreachable: false }),
-                Err(e) => Err(ApiError { op: "GetObject", code: None, status: None, message: e.to_string(), unreachable: true }),
+                Ok(b) if b.as_ref() == body.as_bytes() => {
+                    Ok("read back what was written".to_owned())
+                }
+                Ok(_) => Err(ApiError {
+                    op: "GetObject",
+                    code: None,
+                    status: None,
+                    message: "read back different content".to_owned(),
+                    unreachable: false,
+                }),
+                Err(e) => Err(ApiError {
+                    op: "GetObject",
+                    code: None,
+                    status: None,
+                    message: e.to_string(),
+                    unreachable: true,
+                }),
             },
             Err(e) => Err(api_error("GetObject", &e)),
         };
@@ -83,17 +117,37 @@ impl StorageLayer {
             .await
             .map_err(|e| api_error("ListObjectsV2", &e))
             .and_then(|out| {
-                if out.contents().iter().any(|o| o.key() == Some(own_key.as_str())) {
+                if out
+                    .contents()
+                    .iter()
+                    .any(|o| o.key() == Some(own_key.as_str()))
+                {
                     Ok(format!("{} object(s) listed", out.contents().len()))
                 } else {
-                    Err(ApiError { op: "ListObjectsV2", code: None, status: None, message: "own probe object not listed".to_owned(), unreachable: false })
+                    Err(ApiError {
+                        op: "ListObjectsV2",
+                        code: None,
+                        status: None,
+                        message: "own probe object not listed".to_owned(),
+                        unreachable: false,
+                    })
                 }
             });
         probes.push(allowed(format!("LIST {prefix} as {org}"), list));
-        let del = c.delete_object().bucket(bucket).key(&own_key).send().await.map(|_| "deleted".to_owned()).map_err(|e| api_error("DeleteObject", &e));
+        let del = c
+            .delete_object()
+            .bucket(bucket)
+            .key(&own_key)
+            .send()
+            .await
+            .map(|_| "deleted".to_owned())
+            .map_err(|e| api_error("DeleteObject", &e));
         probes.push(allowed(format!("DELETE {own_key} as {org}"), del));
         // The presigning machinery must work for the own canary, or a refused peer URL proves nothing.
-        probes.push(allowed(format!("presigned GET {} as {org}", self.canary_key(org)), self.fetch_presigned(c, &self.canary_key(org)).await));
+        probes.push(allowed(
+            format!("presigned GET {} as {org}", self.canary_key(org)),
+            self.fetch_presigned(c, &self.canary_key(org)).await,
+        ));
 
         for peer in &tenant.peers {
             probes.extend(self.peer_probes(c, org, peer).await);
@@ -105,27 +159,72 @@ impl StorageLayer {
         let lb_name = format!("ListBuckets as {org}");
         probes.push(match c.list_buckets().send().await {
             Ok(out) => {
-                let others: Vec<&str> = out.buckets().iter().filter_map(|b| b.name()).filter(|n| *n != bucket.as_str()).collect();
+                let others: Vec<&str> = out
+                    .buckets()
+                    .iter()
+                    .filter_map(|b| b.name())
+                    .filter(|n| *n != bucket.as_str())
+                    .collect();
                 if others.is_empty() {
-                    Probe::new(lb_name, true, format!("answered with {} bucket(s), none but the shared one", out.buckets().len()))
+                    Probe::new(
+                        lb_name,
+                        true,
+                        format!(
+                            "answered with {} bucket(s), none but the shared one",
+                            out.buckets().len()
+                        ),
+                    )
                 } else {
-                    refused(lb_name, Ok(format!("{} other bucket(s) listed", others.len())))
+                    refused(
+                        lb_name,
+                        Ok(format!("{} other bucket(s) listed", others.len())),
+                    )
                 }
             }
             Err(e) => refused(lb_name, Err(api_error("ListBuckets", &e))),
         });
-        let whole = c.list_objects_v2().bucket(bucket).send().await.map(|o| format!("{} object(s) listed", o.contents().len())).map_err(|e| api_error("ListObjectsV2", &e));
-        probes.push(refused(format!("LIST whole bucket {bucket} as {org}"), whole));
-        let gbp = c.get_bucket_policy().bucket(bucket).send().await.map(|_| "policy read".to_owned()).map_err(|e| api_error("GetBucketPolicy", &e));
+        let whole = c
+            .list_objects_v2()
+            .bucket(bucket)
+            .send()
+            .await
+            .map(|o| format!("{} object(s) listed", o.contents().len()))
+            .map_err(|e| api_error("ListObjectsV2", &e));
+        probes.push(refused(
+            format!("LIST whole bucket {bucket} as {org}"),
+            whole,
+        ));
+        let gbp = c
+            .get_bucket_policy()
+            .bucket(bucket)
+            .send()
+            .await
+            .map(|_| "policy read".to_owned())
+            .map_err(|e| api_error("GetBucketPolicy", &e));
         probes.push(refused(format!("GetBucketPolicy {bucket} as {org}"), gbp));
         // Write back exactly the current policy, so that even a wrongful success changes nothing.
         match self.bucket_policy_text().await {
             Ok(Some(current)) => {
-                let pbp = c.put_bucket_policy().bucket(bucket).policy(current).send().await.map(|_| "policy written".to_owned()).map_err(|e| api_error("PutBucketPolicy", &e));
+                let pbp = c
+                    .put_bucket_policy()
+                    .bucket(bucket)
+                    .policy(current)
+                    .send()
+                    .await
+                    .map(|_| "policy written".to_owned())
+                    .map_err(|e| api_error("PutBucketPolicy", &e));
                 probes.push(refused(format!("PutBucketPolicy {bucket} as {org}"), pbp));
             }
-            Ok(None) => probes.push(Probe::new(format!("PutBucketPolicy {bucket} as {org}"), false, "the bucket has no policy to write back")),
-            Err(e) => probes.push(Probe::new(format!("PutBucketPolicy {bucket} as {org}"), false, format!("current policy unreadable: {e}"))),
+            Ok(None) => probes.push(Probe::new(
+                format!("PutBucketPolicy {bucket} as {org}"),
+                false,
+                "the bucket has no policy to write back",
+            )),
+            Err(e) => probes.push(Probe::new(
+                format!("PutBucketPolicy {bucket} as {org}"),
+                false,
+                format!("current policy unreadable: {e}"),
+            )),
         }
         probes
     }
@@ -137,7 +236,14 @@ impl StorageLayer {
         // A key nobody owns, so a wrongful PUT or DELETE never touches the peer's data.
         let stray = format!("{peer_prefix}bulkhead-probe-from-{org}");
         let mut probes = Vec::new();
-        let get = c.get_object().bucket(bucket).key(&canary).send().await.map(|_| "canary read".to_owned()).map_err(|e| api_error("GetObject", &e));
+        let get = c
+            .get_object()
+            .bucket(bucket)
+            .key(&canary)
+            .send()
+            .await
+            .map(|_| "canary read".to_owned())
+            .map_err(|e| api_error("GetObject", &e));
         probes.push(refused(format!("GET {canary} as {org}"), get));
         let put = c
             .put_object()
@@ -150,10 +256,23 @@ impl StorageLayer {
             .map_err(|e| api_error("PutObject", &e));
         if put.is_ok() {
             // Remove the wrongful write again; the failed probe already records it.
-            let _ = self.s3.delete_object().bucket(bucket).key(&stray).send().await;
+            let _ = self
+                .s3
+                .delete_object()
+                .bucket(bucket)
+                .key(&stray)
+                .send()
+                .await;
         }
         probes.push(refused(format!("PUT {stray} as {org}"), put));
-        let del = c.delete_object().bucket(bucket).key(&stray).send().await.map(|_| "delete accepted".to_owned()).map_err(|e| api_error("DeleteObject", &e));
+        let del = c
+            .delete_object()
+            .bucket(bucket)
+            .key(&stray)
+            .send()
+            .await
+            .map(|_| "delete accepted".to_owned())
+            .map_err(|e| api_error("DeleteObject", &e));
         probes.push(refused(format!("DELETE {stray} as {org}"), del));
         let list = c
             .list_objects_v2()
@@ -164,27 +283,52 @@ impl StorageLayer {
             .map(|o| format!("{} object(s) listed", o.contents().len()))
             .map_err(|e| api_error("ListObjectsV2", &e));
         probes.push(refused(format!("LIST {peer_prefix} as {org}"), list));
-        probes.push(refused(format!("presigned GET {canary} as {org}"), self.fetch_presigned(c, &canary).await));
+        probes.push(refused(
+            format!("presigned GET {canary} as {org}"),
+            self.fetch_presigned(c, &canary).await,
+        ));
         probes
     }
 
     /// Presigns a GET with the organization's credentials and fetches it over plain HTTP.
     async fn fetch_presigned(&self, c: &aws_sdk_s3::Client, key: &str) -> Result<String, ApiError> {
-        let err = |code: Option<String>, status: Option<u16>, message: String| ApiError { op: "presigned GET", code, status, message, unreachable: false };
-        let config = PresigningConfig::expires_in(Duration::from_secs(300)).map_err(|e| err(None, None, e.to_string()))?;
-        let req = c.get_object().bucket(&self.spec.bucket).key(key).presigned(config).await.map_err(|e| err(None, None, e.to_string()))?;
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().map_err(|e| err(None, None, e.to_string()))?;
+        let err = |code: Option<String>, status: Option<u16>, message: String| ApiError {
+            op: "presigned GET",
+            code,
+            status,
+            message,
+            unreachable: false,
+        };
+        let config = PresigningConfig::expires_in(Duration::from_secs(300))
+            .map_err(|e| err(None, None, e.to_string()))?;
+        let req = c
+            .get_object()
+            .bucket(&self.spec.bucket)
+            .key(key)
+            .presigned(config)
+            .await
+            .map_err(|e| err(None, None, e.to_string()))?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| err(None, None, e.to_string()))?;
         let mut builder = http.get(req.uri());
         for (k, v) in req.headers() {
             builder = builder.header(k, v);
         }
-        let resp = builder.send().await.map_err(|e| ApiError { unreachable: true, ..err(None, None, e.to_string()) })?;
+        let resp = builder.send().await.map_err(|e| ApiError {
+            unreachable: true,
+            ..err(None, None, e.to_string())
+        })?;
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap_or_default();
         if (200..300).contains(&status) {
             return Ok(format!("HTTP {status}, {} byte(s)", text.len()));
         }
-        let code = text.split_once("<Code>").and_then(|(_, rest)| rest.split_once("</Code>")).map(|(c, _)| c.to_owned());
+        let code = text
+            .split_once("<Code>")
+            .and_then(|(_, rest)| rest.split_once("</Code>"))
+            .map(|(c, _)| c.to_owned());
         Err(err(code, Some(status), String::new()))
     }
 }
