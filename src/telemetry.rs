@@ -24,7 +24,13 @@ pub fn init_logging(json: bool) {
             .with(fmt::layer().json().flatten_event(true))
             .init();
     } else {
-        registry.with(fmt::layer().with_target(false)).init();
+        registry
+            .with(
+                fmt::layer()
+                    .with_target(false)
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout())),
+            )
+            .init();
     }
 }
 
@@ -202,7 +208,8 @@ pub async fn serve(
         .route("/readyz", get(ready_handler))
         .with_state(HttpState { metrics, health });
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+    let local = listener.local_addr()?;
+    tracing::info!(addr = %local, "serving /metrics, /healthz and /readyz");
     axum::serve(listener, app).await
 }
 

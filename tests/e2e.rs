@@ -254,3 +254,185 @@ async fn an_organization_gets_its_namespace_and_is_cleaned_up() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn credentials_secret_edits_are_repaired_at_once_and_byok_sources_are_checked() {
+    let client = Testbed::get().kube().await;
+    install_crds(&client).await;
+    let platform_name = unique("secrets-platform");
+    let operator_ns = unique("secrets-operator");
+    common::ensure_namespace(&client, &operator_ns).await;
+    common::put_secret(
+        &client,
+        &operator_ns,
+        "openai-source",
+        &[("apiKey", "sk-source-value")],
+    )
+    .await;
+    let platforms: Api<IsolationPlatform> = Api::all(client.clone());
+    let platform: IsolationPlatform = serde_json::from_value(json!({
+        "apiVersion": "bulkhead.dev/v1alpha1", "kind": "IsolationPlatform",
+        "metadata": { "name": platform_name },
+        // A long interval: only the watch on the Secret can bring the repair within the test's wait.
+        "spec": { "network": { "namespaceTemplate": "sec-{orgId}" }, "verification": { "intervalSeconds": 3600 } }
+    }))
+    .unwrap();
+    platforms
+        .create(&PostParams::default(), &platform)
+        .await
+        .expect("platform");
+    let operator = Operator::start_with(&platform_name, &operator_ns, &["--watch-secrets"]);
+
+    // The operator serves its metrics and health endpoints.
+    let base = operator.http_base().await;
+    let http = reqwest::Client::new();
+    let get = |path: &'static str| {
+        let http = http.clone();
+        let url = format!("{base}{path}");
+        async move { http.get(url).send().await.ok() }
+    };
+    let healthz = get("/healthz").await.expect("/healthz");
+    assert!(healthz.status().is_success());
+
+    let api: Api<Organization> = Api::all(client.clone());
+    let good = unique("byok");
+    let missing = unique("byok-missing");
+    for (name, secret) in [(&good, "openai-source"), (&missing, "no-such-secret")] {
+        let o: Organization = serde_json::from_value(org(
+            name,
+            json!({ "orgId": name, "platformRef": platform_name,
+                    "aiProviders": [{ "name": "openai", "secretRef": { "name": secret, "key": "apiKey" } }] }),
+        ))
+        .unwrap();
+        api.create(&PostParams::default(), &o)
+            .await
+            .expect("create org");
+    }
+    wait_for("Organization Ready", Duration::from_secs(90), || {
+        let api = api.clone();
+        let name = good.clone();
+        async move {
+            let o = api.get(&name).await.ok()?;
+            (condition(&o, "Ready").map(|c| c.0) == Some("True".into())).then_some(())
+        }
+    })
+    .await;
+    // A missing source Secret is a clear condition, not a silent gap.
+    let (status, reason) = wait_for("CredentialsReady False", Duration::from_secs(60), || {
+        let api = api.clone();
+        let name = missing.clone();
+        async move {
+            condition(&api.get(&name).await.ok()?, "CredentialsReady").filter(|c| c.0 == "False")
+        }
+    })
+    .await;
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "ConfigurationError")
+    );
+    let m = api.get(&missing).await.unwrap();
+    let msg = m
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "CredentialsReady")
+        .unwrap()
+        .message;
+    assert!(msg.contains("no-such-secret"), "{msg}");
+
+    let readyz = get("/readyz").await.expect("/readyz");
+    assert!(readyz.status().is_success());
+    let metrics = get("/metrics")
+        .await
+        .expect("/metrics")
+        .text()
+        .await
+        .unwrap();
+    for want in [
+        "bulkhead_reconciles_total{kind=\"organization\"}",
+        "bulkhead_reconcile_duration_seconds",
+        "bulkhead_probes_total",
+    ] {
+        assert!(metrics.contains(want), "/metrics lacks {want}:\n{metrics}");
+    }
+
+    // Someone edits the credentials Secret: it is repaired at once and an Event says so.
+    let ns = format!("sec-{good}");
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let read_key = |secrets: Api<Secret>| async move {
+        let s = secrets.get("bulkhead-credentials").await.ok()?;
+        s.data?
+            .get("AI_OPENAI_API_KEY")
+            .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+    };
+    assert_eq!(
+        read_key(secrets.clone()).await.as_deref(),
+        Some("sk-source-value")
+    );
+    secrets
+        .patch(
+            "bulkhead-credentials",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({ "stringData": { "AI_OPENAI_API_KEY": "sk-tampered", "EXTRA": "x" } }),
+            ),
+        )
+        .await
+        .unwrap();
+    wait_for(
+        "credentials Secret repaired",
+        Duration::from_secs(20),
+        || {
+            let secrets = secrets.clone();
+            async move {
+                let s = secrets.get("bulkhead-credentials").await.ok()?;
+                let data = s.data?;
+                let restored = data.get("AI_OPENAI_API_KEY").map(|v| v.0.as_slice())
+                    == Some(b"sk-source-value".as_slice());
+                (restored && !data.contains_key("EXTRA")).then_some(())
+            }
+        },
+    )
+    .await;
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::all(client.clone());
+    let repaired = wait_for("DriftRepaired event", Duration::from_secs(20), || {
+        let events = events.clone();
+        let good = good.clone();
+        async move {
+            let list = events.list(&Default::default()).await.ok()?;
+            list.items.into_iter().find(|e| {
+                e.reason.as_deref() == Some("DriftRepaired")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(good.as_str())
+            })
+        }
+    })
+    .await;
+    let note = repaired.note.unwrap_or_default();
+    assert!(note.contains("edited"), "{note}");
+    assert!(
+        !note.contains("sk-"),
+        "an Event carries key material: {note}"
+    );
+    assert!(
+        !operator.log().contains("sk-source-value"),
+        "the BYOK key reached the log"
+    );
+
+    for name in [&good, &missing] {
+        api.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+    for name in [&good, &missing] {
+        wait_for("Organization gone", Duration::from_secs(60), || {
+            let api = api.clone();
+            let name = name.clone();
+            async move { api.get_opt(&name).await.ok()?.is_none().then_some(()) }
+        })
+        .await;
+    }
+    drop(operator);
+    platforms
+        .delete(&platform_name, &DeleteParams::default())
+        .await
+        .unwrap();
+}

@@ -518,7 +518,13 @@ async fn apply(org: Arc<Organization>, ctx: Arc<Context>) -> Result<Action, Erro
                         repairs.push((None, Repair("credentials Secret was deleted; it is written again with new credentials".into())));
                         tenant.rotate = true;
                     }
-                    (Workspace::Ready, loaded.credentials.clone(), Some(loaded))
+                    // An edited Secret is not trusted: every layer writes fresh credentials.
+                    let start = if loaded.tampered {
+                        Credentials::default()
+                    } else {
+                        loaded.credentials.clone()
+                    };
+                    (Workspace::Ready, start, Some(loaded))
                 }
                 Err(e) => (
                     Workspace::Failed {

@@ -7,7 +7,7 @@ use k8s_openapi::api::core::v1::{Namespace, Secret};
 use k8s_openapi::api::rbac::v1::{RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use sha2::{Digest, Sha256};
 
 use super::Context;
@@ -262,6 +262,21 @@ pub async fn write_credentials(
         ),
         ..Default::default()
     };
+    if loaded.tampered {
+        // Server-side apply keeps keys that another manager added; after an edit the whole data
+        // is replaced so that nothing but what bulkhead wrote remains.
+        if let Some(mut live) = api.get_opt(CREDENTIALS_SECRET).await? {
+            live.data = secret.data;
+            live.string_data = None;
+            live.metadata
+                .annotations
+                .get_or_insert_with(BTreeMap::new)
+                .insert(CREDENTIALS_DIGEST_ANNOTATION.to_owned(), digest(creds));
+            api.replace(CREDENTIALS_SECRET, &PostParams::default(), &live)
+                .await?;
+            return Ok(());
+        }
+    }
     api.patch(
         CREDENTIALS_SECRET,
         &PatchParams::apply(FIELD_MANAGER).force(),

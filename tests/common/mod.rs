@@ -270,3 +270,24 @@ impl Drop for Operator {
         self.kill();
     }
 }
+
+impl Operator {
+    /// Base URL of the operator's /metrics, /healthz and /readyz, read from its log.
+    pub async fn http_base(&self) -> String {
+        wait_for(
+            "the operator's HTTP address in its log",
+            std::time::Duration::from_secs(30),
+            || {
+                let log = self.log();
+                async move {
+                    let line = log.lines().find(|l| l.contains("serving /metrics"))?;
+                    let addr = line
+                        .split_whitespace()
+                        .find_map(|w| w.strip_prefix("addr="))?;
+                    Some(format!("http://{}", addr.trim_matches('"')))
+                }
+            },
+        )
+        .await
+    }
+}

@@ -42,11 +42,10 @@ pub async fn build(env: &BuildEnv<'_>) -> LayerSlot {
     )?))
 }
 
-/// Every namespace's labels and every NetworkPolicy, as read at one time.
+/// Every namespace's labels and every NetworkPolicy, as read (and parsed) at one time.
 struct Snapshot {
     at: Instant,
-    namespaces: Vec<(String, BTreeMap<String, String>)>,
-    policies: Vec<NetworkPolicy>,
+    cluster: Cluster,
 }
 
 /// Keeps other organizations' traffic out of the organization's pods, and proves it on the
@@ -191,8 +190,7 @@ impl NetworkLayer {
         let policies = list_all(&Api::<NetworkPolicy>::all(self.client.clone()), "").await?;
         let snap = Arc::new(Snapshot {
             at: Instant::now(),
-            namespaces,
-            policies,
+            cluster: Cluster::new(namespaces, &policies),
         });
         *self.snapshot.lock().map_err(|_| poisoned())? = Some(snap.clone());
         Ok(snap)
@@ -206,7 +204,7 @@ impl NetworkLayer {
         pod_namespaces: &[String],
     ) -> Result<(Cluster, Vec<String>), LayerError> {
         let snap = self.snapshot().await?;
-        let mut cluster = Cluster::new(snap.namespaces.iter().cloned(), &snap.policies);
+        let mut cluster = snap.cluster.clone();
         let ns_api: Api<Namespace> = Api::all(self.client.clone());
         let mut missing = Vec::new();
         let mut fresh: Vec<String> = pod_namespaces.to_vec();
