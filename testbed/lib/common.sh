@@ -260,9 +260,11 @@ tb_stop_batch() {
 	done
 }
 
-# tb_stop_all quiet|verbose: stop every recorded component, kube-apiserver
-# first (it hangs on shutdown once etcd is gone), then any leftover process
-# whose command line mentions $TB_DIR/. Returns non-zero if something survived.
+# tb_stop_all quiet|verbose: stop every recorded component, the
+# controller-manager first (its client of the apiserver), then kube-apiserver
+# (it hangs on shutdown once etcd is gone), then the rest, then any leftover
+# process whose command line mentions $TB_DIR/. Returns non-zero if something
+# survived.
 tb_stop_all() {
 	local quiet='' f t0 deadline
 	[[ $1 == quiet ]] && quiet=1
@@ -271,9 +273,10 @@ tb_stop_all() {
 	shopt -s nullglob
 	for f in "$TB_DIR"/pids/*.pid; do
 		f=$(basename "$f" .pid)
-		[[ $f == kube-apiserver ]] || rest+=("$f")
+		[[ $f == kube-controller-manager || $f == kube-apiserver ]] || rest+=("$f")
 	done
 	shopt -u nullglob
+	tb_stop_batch "$quiet" kube-controller-manager
 	tb_stop_batch "$quiet" kube-apiserver
 	tb_stop_batch "$quiet" "${rest[@]}"
 
