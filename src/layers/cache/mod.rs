@@ -715,17 +715,15 @@ impl Layer for CacheLayer {
             DeletionPolicy::Delete => {
                 for node in self.nodes() {
                     // DELUSER also disconnects the user's clients.
-                    if let Value::Int(n) = self
+                    let deleted = self
                         .admin_cmd(
                             &node,
                             "ACL DELUSER",
                             redis::cmd("ACL").arg("DELUSER").arg(&user),
                         )
-                        .await?
-                    {
-                        if n > 0 {
-                            self.mark_dirty();
-                        }
+                        .await?;
+                    if matches!(deleted, Value::Int(n) if n > 0) {
+                        self.mark_dirty();
                     }
                 }
                 self.delete_keys(&org).await?;

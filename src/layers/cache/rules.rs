@@ -922,8 +922,8 @@ mod tests {
         assert_eq!(
             diff(&plan, Some(&cmds), &reference),
             vec![Drift::Commands {
-                added: vec![],
-                removed: vec!["-keys".into()]
+                actual: "+@all -@dangerous".into(),
+                expected: "+@all -@dangerous -keys".into()
             }]
         );
         let added = user(
@@ -936,7 +936,7 @@ mod tests {
         assert!(
             diff(&plan, Some(&added), &reference)[0]
                 .to_string()
-                .contains("added: +flushall")
+                .contains("-keys +flushall\" instead of")
         );
         let pw = user(
             &ok,

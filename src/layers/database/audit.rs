@@ -196,6 +196,12 @@ pub fn audit(s: &Settings, cat: &Catalog) -> AuditReport {
                     "the identity function's body differs from the planned one",
                 ));
             }
+            if x.parallel != "s" || x.language != "plpgsql" {
+                f.push(Finding::warning(
+                    format!("function {func}()"),
+                    "the identity function is not the planned PL/pgSQL, PARALLEL SAFE one (slower queries)",
+                ));
+            }
             if x.volatility != "s" {
                 f.push(Finding::breach(
                     format!("function {func}()"),
@@ -652,6 +658,8 @@ mod tests {
             function: Some(FunctionState {
                 body: plan::identity_body(&s),
                 volatility: "s".into(),
+                parallel: "s".into(),
+                language: "plpgsql".into(),
                 security_definer: false,
                 config: vec![IDENTITY_CONFIG.into()],
                 owner: "postgres".into(),

@@ -30,6 +30,9 @@ pub struct RoleState {
 pub struct FunctionState {
     pub body: String,
     pub volatility: String,
+    /// `proparallel`: `s`, `r` or `u`.
+    pub parallel: String,
+    pub language: String,
     pub security_definer: bool,
     pub config: Vec<String>,
     pub owner: String,
@@ -265,7 +268,8 @@ pub async fn read(client: &impl GenericClient, s: &Settings) -> Result<Catalog, 
         .query_opt(
             "SELECT p.prosrc, p.provolatile::text, p.prosecdef, COALESCE(p.proconfig, '{}')::text[],
                     pg_catalog.pg_get_userbyid(p.proowner)::text, pg_catalog.pg_get_function_result(p.oid),
-                    COALESCE(pg_catalog.has_function_privilege(g.oid, p.oid, 'EXECUTE'), false)
+                    COALESCE(pg_catalog.has_function_privilege(g.oid, p.oid, 'EXECUTE'), false),
+                    p.proparallel::text, (SELECT l.lanname::text FROM pg_catalog.pg_language l WHERE l.oid = p.prolang)
              FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
              LEFT JOIN pg_catalog.pg_roles g ON g.rolname = $3
              WHERE n.nspname = $1 AND p.proname = $2 AND p.pronargs = 0",
@@ -277,6 +281,8 @@ pub async fn read(client: &impl GenericClient, s: &Settings) -> Result<Catalog, 
         cat.function = Some(FunctionState {
             body: row.get(0),
             volatility: row.get(1),
+            parallel: row.get(7),
+            language: row.get(8),
             security_definer: row.get(2),
             config: row.get(3),
             owner: row.get(4),

@@ -41,7 +41,7 @@ pub fn identity_body(s: &Settings) -> String {
         s.mapping
     );
     let fallback = match s.mode {
-        IdentityMode::Role => return format!("\n{mapped}\n"),
+        IdentityMode::Role => return format!("\nBEGIN\n  RETURN ({mapped});\nEND\n"),
         IdentityMode::Setting => {
             format!(
                 "NULLIF(pg_catalog.current_setting({}, true), '')",
@@ -55,15 +55,17 @@ pub fn identity_body(s: &Settings) -> String {
         ),
     };
     format!(
-        "\nSELECT COALESCE(({mapped}), CASE WHEN pg_catalog.pg_has_role(current_user, {}, 'MEMBER') THEN NULL ELSE {fallback} END)\n",
+        "\nBEGIN\n  RETURN COALESCE(({mapped}), CASE WHEN pg_catalog.pg_has_role(current_user, {}, 'MEMBER') THEN NULL ELSE {fallback} END);\nEND\n",
         quote_literal(s.group_role.as_str())
     )
 }
 
-/// `CREATE OR REPLACE FUNCTION` for the identity function.
+/// `CREATE OR REPLACE FUNCTION` for the identity function. PL/pgSQL keeps the lookup's plan
+/// for the session (a SQL function with a SET clause is re-planned at every query); PARALLEL
+/// SAFE keeps parallel scans available to queries through the policy.
 pub fn identity_function_sql(s: &Settings) -> String {
     format!(
-        "CREATE OR REPLACE FUNCTION {}() RETURNS text LANGUAGE sql STABLE SECURITY INVOKER \
+        "CREATE OR REPLACE FUNCTION {}() RETURNS text LANGUAGE plpgsql STABLE PARALLEL SAFE SECURITY INVOKER \
          SET search_path = pg_catalog, pg_temp AS {}",
         s.identity_function,
         dollar_quote(&identity_body(s))
@@ -245,6 +247,8 @@ pub fn bootstrap(s: &Settings, cat: &Catalog) -> Plan {
         Some(f) => {
             let intact = f.body == planned_body
                 && f.volatility == "s"
+                && f.parallel == "s"
+                && f.language == "plpgsql"
                 && !f.security_definer
                 && f.config == [IDENTITY_CONFIG.to_owned()];
             if !intact {
@@ -598,7 +602,7 @@ mod tests {
         let role = identity_body(&settings(json!({})));
         assert_eq!(
             role.trim(),
-            "SELECT m.org_id FROM \"bulkhead\".\"tenant_roles\" m WHERE m.role_name = current_user::text"
+            "BEGIN\n  RETURN (SELECT m.org_id FROM \"bulkhead\".\"tenant_roles\" m WHERE m.role_name = current_user::text);\nEND"
         );
         let setting = identity_body(&settings(json!({"identityMode": "setting"})));
         assert!(
@@ -617,7 +621,7 @@ mod tests {
     fn identity_function_is_stable_invoker_with_safe_search_path() {
         let sql = identity_function_sql(&settings(json!({})));
         assert!(sql.starts_with(
-            "CREATE OR REPLACE FUNCTION \"auth\".\"org_id\"() RETURNS text LANGUAGE sql STABLE"
+            "CREATE OR REPLACE FUNCTION \"auth\".\"org_id\"() RETURNS text LANGUAGE plpgsql STABLE PARALLEL SAFE"
         ));
         assert!(sql.contains("SECURITY INVOKER"));
         assert!(sql.contains("SET search_path = pg_catalog, pg_temp"));
@@ -809,6 +813,8 @@ mod tests {
         cat.function = Some(FunctionState {
             body: "\nSELECT 'acme'\n".into(),
             volatility: "s".into(),
+            parallel: "s".into(),
+            language: "plpgsql".into(),
             security_definer: false,
             config: vec![IDENTITY_CONFIG.into()],
             owner: "postgres".into(),
