@@ -219,9 +219,11 @@ pub struct LayerDetail {
     pub last_probe_time: Option<Time>,
     /// Probes that behaved as isolation requires in the last pass.
     #[serde(default)]
+    #[schemars(extend("format" = "int64"))]
     pub probes_passed: u32,
     /// Probes that did not.
     #[serde(default)]
+    #[schemars(extend("format" = "int64"))]
     pub probes_failed: u32,
     /// The failing checks and findings, in words.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -434,6 +434,7 @@ pub struct Verification {
     /// Seconds between verification passes for each organization.
     #[serde(default = "default_interval")]
     #[schemars(range(min = 10, max = 86400))]
+    #[schemars(extend("format" = "int64"))]
     pub interval_seconds: u32,
 }
 
@@ -477,8 +478,10 @@ pub struct DatabaseAudit {
     /// Governed tables / tables found with the tenant column, e.g. `10/10`.
     pub coverage: String,
     /// Tables with the tenant column whose isolation is complete.
+    #[schemars(extend("format" = "int64"))]
     pub governed_tables: u32,
     /// Tables with the tenant column.
+    #[schemars(extend("format" = "int64"))]
     pub tables_found: u32,
     /// Findings, in words.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -492,6 +495,7 @@ pub struct StorageAudit {
     /// Whether the guard statement is present and as planned.
     pub guard_in_place: bool,
     /// Size of the bucket policy in bytes.
+    #[schemars(extend("format" = "int64"))]
     pub policy_bytes: u32,
 }
 
@@ -500,7 +504,9 @@ pub struct StorageAudit {
 #[serde(rename_all = "camelCase")]
 pub struct OrganizationCounts {
     /// All organizations referring to this platform.
+    #[schemars(extend("format" = "int64"))]
     pub total: u32,
     /// Those whose `Ready` condition is True.
+    #[schemars(extend("format" = "int64"))]
     pub ready: u32,
 }
