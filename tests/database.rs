@@ -979,6 +979,35 @@ async fn missing_index_is_reported_or_created() {
 }
 
 #[tokio::test]
+async fn a_table_the_policy_cannot_fit_is_reported_and_blocks_nothing() {
+    let db = TestDb::new().await;
+    db.admin()
+        .await
+        .batch_execute("CREATE TABLE legacy (id bigserial PRIMARY KEY, org_id uuid NOT NULL)")
+        .await
+        .unwrap();
+    let layer = db.layer(json!({})).await;
+    layer
+        .prepare()
+        .await
+        .expect("prepare governs the other tables");
+    let mut status = IsolationPlatformStatus::default();
+    layer.platform_status(&mut status).await.unwrap();
+    let audit = status.database.unwrap();
+    assert_eq!(audit.coverage, "10/11");
+    assert!(
+        audit
+            .findings
+            .iter()
+            .any(|f| f.contains("public.legacy") && f.contains("cannot be built")),
+        "{:?}",
+        audit.findings
+    );
+    drop(layer);
+    db.finish().await;
+}
+
+#[tokio::test]
 async fn audit_command_exit_semantics() {
     let db = TestDb::new().await;
     let spec = db.spec(json!({}));

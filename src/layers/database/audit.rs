@@ -404,13 +404,13 @@ fn audit_table(
         ));
     }
     match (t.policy(POLICY), &t.expected) {
-        (None, _) => f.push(Finding::breach(
+        (_, None) => f.push(Finding::breach(
+            &subject,
+            "the planned policy cannot be built on this table (is the tenant column not text, or the override column missing?)",
+        )),
+        (None, Some(_)) => f.push(Finding::breach(
             &subject,
             format!("policy {POLICY} is missing"),
-        )),
-        (Some(_), None) => f.push(Finding::breach(
-            &subject,
-            "the planned policy cannot be built on this table (is the override column missing?)",
         )),
         (Some(p), Some(exp)) => {
             if !plan::policy_intact(p, &exp.using, Some(&exp.check), "*") {
@@ -693,9 +693,11 @@ mod tests {
         r.breaches().map(|f| f.text()).collect()
     }
 
+    type Mutation = Box<dyn FnOnce(&mut Catalog)>;
+
     #[test]
     fn every_breach_is_found() {
-        let cases: Vec<(&str, Box<dyn FnOnce(&mut Catalog)>)> = vec![
+        let cases: Vec<(&str, Mutation)> = vec![
             ("disabled", Box::new(|c| c.relations[0].rls = false)),
             ("not forced", Box::new(|c| c.relations[0].force = false)),
             ("missing", Box::new(|c| c.relations[0].policies.clear())),

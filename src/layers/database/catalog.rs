@@ -148,6 +148,11 @@ impl Catalog {
             .iter()
             .filter(|t| t.is_table() && t.has_tenant_column())
     }
+    /// Tenant tables the planned policy fits (tenant column of a comparable type): the ones
+    /// canaries, probes and deletions work on.
+    pub fn governable_tables(&self) -> impl Iterator<Item = &TableState> {
+        self.tenant_tables().filter(|t| t.expected.is_some())
+    }
     pub fn tenant_role_names(&self) -> BTreeSet<&str> {
         self.tenant_roles.iter().map(|r| r.name.as_str()).collect()
     }

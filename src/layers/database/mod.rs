@@ -308,7 +308,7 @@ impl DatabaseLayer {
             Some(a) => a,
             None => self.audit().await?,
         };
-        Ok(snapshot.catalog.tenant_tables().cloned().collect())
+        Ok(snapshot.catalog.governable_tables().cloned().collect())
     }
 
     async fn prepare_once(&self) -> Result<Vec<Repair>, LayerError> {
@@ -340,7 +340,7 @@ impl DatabaseLayer {
         }
         let sentinel = OrgId::sentinel();
         upsert_registry(&tx, s, &sentinel, "bulkhead sentinel").await?;
-        let tables: Vec<TableState> = cat.tenant_tables().cloned().collect();
+        let tables: Vec<TableState> = cat.governable_tables().cloned().collect();
         plant_canaries(&tx, s, &tables, sentinel.as_str()).await?;
         tx.commit().await.map_err(backend)?;
         for stmt in &gov.concurrent {
@@ -429,7 +429,7 @@ impl DatabaseLayer {
             let tx = c.transaction().await.map_err(backend)?;
             let cat = catalog::read(&tx, s).await?;
             tx.rollback().await.map_err(backend)?;
-            cat.tenant_tables().cloned().collect()
+            cat.governable_tables().cloned().collect()
         };
         let client = self.pool.get().await?;
         let mut pending: Vec<&TableState> = tables.iter().collect();
@@ -671,7 +671,7 @@ impl Layer for DatabaseLayer {
             ));
             return Ok(v);
         };
-        let tables: Vec<TableState> = cat.tenant_tables().cloned().collect();
+        let tables: Vec<TableState> = cat.governable_tables().cloned().collect();
         let targets = self.admin_targets(tenant, &tables).await?;
         match self.tenant_config(&role, password).connect(NoTls).await {
             Err(e) => v
