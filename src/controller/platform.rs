@@ -167,10 +167,11 @@ pub async fn reconcile(
             }
         }
     }
+    // Breaches make the platform unready; warnings (a missing index, an unlisted shared table) do not.
     if status
         .database
         .as_ref()
-        .is_some_and(|db| !db.findings.is_empty())
+        .is_some_and(|db| db.findings.iter().any(|f| !f.starts_with("warning: ")))
     {
         all_ok = false;
     }
