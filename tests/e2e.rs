@@ -436,3 +436,110 @@ async fn credentials_secret_edits_are_repaired_at_once_and_byok_sources_are_chec
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_namespace_that_belongs_to_someone_else_is_refused_not_adopted() {
+    let client = Testbed::get().kube().await;
+    install_crds(&client).await;
+    let platform_name = unique("conflict-platform");
+    let operator_ns = unique("conflict-operator");
+    common::ensure_namespace(&client, &operator_ns).await;
+    let platforms: Api<IsolationPlatform> = Api::all(client.clone());
+    let platform: IsolationPlatform = serde_json::from_value(json!({
+        "apiVersion": "bulkhead.dev/v1alpha1", "kind": "IsolationPlatform",
+        "metadata": { "name": platform_name },
+        "spec": { "network": { "namespaceTemplate": "taken-{orgId}" } }
+    }))
+    .unwrap();
+    platforms
+        .create(&PostParams::default(), &platform)
+        .await
+        .expect("platform");
+
+    let org_id = unique("squatted");
+    let ns_name = format!("taken-{org_id}");
+    common::ensure_namespace(&client, &ns_name).await;
+    let _operator = Operator::start(&platform_name, &operator_ns);
+    let api: Api<Organization> = Api::all(client.clone());
+    let o: Organization = serde_json::from_value(org(
+        &org_id,
+        json!({ "orgId": org_id, "platformRef": platform_name }),
+    ))
+    .unwrap();
+    api.create(&PostParams::default(), &o).await.unwrap();
+
+    let (status, reason) = wait_for("CredentialsReady False", Duration::from_secs(60), || {
+        let api = api.clone();
+        let name = org_id.clone();
+        async move {
+            condition(&api.get(&name).await.ok()?, "CredentialsReady").filter(|c| c.0 == "False")
+        }
+    })
+    .await;
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "Refused"));
+    let o = api.get(&org_id).await.unwrap();
+    let msg = o
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "CredentialsReady")
+        .unwrap()
+        .message;
+    assert!(msg.contains("not adopted"), "{msg}");
+    assert_eq!(
+        condition(&api.get(&org_id).await.unwrap(), "Ready")
+            .unwrap()
+            .0,
+        "False"
+    );
+    let ns = Api::<Namespace>::all(client.clone())
+        .get(&ns_name)
+        .await
+        .unwrap();
+    assert!(
+        ns.metadata.owner_references.is_none(),
+        "the namespace was adopted"
+    );
+    assert!(
+        !ns.metadata
+            .labels
+            .unwrap_or_default()
+            .contains_key("bulkhead.dev/org-id"),
+        "the namespace was labelled"
+    );
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns_name);
+    assert!(
+        secrets
+            .get_opt("bulkhead-credentials")
+            .await
+            .unwrap()
+            .is_none(),
+        "credentials written into a foreign namespace"
+    );
+
+    // Deleting the Organization leaves the foreign namespace alone.
+    api.delete(&org_id, &DeleteParams::default()).await.unwrap();
+    wait_for("Organization gone", Duration::from_secs(60), || {
+        let api = api.clone();
+        let name = org_id.clone();
+        async move { api.get_opt(&name).await.ok()?.is_none().then_some(()) }
+    })
+    .await;
+    let ns = Api::<Namespace>::all(client.clone())
+        .get(&ns_name)
+        .await
+        .unwrap();
+    assert!(
+        ns.metadata.deletion_timestamp.is_none(),
+        "the foreign namespace was deleted"
+    );
+    Api::<Namespace>::all(client.clone())
+        .delete(&ns_name, &DeleteParams::default())
+        .await
+        .unwrap();
+    platforms
+        .delete(&platform_name, &DeleteParams::default())
+        .await
+        .unwrap();
+}
