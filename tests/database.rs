@@ -508,6 +508,94 @@ async fn replaced_identity_function_is_found_and_restored() {
     .await;
 }
 
+/// What a session resolves as its organization, and whose messages it sees.
+async fn visible(c: &Client) -> (Option<String>, Vec<String>) {
+    let id: Option<String> = c
+        .query_one("SELECT auth.org_id()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let orgs: Vec<String> = c
+        .query("SELECT DISTINCT org_id FROM public.messages", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    (id, orgs)
+}
+
+#[tokio::test]
+async fn a_tenant_search_path_cannot_change_the_identity() {
+    let p = pair(json!({})).await;
+    let (a, b) = (p.a.org_id.as_str(), p.b.org_id.as_str());
+    let c = p.tenant_client().await;
+    let role: String = c
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        c.batch_execute("CREATE SCHEMA own").await.is_err(),
+        "tenants cannot create schemas"
+    );
+    // A schema tenants can create in (as `public` was before PostgreSQL 15), and pg_temp, which
+    // every role can use: an `=` that always holds, and look-alike mapping tables naming b.
+    let admin = p.db.admin().await;
+    admin
+        .batch_execute(&format!(
+            "CREATE SCHEMA evil; GRANT USAGE, CREATE ON SCHEMA evil TO \"{}\"",
+            role.replace('"', "\"\"")
+        ))
+        .await
+        .unwrap();
+    c.batch_execute(
+        "CREATE FUNCTION evil.yes(text, text) RETURNS boolean LANGUAGE sql AS 'SELECT true';
+         CREATE OPERATOR evil.= (LEFTARG = text, RIGHTARG = text, FUNCTION = evil.yes);
+         CREATE TABLE evil.tenant_roles (role_name text, org_id text);
+         CREATE TEMP TABLE tenant_roles (role_name text, org_id text);
+         SET search_path = pg_temp, evil, pg_catalog",
+    )
+    .await
+    .unwrap();
+    for t in ["evil.tenant_roles", "pg_temp.tenant_roles"] {
+        c.execute(
+            &format!("INSERT INTO {t} VALUES (pg_catalog.current_user(), $1)"),
+            &[&b],
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(visible(&c).await, (Some(a.to_owned()), vec![a.to_owned()]));
+    assert_holds(
+        &p.verify_a().await,
+        "with a tenant's objects on its search_path",
+    );
+
+    // The same body unqualified and without SET search_path reads the tenant's temp table.
+    admin
+        .batch_execute(
+            "CREATE OR REPLACE FUNCTION auth.org_id() RETURNS text LANGUAGE plpgsql STABLE PARALLEL SAFE AS
+             $$ BEGIN RETURN (SELECT m.org_id FROM tenant_roles m WHERE m.role_name = current_user::text); END $$",
+        )
+        .await
+        .unwrap();
+    assert_eq!(visible(&c).await, (Some(b.to_owned()), vec![b.to_owned()]));
+    assert_breaks(&p.verify_a().await, "search_path could change");
+    assert!(!p.layer.prepare().await.unwrap().is_empty());
+    assert_eq!(visible(&c).await, (Some(a.to_owned()), vec![a.to_owned()]));
+    assert_holds(&p.verify_a().await, "after the function was restored");
+    drop(c);
+    admin
+        .batch_execute("DROP SCHEMA evil CASCADE")
+        .await
+        .unwrap();
+    drop(admin);
+    let Pair { db, layer, .. } = p;
+    drop(layer);
+    db.finish().await;
+}
+
 #[tokio::test]
 async fn writable_role_mapping_is_found_and_revoked() {
     break_and_repair(

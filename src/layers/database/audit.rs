@@ -130,6 +130,106 @@ pub fn mentions_column(expr: &str, column: &str) -> bool {
         })
 }
 
+/// Whether a function's result cannot depend on the caller's search_path: it pins the path to
+/// `pg_catalog, pg_temp`, or sets no path and its body is schema-qualified throughout.
+pub fn search_path_safe(body: &str, config: &[String]) -> bool {
+    let pins_path = |c: &String| c.starts_with("search_path=");
+    match config.iter().find(|c| pins_path(c)) {
+        Some(c) => c == IDENTITY_CONFIG,
+        None => body_is_qualified(body),
+    }
+}
+
+/// Words that may stand before `(` or after `FROM` without naming a function or relation.
+const SYNTAX: &[&str] = &[
+    "RETURN", "SELECT", "WHERE", "WHEN", "THEN", "ELSE", "AND", "OR", "NOT", "FROM", "COALESCE",
+    "EXISTS", "OPERATOR", "BEGIN", "END", "CASE", "IS", "NULL",
+];
+
+/// A conservative lexical check (false when unsure) that a body names every relation, function,
+/// type and operator with its schema: `NULLIF`, bare operators, unqualified casts, calls and
+/// relations all resolve through the search_path (relations and types through `pg_temp` first).
+pub fn body_is_qualified(body: &str) -> bool {
+    let text = strip_literals(body).replace("''", "");
+    // Explicit operators are safe; what remains must hold no operator character.
+    let mut rest = text.as_str();
+    let mut code = String::with_capacity(text.len());
+    while let Some(at) = rest.find("OPERATOR(pg_catalog.") {
+        code.push_str(&rest[..at]);
+        let Some(close) = rest[at..].find(')') else {
+            return false;
+        };
+        code.push(' ');
+        rest = &rest[at + close + 1..];
+    }
+    code.push_str(rest);
+    if code.contains([
+        '+', '-', '*', '/', '<', '>', '=', '~', '!', '@', '#', '%', '^', '&', '|', '`', '?',
+    ]) {
+        return false;
+    }
+    // Tokens: quoted or bare identifiers joined by dots, punctuation, `::`.
+    let mut tokens: Vec<String> = Vec::new();
+    let chars: Vec<char> = code.chars().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        if c.is_whitespace() {
+            i += 1;
+        } else if c == ':' && chars.get(i + 1) == Some(&':') {
+            tokens.push("::".into());
+            i += 2;
+        } else if c == '"' || c.is_alphanumeric() || c == '_' {
+            let mut t = String::new();
+            while i < chars.len() {
+                let c = chars[i];
+                if c == '"' {
+                    let end = chars[i + 1..]
+                        .iter()
+                        .position(|&x| x == '"')
+                        .map(|p| i + 1 + p);
+                    let Some(end) = end else { return false };
+                    t.extend(&chars[i..=end]);
+                    i = end + 1;
+                } else if c.is_alphanumeric() || c == '_' || c == '.' || c == '$' {
+                    t.push(c);
+                    i += 1;
+                } else {
+                    break;
+                }
+            }
+            tokens.push(t);
+        } else {
+            tokens.push(c.to_string());
+            i += 1;
+        }
+    }
+    let qualified = |t: &str| t.contains('.');
+    let word = |t: &str| t.starts_with(|c: char| c == '"' || c.is_alphabetic() || c == '_');
+    let syntax = |t: &str| SYNTAX.iter().any(|k| k.eq_ignore_ascii_case(t));
+    for (k, t) in tokens.iter().enumerate() {
+        let next = tokens.get(k + 1).map(String::as_str);
+        if t == "::" && !next.is_some_and(qualified) {
+            return false;
+        }
+        if word(t) && next == Some("(") && !qualified(t) && !syntax(t) {
+            return false;
+        }
+        if (t.eq_ignore_ascii_case("FROM") || t.eq_ignore_ascii_case("JOIN"))
+            && !next.is_some_and(|n| n == "(" || qualified(n))
+        {
+            return false;
+        }
+        if ["DECLARE", "CAST", "EXECUTE", "PERFORM"]
+            .iter()
+            .any(|k| k.eq_ignore_ascii_case(t))
+        {
+            return false;
+        }
+    }
+    true
+}
+
 /// Runs the audit over a snapshot.
 pub fn audit(s: &Settings, cat: &Catalog) -> AuditReport {
     let mut f = Vec::new();
@@ -214,10 +314,10 @@ pub fn audit(s: &Settings, cat: &Catalog) -> AuditReport {
                     "the identity function is SECURITY DEFINER",
                 ));
             }
-            if x.config != [IDENTITY_CONFIG.to_owned()] {
+            if !search_path_safe(&x.body, &x.config) {
                 f.push(Finding::breach(
                     format!("function {func}()"),
-                    "the identity function lacks `SET search_path = pg_catalog, pg_temp`",
+                    "the identity function neither pins `SET search_path = pg_catalog, pg_temp` nor schema-qualifies every name (a caller's search_path could change what it returns)",
                 ));
             }
             if tenants.contains(x.owner.as_str()) || x.owner == g {
@@ -661,7 +761,7 @@ mod tests {
                 parallel: "s".into(),
                 language: "plpgsql".into(),
                 security_definer: false,
-                config: vec![IDENTITY_CONFIG.into()],
+                config: vec![],
                 owner: "postgres".into(),
                 result: "text".into(),
             }),
@@ -756,6 +856,12 @@ mod tests {
             ),
             ("does not exist", Box::new(|c| c.function = None)),
             (
+                "search_path could change",
+                Box::new(|c| {
+                    c.function.as_mut().unwrap().config = vec!["search_path=public".into()]
+                }),
+            ),
+            (
                 "TRUNCATE",
                 Box::new(|c| c.relations[0].group.truncate = true),
             ),
@@ -817,6 +923,49 @@ mod tests {
             "{:?}",
             r.findings
         );
+    }
+
+    #[test]
+    fn the_planned_bodies_are_qualified_in_every_mode() {
+        for mode in ["role", "setting", "jwt"] {
+            let s = Settings::from_spec(&spec_from(
+                json!({"identityMode": mode, "jwtClaim": "o'rg", "settingName": "a.b"}),
+            ))
+            .unwrap();
+            let body = plan::identity_body(&s);
+            assert!(body_is_qualified(&body), "{mode}: {body}");
+            assert!(search_path_safe(&body, &[]), "{mode}");
+        }
+    }
+
+    #[test]
+    fn unqualified_names_without_a_pinned_search_path_are_unsafe() {
+        let ok = "RETURN (SELECT m.org_id FROM \"bulkhead\".\"tenant_roles\" m WHERE m.role_name OPERATOR(pg_catalog.=) CURRENT_USER::pg_catalog.text);";
+        assert!(body_is_qualified(ok));
+        for bad in [
+            // The earlier body: its cast and `=` resolve through the search_path.
+            "RETURN (SELECT m.org_id FROM \"bulkhead\".\"tenant_roles\" m WHERE m.role_name = current_user::text);",
+            "RETURN (SELECT m.org_id FROM tenant_roles m WHERE m.role_name OPERATOR(pg_catalog.=) CURRENT_USER::pg_catalog.text);",
+            "RETURN (SELECT m.org_id FROM \"tenant_roles\" m WHERE m.role_name OPERATOR(pg_catalog.=) CURRENT_USER::pg_catalog.text);",
+            "RETURN NULLIF(pg_catalog.current_setting('x', true), '');",
+            "RETURN current_setting('x', true);",
+            "RETURN (pg_catalog.current_setting('x', true))::jsonb OPERATOR(pg_catalog.->>) 'o';",
+            "RETURN pg_catalog.current_setting('x', true)::pg_catalog.jsonb ->> 'o';",
+            "RETURN CAST(pg_catalog.current_setting('x', true) AS text);",
+            "DECLARE v text; BEGIN RETURN v; END",
+        ] {
+            assert!(!body_is_qualified(bad), "{bad}");
+            assert!(!search_path_safe(bad, &[]), "{bad}");
+        }
+        // Literals hold no names; a pinned search_path makes any body safe; another path does not.
+        assert!(body_is_qualified("RETURN 'x = y(z)::text FROM t';"));
+        let old = "RETURN (SELECT m.org_id FROM t m WHERE m.role_name = current_user::text);";
+        assert!(search_path_safe(old, &[IDENTITY_CONFIG.into()]));
+        assert!(!search_path_safe(
+            ok,
+            &["search_path=public, pg_catalog".into()]
+        ));
+        assert!(search_path_safe(ok, &["work_mem=64kB".into()]));
     }
 
     #[test]
