@@ -201,7 +201,12 @@ async fn a_standby_takes_over_when_the_leader_is_killed() {
         "the standby reconciled:\n{}",
         second.log()
     );
-    assert!(first.log().contains("reconciled"));
+    // The leader logs its pass right after the status write the test saw.
+    wait_for("the leader's log line", Duration::from_secs(10), || {
+        let seen = first.log().contains("reconciled");
+        async move { seen.then_some(()) }
+    })
+    .await;
 
     // SIGKILL the leader, then change things while nobody leads.
     first.kill();
