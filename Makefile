@@ -28,4 +28,5 @@ lint:
 	cargo clippy --locked --all-targets -- -D warnings
 
 bench:
-	. "$$(testbed/up)" && cargo bench --bench database && cargo bench --bench storage && cargo bench --bench cache
+	cargo bench --bench network
+	. "$$(testbed/up)" && cargo bench --bench database && cargo bench --bench cache && cargo bench --bench storage
