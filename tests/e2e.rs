@@ -228,12 +228,7 @@ async fn an_organization_gets_its_namespace_and_is_cleaned_up() {
 
     // Deleting the Organization removes its namespace, then the finalizer.
     api.delete(&org_id, &DeleteParams::default()).await.unwrap();
-    wait_for("Organization gone", Duration::from_secs(60), || {
-        let api = api.clone();
-        let name = org_id.clone();
-        async move { api.get_opt(&name).await.ok()?.is_none().then_some(()) }
-    })
-    .await;
+    common::wait_gone(&api, &org_id, Duration::from_secs(60)).await;
     let ns = namespaces.get_opt(&ns_name).await.unwrap();
     assert!(
         ns.is_none_or(|n| n.metadata.deletion_timestamp.is_some()),
@@ -423,12 +418,7 @@ async fn credentials_secret_edits_are_repaired_at_once_and_byok_sources_are_chec
         api.delete(name, &DeleteParams::default()).await.unwrap();
     }
     for name in [&good, &missing] {
-        wait_for("Organization gone", Duration::from_secs(60), || {
-            let api = api.clone();
-            let name = name.clone();
-            async move { api.get_opt(&name).await.ok()?.is_none().then_some(()) }
-        })
-        .await;
+        common::wait_gone(&api, &name, Duration::from_secs(60)).await;
     }
     drop(operator);
     platforms
@@ -520,12 +510,7 @@ async fn a_namespace_that_belongs_to_someone_else_is_refused_not_adopted() {
 
     // Deleting the Organization leaves the foreign namespace alone.
     api.delete(&org_id, &DeleteParams::default()).await.unwrap();
-    wait_for("Organization gone", Duration::from_secs(60), || {
-        let api = api.clone();
-        let name = org_id.clone();
-        async move { api.get_opt(&name).await.ok()?.is_none().then_some(()) }
-    })
-    .await;
+    common::wait_gone(&api, &org_id, Duration::from_secs(60)).await;
     let ns = Api::<Namespace>::all(client.clone())
         .get(&ns_name)
         .await

@@ -359,12 +359,7 @@ async fn organizations_are_isolated_in_every_layer_rotated_and_cleaned_up() {
 
     // Deleting B (policy Delete) removes its identities and data and nothing of A's.
     orgs.delete(&b, &DeleteParams::default()).await.unwrap();
-    wait_for("B gone", Duration::from_secs(120), || {
-        let orgs = orgs.clone();
-        let b = b.clone();
-        async move { orgs.get_opt(&b).await.ok()?.is_none().then_some(()) }
-    })
-    .await;
+    common::wait_gone(&orgs, &b, Duration::from_secs(120)).await;
     assert!(
         pg_connect(&cb["DATABASE_URL"]).await.is_err(),
         "B's role still logs in"
@@ -386,12 +381,7 @@ async fn organizations_are_isolated_in_every_layer_rotated_and_cleaned_up() {
     assert_isolated(&rotated, &a, &b).await;
 
     orgs.delete(&a, &DeleteParams::default()).await.unwrap();
-    wait_for("A gone", Duration::from_secs(120), || {
-        let orgs = orgs.clone();
-        let a = a.clone();
-        async move { orgs.get_opt(&a).await.ok()?.is_none().then_some(()) }
-    })
-    .await;
+    common::wait_gone(&orgs, &a, Duration::from_secs(120)).await;
     drop(operator);
     platforms
         .delete(&platform, &DeleteParams::default())

@@ -138,12 +138,7 @@ async fn gitops_apply_sees_no_diff_and_no_conflict() {
     }
 
     api.delete(&name, &DeleteParams::default()).await.unwrap();
-    wait_for("Organization gone", Duration::from_secs(60), || {
-        let api = api.clone();
-        let name = name.clone();
-        async move { api.get_opt(&name).await.ok()?.is_none().then_some(()) }
-    })
-    .await;
+    common::wait_gone(&api, &name, Duration::from_secs(60)).await;
     let _ = std::fs::remove_file(&manifest);
     Api::<IsolationPlatform>::all(client.clone())
         .delete(&platform, &DeleteParams::default())
@@ -246,12 +241,7 @@ async fn a_standby_takes_over_when_the_leader_is_killed() {
         api.delete(name, &DeleteParams::default()).await.unwrap();
     }
     for name in burst.iter().chain([&a]) {
-        wait_for("Organization gone", Duration::from_secs(60), || {
-            let api = api.clone();
-            let name = name.clone();
-            async move { api.get_opt(&name).await.ok()?.is_none().then_some(()) }
-        })
-        .await;
+        common::wait_gone(&api, &name, Duration::from_secs(60)).await;
     }
     second.kill();
     Api::<IsolationPlatform>::all(client.clone())

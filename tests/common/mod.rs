@@ -291,3 +291,16 @@ impl Operator {
         .await
     }
 }
+
+/// Waits until the object `name` no longer exists (its finalizers have run).
+pub async fn wait_gone<K>(api: &kube::Api<K>, name: &str, timeout: std::time::Duration)
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    wait_for(&format!("{name} gone"), timeout, || {
+        let api = api.clone();
+        let name = name.to_owned();
+        async move { api.get_opt(&name).await.ok()?.is_none().then_some(()) }
+    })
+    .await
+}
