@@ -418,7 +418,7 @@ async fn credentials_secret_edits_are_repaired_at_once_and_byok_sources_are_chec
         api.delete(name, &DeleteParams::default()).await.unwrap();
     }
     for name in [&good, &missing] {
-        common::wait_gone(&api, &name, Duration::from_secs(60)).await;
+        common::wait_gone(&api, name, Duration::from_secs(60)).await;
     }
     drop(operator);
     platforms

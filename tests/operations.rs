@@ -241,7 +241,7 @@ async fn a_standby_takes_over_when_the_leader_is_killed() {
         api.delete(name, &DeleteParams::default()).await.unwrap();
     }
     for name in burst.iter().chain([&a]) {
-        common::wait_gone(&api, &name, Duration::from_secs(60)).await;
+        common::wait_gone(&api, name, Duration::from_secs(60)).await;
     }
     second.kill();
     Api::<IsolationPlatform>::all(client.clone())
