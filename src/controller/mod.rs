@@ -396,20 +396,31 @@ async fn write_status(
     if org.status.as_ref() == Some(status) {
         return Ok(());
     }
-    let api: Api<Organization> = Api::all(ctx.client.clone());
+    apply_status::<Organization>(ctx, &org.name_any(), status).await
+}
+
+/// Writes a status with server-side apply under the operator's field manager, and counts it.
+pub(crate) async fn apply_status<K>(
+    ctx: &Context,
+    name: &str,
+    status: &impl serde::Serialize,
+) -> Result<(), Error>
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let api: Api<K> = Api::all(ctx.client.clone());
     let patch =
-        json!({ "apiVersion": "bulkhead.dev/v1alpha1", "kind": "Organization", "status": status });
+        json!({ "apiVersion": K::api_version(&()), "kind": K::kind(&()), "status": status });
     api.patch_status(
-        &org.name_any(),
+        name,
         &PatchParams::apply(FIELD_MANAGER).force(),
         &Patch::Apply(&patch),
     )
     .await?;
+    let kind = K::kind(&()).to_lowercase();
     ctx.metrics
         .status_patches
-        .get_or_create(&crate::telemetry::KindLabel {
-            kind: "organization".into(),
-        })
+        .get_or_create(&crate::telemetry::KindLabel { kind })
         .inc();
     Ok(())
 }

@@ -4,18 +4,14 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
-use serde_json::json;
 use tokio::sync::Mutex;
 
 use super::{Context, Error};
 use crate::api::condition::merge;
 use crate::api::platform::OrganizationCounts;
-use crate::api::{
-    Condition, ConditionStatus, FIELD_MANAGER, IsolationPlatform, IsolationPlatformStatus,
-};
+use crate::api::{Condition, ConditionStatus, IsolationPlatform, IsolationPlatformStatus};
 use crate::layers::{self, BuildEnv, LayerError, LayerKind, LayerSlot};
 
 /// How long a runtime with a failed layer is kept before it is built again.
@@ -216,20 +212,7 @@ pub async fn reconcile(
         platform.metadata.generation,
     );
     if previous != status {
-        let api: Api<IsolationPlatform> = Api::all(ctx.client.clone());
-        let patch = json!({ "apiVersion": "bulkhead.dev/v1alpha1", "kind": "IsolationPlatform", "status": status });
-        api.patch_status(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
-        ctx.metrics
-            .status_patches
-            .get_or_create(&crate::telemetry::KindLabel {
-                kind: "isolationplatform".into(),
-            })
-            .inc();
+        super::apply_status::<IsolationPlatform>(&ctx, &name, &status).await?;
     }
     Ok(Action::requeue(Duration::from_secs(u64::from(
         platform.spec.verification.interval_seconds,
