@@ -63,6 +63,7 @@ fn tenant(org: &str) -> Result<Tenant, BoxError> {
         rotate: false,
         peers: vec![OrgId::sentinel()],
         owner: OwnerReference::default(),
+        adopt_from: None,
         resource_quota: None,
         limit_range: None,
     })

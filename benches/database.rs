@@ -52,6 +52,7 @@ fn tenant(org: OrgId) -> Tenant {
         rotate: false,
         peers: vec![OrgId::sentinel()],
         owner: Default::default(),
+        adopt_from: None,
         resource_quota: None,
         limit_range: None,
         org_id: org,

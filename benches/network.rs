@@ -30,6 +30,7 @@ fn tenant(i: usize) -> Tenant {
             uid: id,
             ..Default::default()
         },
+        adopt_from: None,
         resource_quota: None,
         limit_range: None,
     }

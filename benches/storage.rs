@@ -35,6 +35,7 @@ fn tenant(org: &OrgId, peers: Vec<OrgId>) -> Tenant {
         rotate: false,
         peers,
         owner: Default::default(),
+        adopt_from: None,
         resource_quota: None,
         limit_range: None,
     }

@@ -162,6 +162,7 @@ pub async fn cross_tenant_probe(
         rotate: false,
         peers,
         owner: Default::default(),
+        adopt_from: None,
         resource_quota: None,
         limit_range: None,
     };

@@ -56,6 +56,7 @@ fn tenant(org: &str, peers: &[&str]) -> Tenant {
             uid: "00000000-0000-0000-0000-000000000000".into(),
             ..Default::default()
         },
+        adopt_from: None,
         resource_quota: None,
         limit_range: None,
     }

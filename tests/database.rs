@@ -175,6 +175,7 @@ fn tenant(org: &OrgId, display: &str, peers: &[&OrgId], policy: DeletionPolicy) 
         rotate: false,
         peers: all,
         owner: Default::default(),
+        adopt_from: None,
         resource_quota: None,
         limit_range: None,
     }

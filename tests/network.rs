@@ -63,6 +63,7 @@ async fn organization(client: &Client, prefix: &str, peers: &[&Tenant]) -> Tenan
             .chain(peers.iter().map(|t| t.org_id.clone()))
             .collect(),
         owner: org.controller_owner_ref(&()).unwrap(),
+        adopt_from: None,
         resource_quota: None,
         limit_range: None,
     }

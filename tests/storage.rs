@@ -72,6 +72,7 @@ fn tenant(org: &OrgId, peers: &[&OrgId]) -> Tenant {
             .chain(peers.iter().map(|p| (*p).clone()))
             .collect(),
         owner: Default::default(),
+        adopt_from: None,
         resource_quota: None,
         limit_range: None,
     }

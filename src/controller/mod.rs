@@ -503,6 +503,7 @@ async fn apply(org: Arc<Organization>, ctx: Arc<Context>) -> Result<Action, Erro
         rotate: rotation_due,
         peers: peers(&ctx, &org, &org_id),
         owner: owner_reference(&org),
+        adopt_from: None,
         resource_quota: org.spec.network.resource_quota.clone(),
         limit_range: org.spec.network.limit_range.clone(),
     };
@@ -810,6 +811,7 @@ async fn cleanup(org: Arc<Organization>, ctx: Arc<Context>) -> Result<Action, Er
         rotate: false,
         peers: Vec::new(),
         owner: owner_reference(&org),
+        adopt_from: None,
         resource_quota: None,
         limit_range: None,
     };

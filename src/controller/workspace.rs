@@ -385,6 +385,7 @@ mod tests {
             rotate: false,
             peers: vec![],
             owner: Default::default(),
+            adopt_from: None,
             resource_quota: None,
             limit_range: None,
         }

@@ -73,8 +73,13 @@ pub struct Tenant {
     pub rotate: bool,
     /// Organizations whose canaries the probes attack: the sentinel first, then real peers.
     pub peers: Vec<OrgId>,
-    /// Owner reference pointing at the Organization, for objects the operator creates.
+    /// Owner reference pointing at the Organization, for objects the operator creates. Its `uid`
+    /// is the owner that every external identity records (registry row, IAM tags, the cache's
+    /// owner record): `ensure`, `retire` and `cleanup` act only on what this UID owns.
     pub owner: OwnerReference,
+    /// UID of an earlier, deleted Organization whose retained data this one may take over (the
+    /// `bulkhead.dev/adopt-from` annotation). Without it, state owned by another UID is refused.
+    pub adopt_from: Option<String>,
     /// ResourceQuota for the organization's namespace, from its spec.
     pub resource_quota: Option<k8s_openapi::api::core::v1::ResourceQuotaSpec>,
     /// LimitRange for the organization's namespace, from its spec.
@@ -193,7 +198,27 @@ pub enum LayerError {
     Refused(String),
 }
 
+/// How the controller treats an error: retry with backoff, or wait for a change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The backend or the API may answer next time: back off and retry.
+    Transient,
+    /// The platform's configuration is unusable: retrying cannot help until it changes.
+    Configuration,
+    /// The organization's spec or the backend's state forbids the work (owned by another
+    /// Organization, say): a person has to act.
+    Refused,
+}
+
 impl LayerError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::Unreachable(_) | Self::Backend(_) | Self::Kube(_) => ErrorClass::Transient,
+            Self::Config(_) => ErrorClass::Configuration,
+            Self::Refused(_) => ErrorClass::Refused,
+        }
+    }
+
     /// CamelCase reason for conditions and Events; also the metric label.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -233,7 +258,21 @@ pub trait Layer: Send + Sync {
     ) -> Result<Verification, LayerError>;
 
     /// Removes the organization's identities, and its data when the deletion policy says so.
+    /// Touches only what `tenant.owner.uid` owns: an Organization that never owned anything in
+    /// this layer removes nothing.
     async fn cleanup(&self, tenant: &Tenant) -> Result<(), LayerError>;
+
+    /// The layer was switched off for the organization: removes its identity (login role, IAM
+    /// principal, ACL user) and drops its keys from `creds`, keeping the data (the deletion
+    /// policy governs data when the Organization is deleted). Touches only what
+    /// `tenant.owner.uid` owns. Idempotent.
+    async fn retire(
+        &self,
+        _tenant: &Tenant,
+        _creds: &mut Credentials,
+    ) -> Result<Vec<Repair>, LayerError> {
+        Ok(Vec::new())
+    }
 
     /// The external identity this layer creates for `org` (role, IAM user, ACL user), recorded in
     /// status before it is created so that cleanup works after a crash.

@@ -304,3 +304,9 @@ where
     })
     .await
 }
+
+/// One row of an adversarial suite: what was tried, what isolation requires, what the backend
+/// or the operator did. Printed so that `cargo test -- --nocapture` shows the whole table.
+pub fn attempt_row(attempt: &str, expected: &str, observed: &str) {
+    println!("| {attempt} | {expected} | {observed} |");
+}

@@ -26,6 +26,7 @@ fn tenant(id: &str, peers: &[&str]) -> Tenant {
             uid: id.to_owned(),
             ..Default::default()
         },
+        adopt_from: None,
         resource_quota: None,
         limit_range: None,
     }

@@ -25,6 +25,7 @@ fn tenant(id: &str) -> Tenant {
             controller: Some(true),
             block_owner_deletion: Some(true),
         },
+        adopt_from: None,
         resource_quota: None,
         limit_range: None,
     }
