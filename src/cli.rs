@@ -8,9 +8,10 @@ use kube::api::Api;
 use kube::{Client, ResourceExt};
 
 use crate::api::{ConditionStatus, IsolationPlatform, Organization};
+use crate::controller::pass;
 use crate::controller::workspace::CREDENTIALS_SECRET;
 use crate::layers::{self, BuildEnv, Credentials, LayerKind, Probe, Tenant};
-use crate::tenant::{OrgId, render_template};
+use crate::tenant::OrgId;
 
 /// Renders a compact table: per organization and per layer, isolated and verified.
 pub fn status_table(orgs: &[Organization]) -> String {
@@ -115,7 +116,6 @@ pub async fn cross_tenant_probe(
 ) -> Result<BTreeMap<LayerKind, Result<Vec<Probe>, String>>, CliError> {
     let orgs: Api<Organization> = Api::all(client.clone());
     let org = orgs.get(attacker).await?;
-    let org_id = OrgId::parse(&org.spec.org_id).map_err(|e| CliError::Usage(e.to_string()))?;
     let peers = match target {
         Some(t) => {
             let other = orgs.get(t).await?;
@@ -126,11 +126,9 @@ pub async fn cross_tenant_probe(
     let platform = Api::<IsolationPlatform>::all(client.clone())
         .get(&org.spec.platform_ref)
         .await?;
-    let namespace = org
-        .status
-        .as_ref()
-        .and_then(|s| s.namespace.clone())
-        .unwrap_or_else(|| render_template(&platform.spec.network.namespace_template, &org_id));
+    let resolved = pass::resolve_with(std::sync::Arc::new(org), platform, peers)
+        .map_err(|b| CliError::Usage(b.message()))?;
+    let namespace = resolved.recorded_namespace();
     let secret = Api::<Secret>::namespaced(client.clone(), &namespace)
         .get_opt(CREDENTIALS_SECRET)
         .await?
@@ -150,21 +148,12 @@ pub async fn cross_tenant_probe(
     let env = BuildEnv {
         client: client.clone(),
         operator_namespace,
-        platform: &platform,
+        platform: &resolved.platform,
     };
     let built = layers::build_all(&env).await;
     let tenant = Tenant {
-        name: org.name_any(),
-        org_id,
-        display_name: org.spec.display_name.clone().unwrap_or_default(),
         namespace,
-        deletion_policy: org.spec.deletion_policy,
-        rotate: false,
-        peers,
-        owner: Default::default(),
-        adopt_from: None,
-        resource_quota: None,
-        limit_range: None,
+        ..resolved.tenant
     };
     let mut out = BTreeMap::new();
     for (kind, slot) in built {

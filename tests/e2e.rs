@@ -89,6 +89,17 @@ async fn the_api_server_refuses_bad_organizations_with_clear_messages() {
         );
     }
 
+    // An orgId belongs to exactly one Organization: the one of the same name.
+    let victim = unique("victim");
+    let msg = refusal(
+        create_raw(
+            &client,
+            org(&unique("squatter"), json!({ "orgId": victim })),
+        )
+        .await,
+    );
+    assert!(msg.contains("metadata.name must equal spec.orgId"), "{msg}");
+
     // orgId is immutable once set.
     let name = unique("immutable");
     create_raw(&client, org(&name, json!({ "orgId": name })))
@@ -292,6 +303,15 @@ async fn credentials_secret_edits_are_repaired_at_once_and_byok_sources_are_chec
     let api: Api<Organization> = Api::all(client.clone());
     let good = unique("byok");
     let missing = unique("byok-missing");
+    // A BYOK source serves only the organization it is marked for.
+    common::label_secret(
+        &client,
+        &operator_ns,
+        "openai-source",
+        bulkhead::api::BYOK_LABEL,
+        &good,
+    )
+    .await;
     for (name, secret) in [(&good, "openai-source"), (&missing, "no-such-secret")] {
         let o: Organization = serde_json::from_value(org(
             name,

@@ -9,12 +9,10 @@ use std::time::Duration;
 
 use aws_sdk_s3::config::{BehaviorVersion, Credentials as AwsCredentials, Region};
 use bulkhead::api::{IsolationPlatform, Organization};
-use common::{Operator, Testbed, install_crds, put_secret, unique, wait_for};
+use common::{Operator, Testbed, install_crds, pg_connect, unique, wait_for};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
-
-const SCHEMA: &str = include_str!("../examples/schema.sql");
 
 fn is_true(o: &Organization, t: &str) -> bool {
     o.status.as_ref().is_some_and(|s| {
@@ -64,12 +62,6 @@ async fn credentials(client: &kube::Client, ns: &str) -> BTreeMap<String, String
         .into_iter()
         .map(|(k, v)| (k, String::from_utf8(v.0).unwrap()))
         .collect()
-}
-
-async fn pg_connect(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
-    tokio::spawn(conn);
-    Ok(client)
 }
 
 async fn redis_connect(url: &str) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
@@ -164,70 +156,14 @@ async fn organizations_are_isolated_in_every_layer_rotated_and_cleaned_up() {
     let client = tb.kube().await;
     install_crds(&client).await;
     let tag = unique("fs");
-    let operator_ns = format!("{tag}-op");
-    common::ensure_namespace(&client, &operator_ns).await;
-
-    // A database of its own with the application's tables.
-    let dbname = tag.replace('-', "_");
-    let admin = pg_connect(tb.pg_admin_url()).await.expect("admin");
-    admin
-        .batch_execute(&format!("CREATE DATABASE {dbname}"))
-        .await
-        .unwrap();
-    let (base, _) = tb.pg_admin_url().rsplit_once('/').unwrap();
-    let db_url = format!("{base}/{dbname}");
-    pg_connect(&db_url)
-        .await
-        .unwrap()
-        .batch_execute(SCHEMA)
-        .await
-        .expect("schema");
-
-    put_secret(&client, &operator_ns, "pg", &[("url", &db_url)]).await;
-    put_secret(
-        &client,
-        &operator_ns,
-        "redis",
-        &[("url", tb.redis_admin_url())],
-    )
-    .await;
-    put_secret(
-        &client,
-        &operator_ns,
-        "s3",
-        &[
-            ("accessKeyId", tb.s3_access_key()),
-            ("secretAccessKey", tb.s3_secret_key()),
-        ],
-    )
-    .await;
+    let fp = common::FullPlatform::create(&client, &tag, 30).await;
+    let (operator_ns, db_url, platform) =
+        (fp.operator_ns.clone(), fp.db_url.clone(), fp.name.clone());
     let byok = format!("sk-byok-{}", bulkhead::layers::random_secret(24));
-    put_secret(&client, &operator_ns, "a-openai", &[("apiKey", &byok)]).await;
-
-    let platform = tag.clone();
-    let platforms: Api<IsolationPlatform> = Api::all(client.clone());
-    let p: IsolationPlatform = serde_json::from_value(json!({
-        "apiVersion": "bulkhead.dev/v1alpha1", "kind": "IsolationPlatform", "metadata": { "name": platform },
-        "spec": {
-            "database": {
-                "adminUrlSecretRef": { "name": "pg", "key": "url" },
-                "groupRole": format!("{dbname}_tenant"),
-                "overrides": [{ "table": "skills", "sharedReadColumn": "scope", "sharedReadValue": "system" }]
-            },
-            "storage": { "endpoint": tb.s3_endpoint(), "bucket": tag, "forcePathStyle": true, "adminSecretRef": { "name": "s3" } },
-            "cache": { "adminUrlSecretRef": { "name": "redis", "key": "url" } },
-            "network": { "namespaceTemplate": format!("{tag}-{{orgId}}") },
-            "verification": { "intervalSeconds": 30 }
-        }
-    }))
-    .unwrap();
-    platforms
-        .create(&PostParams::default(), &p)
-        .await
-        .expect("platform");
+    let a = format!("{tag}-a");
+    common::put_byok_source(&client, &operator_ns, "a-openai", &a, &[("apiKey", &byok)]).await;
     let operator = Operator::start(&platform, &operator_ns);
 
-    let a = format!("{tag}-a");
     let b = format!("{tag}-b");
     let orgs: Api<Organization> = Api::all(client.clone());
     for (name, extra) in [
@@ -383,7 +319,7 @@ async fn organizations_are_isolated_in_every_layer_rotated_and_cleaned_up() {
     orgs.delete(&a, &DeleteParams::default()).await.unwrap();
     common::wait_gone(&orgs, &a, Duration::from_secs(120)).await;
     drop(operator);
-    platforms
+    Api::<IsolationPlatform>::all(client.clone())
         .delete(&platform, &DeleteParams::default())
         .await
         .unwrap();

@@ -25,6 +25,12 @@ pub const ORGANIZATION_LABEL: &str = "bulkhead.dev/organization";
 pub const MANAGED_BY: &str = "bulkhead";
 /// Annotation whose new value asks for every layer's credentials to be rotated.
 pub const ROTATE_ANNOTATION: &str = "bulkhead.dev/rotate";
+/// Annotation naming the UID of a deleted Organization whose retained data (same orgId) this
+/// Organization takes over. Without it, state owned by another UID is refused.
+pub const ADOPT_ANNOTATION: &str = "bulkhead.dev/adopt-from";
+/// Label that makes a Secret in the operator's namespace eligible as a BYOK source, and only for
+/// the organization whose orgId it names.
+pub const BYOK_LABEL: &str = "bulkhead.dev/byok-org";
 
 /// Every CRD this crate defines, in a stable order.
 pub fn crds()

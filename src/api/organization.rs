@@ -23,13 +23,15 @@ use super::Condition;
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Verified","type":"string","jsonPath":".status.conditions[?(@.type==\"IsolationVerified\")].status"}"#,
     printcolumn = r#"{"name":"Reason","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    validation = Rule::new("!has(self.spec.orgId) || self.metadata.name == self.spec.orgId").message("metadata.name must equal spec.orgId: an orgId belongs to exactly one Organization")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct OrganizationSpec {
     /// The organization's id: the value of `org_id` in the database, the S3 prefix, the Redis key
     /// prefix and the namespace label. 1-63 characters of lowercase letters, digits and `-`,
-    /// starting and ending with a letter or digit. Immutable once set.
+    /// starting and ending with a letter or digit. Immutable once set, and equal to
+    /// `metadata.name`, so that no two Organizations can claim the same orgId.
     #[schemars(length(min = 1, max = 63))]
     #[x_kube(
         validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("orgId must be 1-63 lowercase letters, digits or '-', starting and ending with a letter or digit (no glob characters, quotes, slashes or spaces)"),
@@ -187,6 +189,10 @@ pub struct OrganizationStatus {
     /// AI providers configured for the organization (names only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ai_providers: Vec<String>,
+    /// UID of the deleted Organization whose retained data this one took over, after the
+    /// `bulkhead.dev/adopt-from` annotation asked for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adopted_from: Option<String>,
 }
 
 /// Identities that bulkhead creates for the organization in external systems.

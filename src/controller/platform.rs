@@ -129,8 +129,7 @@ pub async fn reconcile(
                                 layer: kind.name().into(),
                             })
                             .inc();
-                        super::publish_event(
-                            &ctx,
+                        ctx.publish_event(
                             &platform.object_ref(&()),
                             true,
                             "DriftRepaired",
@@ -208,7 +207,7 @@ pub async fn reconcile(
     status.conditions = merge(
         &previous.conditions,
         fresh,
-        &super::now(),
+        &super::context::now(),
         platform.metadata.generation,
     );
     if previous != status {

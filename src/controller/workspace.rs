@@ -11,7 +11,10 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use sha2::{Digest, Sha256};
 
 use super::Context;
-use crate::api::{FIELD_MANAGER, MANAGED_BY, ORG_ID_LABEL, ORGANIZATION_LABEL, Organization};
+use crate::api::{
+    BYOK_LABEL, FIELD_MANAGER, IsolationPlatform, MANAGED_BY, ORG_ID_LABEL, ORGANIZATION_LABEL,
+    Organization,
+};
 use crate::layers::{Credentials, LayerError, Repair, Tenant};
 
 /// Name of the credentials Secret in the organization's namespace.
@@ -294,21 +297,120 @@ pub fn provider_key_name(provider: &str) -> String {
     )
 }
 
+/// Why a BYOK source cannot be used. Its reason names the condition.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderKeyError {
+    /// The source Secret or its key does not exist.
+    #[error("{0}")]
+    Missing(String),
+    /// The source exists but is not this organization's to use.
+    #[error("{0}")]
+    Ineligible(String),
+    #[error("kubernetes: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+impl ProviderKeyError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Missing(_) => "ConfigurationError",
+            Self::Ineligible(_) => "ProviderKeyIneligible",
+            Self::Kube(_) => "KubernetesError",
+        }
+    }
+}
+
+/// Whether any IsolationPlatform refers to Secret `name` in `namespace` (its admin Secrets).
+pub fn platform_refers_to(
+    platforms: &[IsolationPlatform],
+    operator_namespace: &str,
+    namespace: &str,
+    name: &str,
+) -> Option<String> {
+    platforms.iter().find_map(|p| {
+        let s = &p.spec;
+        let refs = [
+            s.database.as_ref().map(|d| {
+                (
+                    d.admin_url_secret_ref.namespace.as_deref(),
+                    &d.admin_url_secret_ref.name,
+                )
+            }),
+            s.storage.as_ref().map(|st| {
+                (
+                    st.admin_secret_ref.namespace.as_deref(),
+                    &st.admin_secret_ref.name,
+                )
+            }),
+            s.cache.as_ref().map(|c| {
+                (
+                    c.admin_url_secret_ref.namespace.as_deref(),
+                    &c.admin_url_secret_ref.name,
+                )
+            }),
+        ];
+        refs.into_iter()
+            .flatten()
+            .any(|(ns, n)| ns.unwrap_or(operator_namespace) == namespace && n == name)
+            .then(|| p.name_any())
+    })
+}
+
+/// Why `source` may not feed `org_id`'s credentials (pure), or `None` when it may: it must carry
+/// the label `bulkhead.dev/byok-org=<orgId>` and no IsolationPlatform may refer to it.
+pub fn byok_ineligibility(
+    source: &Secret,
+    org_id: &str,
+    operator_namespace: &str,
+    platforms: &[IsolationPlatform],
+) -> Option<String> {
+    let name = source.name_any();
+    if let Some(p) = platform_refers_to(platforms, operator_namespace, operator_namespace, &name) {
+        return Some(format!(
+            "Secret {operator_namespace}/{name} is an admin Secret of IsolationPlatform {p:?}; it can never be a BYOK source"
+        ));
+    }
+    match source.labels().get(BYOK_LABEL) {
+        Some(v) if v == org_id => None,
+        Some(v) => Some(format!(
+            "Secret {operator_namespace}/{name} is labelled {BYOK_LABEL}={v:?}, not {org_id:?}; it belongs to another organization"
+        )),
+        None => Some(format!(
+            "Secret {operator_namespace}/{name} is not marked for this organization: label it {BYOK_LABEL}={org_id} to make it a BYOK source"
+        )),
+    }
+}
+
 /// Reads every BYOK key from its source Secret in the operator's namespace:
-/// (provider, Secret key name, value).
+/// (provider, Secret key name, value). A source must be marked for this organization and must
+/// not be one of the platform's admin Secrets.
 pub async fn provider_keys(
     ctx: &Context,
     org: &Organization,
-) -> Result<Vec<(String, String, String)>, LayerError> {
+) -> Result<Vec<(String, String, String)>, ProviderKeyError> {
+    if org.spec.ai_providers.is_empty() {
+        return Ok(Vec::new());
+    }
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.operator_namespace);
+    let platforms = Api::<IsolationPlatform>::all(ctx.client.clone())
+        .list(&Default::default())
+        .await?
+        .items;
+    let ns = &ctx.operator_namespace;
     let mut out = Vec::new();
     for p in &org.spec.ai_providers {
         let source = api.get_opt(&p.secret_ref.name).await?.ok_or_else(|| {
-            LayerError::Config(format!(
-                "AI provider {}: Secret {}/{} not found",
-                p.name, ctx.operator_namespace, p.secret_ref.name
+            ProviderKeyError::Missing(format!(
+                "AI provider {}: Secret {ns}/{} not found",
+                p.name, p.secret_ref.name
             ))
         })?;
+        if let Some(why) = byok_ineligibility(&source, &org.spec.org_id, ns, &platforms) {
+            return Err(ProviderKeyError::Ineligible(format!(
+                "AI provider {}: {why}",
+                p.name
+            )));
+        }
         let value = source
             .data
             .as_ref()
@@ -316,9 +418,9 @@ pub async fn provider_keys(
             .map(|v| String::from_utf8_lossy(&v.0).trim().to_owned())
             .unwrap_or_default();
         if value.is_empty() {
-            return Err(LayerError::Config(format!(
-                "AI provider {}: Secret {}/{} has no non-empty key {:?}",
-                p.name, ctx.operator_namespace, p.secret_ref.name, p.secret_ref.key
+            return Err(ProviderKeyError::Missing(format!(
+                "AI provider {}: Secret {ns}/{} has no non-empty key {:?}",
+                p.name, p.secret_ref.name, p.secret_ref.key
             )));
         }
         out.push((p.name.clone(), provider_key_name(&p.name), value));
@@ -417,5 +519,64 @@ mod tests {
     fn provider_key_names() {
         assert_eq!(provider_key_name("openai"), "AI_OPENAI_API_KEY");
         assert_eq!(provider_key_name("azure-openai"), "AI_AZURE_OPENAI_API_KEY");
+    }
+
+    fn source(name: &str, label: Option<&str>) -> Secret {
+        let mut s = Secret::default();
+        s.metadata.name = Some(name.into());
+        if let Some(v) = label {
+            s.metadata.labels = Some(BTreeMap::from([(BYOK_LABEL.to_owned(), v.to_owned())]));
+        }
+        s
+    }
+
+    fn platform(db_secret: &str, db_ns: Option<&str>) -> IsolationPlatform {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "bulkhead.dev/v1alpha1", "kind": "IsolationPlatform",
+            "metadata": { "name": "default" },
+            "spec": {
+                "database": { "adminUrlSecretRef": { "name": db_secret, "key": "url", "namespace": db_ns } },
+                "storage": { "bucket": "b", "adminSecretRef": { "name": "s3-admin" } },
+                "cache": { "adminUrlSecretRef": { "name": "redis-admin", "key": "url" } },
+            }
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn byok_source_must_be_marked_for_the_organization() {
+        let p = [platform("pg", None)];
+        assert_eq!(
+            byok_ineligibility(&source("k", Some("acme")), "acme", "ops", &p),
+            None
+        );
+        let unmarked = byok_ineligibility(&source("k", None), "acme", "ops", &p).unwrap();
+        assert!(
+            unmarked.contains("bulkhead.dev/byok-org=acme"),
+            "{unmarked}"
+        );
+        let other = byok_ineligibility(&source("k", Some("globex")), "acme", "ops", &p).unwrap();
+        assert!(other.contains("another organization"), "{other}");
+    }
+
+    #[test]
+    fn byok_source_can_never_be_an_admin_secret() {
+        let p = [platform("pg", None)];
+        for admin in ["pg", "s3-admin", "redis-admin"] {
+            // Even a label naming the organization does not make an admin Secret eligible.
+            let why = byok_ineligibility(&source(admin, Some("acme")), "acme", "ops", &p)
+                .unwrap_or_else(|| panic!("{admin} accepted as a BYOK source"));
+            assert!(why.contains("admin Secret"), "{why}");
+        }
+        // A Secret of the same name in another namespace is not the admin Secret.
+        let elsewhere = [platform("pg", Some("db-system"))];
+        assert_eq!(
+            byok_ineligibility(&source("pg", Some("acme")), "acme", "ops", &elsewhere),
+            None
+        );
+        assert!(
+            byok_ineligibility(&source("pg", Some("acme")), "acme", "db-system", &elsewhere)
+                .is_some()
+        );
     }
 }

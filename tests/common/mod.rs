@@ -310,3 +310,120 @@ where
 pub fn attempt_row(attempt: &str, expected: &str, observed: &str) {
     println!("| {attempt} | {expected} | {observed} |");
 }
+
+/// Opens a PostgreSQL connection and drives it in the background.
+pub async fn pg_connect(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+/// A platform with every layer on the testbed: a database of its own with the application's
+/// tables, the admin Secrets in the operator's namespace, and the IsolationPlatform itself.
+pub struct FullPlatform {
+    pub name: String,
+    pub operator_ns: String,
+    pub db_url: String,
+    pub bucket: String,
+}
+
+impl FullPlatform {
+    /// Creates it under `tag` (unique per test). Secrets: `pg` (key `url`), `redis` (key `url`),
+    /// `s3` (`accessKeyId`, `secretAccessKey`).
+    pub async fn create(client: &kube::Client, tag: &str, interval_seconds: u32) -> FullPlatform {
+        use bulkhead::api::IsolationPlatform;
+        use kube::api::{Api, PostParams};
+        let tb = Testbed::get();
+        let operator_ns = format!("{tag}-op");
+        ensure_namespace(client, &operator_ns).await;
+        let dbname = tag.replace('-', "_");
+        let admin = pg_connect(tb.pg_admin_url()).await.expect("admin");
+        admin
+            .batch_execute(&format!("CREATE DATABASE {dbname}"))
+            .await
+            .expect("create database");
+        let (base, _) = tb.pg_admin_url().rsplit_once('/').expect("database url");
+        let db_url = format!("{base}/{dbname}");
+        pg_connect(&db_url)
+            .await
+            .expect("connect")
+            .batch_execute(include_str!("../../examples/schema.sql"))
+            .await
+            .expect("schema");
+        put_secret(client, &operator_ns, "pg", &[("url", &db_url)]).await;
+        put_secret(
+            client,
+            &operator_ns,
+            "redis",
+            &[("url", tb.redis_admin_url())],
+        )
+        .await;
+        put_secret(
+            client,
+            &operator_ns,
+            "s3",
+            &[
+                ("accessKeyId", tb.s3_access_key()),
+                ("secretAccessKey", tb.s3_secret_key()),
+            ],
+        )
+        .await;
+        let p: IsolationPlatform = serde_json::from_value(serde_json::json!({
+            "apiVersion": "bulkhead.dev/v1alpha1", "kind": "IsolationPlatform", "metadata": { "name": tag },
+            "spec": {
+                "database": {
+                    "adminUrlSecretRef": { "name": "pg", "key": "url" },
+                    "groupRole": format!("{dbname}_tenant"),
+                    "overrides": [{ "table": "skills", "sharedReadColumn": "scope", "sharedReadValue": "system" }]
+                },
+                "storage": { "endpoint": tb.s3_endpoint(), "bucket": tag, "forcePathStyle": true, "adminSecretRef": { "name": "s3" } },
+                "cache": { "adminUrlSecretRef": { "name": "redis", "key": "url" } },
+                "network": { "namespaceTemplate": format!("{tag}-{{orgId}}") },
+                "verification": { "intervalSeconds": interval_seconds }
+            }
+        }))
+        .expect("platform");
+        Api::<IsolationPlatform>::all(client.clone())
+            .create(&PostParams::default(), &p)
+            .await
+            .expect("create platform");
+        FullPlatform {
+            name: tag.to_owned(),
+            operator_ns,
+            db_url,
+            bucket: tag.to_owned(),
+        }
+    }
+}
+
+/// Creates or replaces a BYOK source Secret in the operator's namespace, marked for `org_id`.
+pub async fn put_byok_source(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    org_id: &str,
+    data: &[(&str, &str)],
+) {
+    put_secret(client, namespace, name, data).await;
+    label_secret(client, namespace, name, bulkhead::api::BYOK_LABEL, org_id).await;
+}
+
+/// Sets one label on an existing Secret.
+pub async fn label_secret(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    key: &str,
+    value: &str,
+) {
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::api::{Api, Patch, PatchParams};
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({ "metadata": { "labels": { key: value } } })),
+    )
+    .await
+    .expect("label secret");
+}
