@@ -302,8 +302,8 @@ tb_stop_batch() {
 	done
 }
 
-# tb_stop_all quiet|verbose: stop every recorded component, the
-# controller-manager first (its client of the apiserver), then kube-apiserver
+# tb_stop_all quiet|verbose: stop every recorded component, the demo's
+# operator and the controller-manager first (clients of the apiserver), then kube-apiserver
 # (it hangs on shutdown once etcd is gone), then the rest, then any leftover
 # process whose command line mentions $TB_DIR/. Returns non-zero if something
 # survived.
@@ -315,9 +315,11 @@ tb_stop_all() {
 	shopt -s nullglob
 	for f in "$TB_DIR"/pids/*.pid; do
 		f=$(basename "$f" .pid)
-		[[ $f == kube-controller-manager || $f == kube-apiserver ]] || rest+=("$f")
+		[[ $f == operator || $f == kube-controller-manager || $f == kube-apiserver ]] || rest+=("$f")
 	done
 	shopt -u nullglob
+	tb_stop_batch "$quiet" operator
+	rm -f "$TB_DIR/operator.env"
 	tb_stop_batch "$quiet" kube-controller-manager
 	tb_stop_batch "$quiet" kube-apiserver
 	tb_stop_batch "$quiet" "${rest[@]}"
