@@ -385,7 +385,10 @@ async fn the_demo_operator_is_recognised_exported_and_never_doubled() {
 
     // Not up yet: the env file alone is not a running testbed.
     let (ok, _, err) = tb.run("testbed/env", &[]);
-    assert!(!ok, "testbed/env accepted a directory with no processes: {err}");
+    assert!(
+        !ok,
+        "testbed/env accepted a directory with no processes: {err}"
+    );
 
     // First start: recorded, accepted by testbed/env, metrics URL exported and served.
     let (ok, out, err) = tb.run(op, &[&["start"][..], &run_args].concat());
