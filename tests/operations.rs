@@ -255,11 +255,12 @@ async fn a_standby_takes_over_when_the_leader_is_killed() {
 /// file, so the shared testbed's records are never touched. Dropping it stops what it started.
 struct DemoDir {
     dir: std::path::PathBuf,
+    platform: String,
     extra: Vec<std::process::Child>,
 }
 
 impl DemoDir {
-    fn new() -> DemoDir {
+    fn new(platform: &str) -> DemoDir {
         let tb = Testbed::get();
         let dir = std::env::temp_dir().join(unique("bulkhead-demo-op"));
         std::fs::create_dir_all(&dir).unwrap();
@@ -277,7 +278,11 @@ impl DemoDir {
             })
             .collect();
         std::fs::write(dir.join("env"), own).unwrap();
-        DemoDir { dir, extra: vec![] }
+        DemoDir {
+            dir,
+            platform: platform.to_owned(),
+            extra: vec![],
+        }
     }
 
     /// Runs a program (`testbed/operator ...`, `testbed/env`) from this checkout on this
@@ -333,6 +338,12 @@ impl DemoDir {
 impl Drop for DemoDir {
     fn drop(&mut self) {
         let _ = self.run("testbed/operator", &["stop"]);
+        // Should the script have failed to stop it, the test still leaves nothing behind.
+        for pid in operators_of(&self.platform) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
         for c in &mut self.extra {
             let _ = c.kill();
             let _ = c.wait();
@@ -379,7 +390,7 @@ async fn the_demo_operator_is_recognised_exported_and_never_doubled() {
     let platform = unique("demo-op");
     let ns = unique("demo-op-ns");
     common::ensure_namespace(&client, &ns).await;
-    let mut tb = DemoDir::new();
+    let mut tb = DemoDir::new(&platform);
     let run_args = ["--namespace", ns.as_str(), "--platform", platform.as_str()];
     let op = "testbed/operator";
 
@@ -406,7 +417,7 @@ async fn the_demo_operator_is_recognised_exported_and_never_doubled() {
         .unwrap_or_else(|| panic!("not a metrics URL: {url:?}"));
     assert!(addr.starts_with("127.0.0.1:"), "{url}");
     assert!(
-        body.contains("bulkhead_reconciles") && body.contains("# EOF"),
+        body.contains("bulkhead_organizations_ready") && body.contains("# EOF"),
         "{url} served:\n{body}"
     );
     // The URL is the one the operator itself reports.
