@@ -14,9 +14,7 @@ up:
 	testbed/up
 
 down:
-	@pidfile=$${BULKHEAD_TESTBED_DIR:-/tmp/bulkhead-testbed}/pids/operator.pid; \
-	if [ -f $$pidfile ] && kill $$(cat $$pidfile) 2>/dev/null; then echo "operator stopped"; fi; \
-	rm -f $$pidfile
+	testbed/operator stop
 	testbed/down
 
 crds:

@@ -249,3 +249,259 @@ async fn a_standby_takes_over_when_the_leader_is_killed() {
         .await
         .unwrap();
 }
+
+/// A testbed directory of its own for `testbed/operator`: it borrows the shared testbed's env
+/// file (so the operator talks to the shared API server) but keeps its own pids, logs and env
+/// file, so the shared testbed's records are never touched. Dropping it stops what it started.
+struct DemoDir {
+    dir: std::path::PathBuf,
+    platform: String,
+    extra: Vec<std::process::Child>,
+}
+
+impl DemoDir {
+    fn new(platform: &str) -> DemoDir {
+        let tb = Testbed::get();
+        let dir = std::env::temp_dir().join(unique("bulkhead-demo-op"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let shared = std::path::Path::new(tb.var("BULKHEAD_TESTBED_DIR")).join("env");
+        let text = std::fs::read_to_string(&shared).expect("shared env file");
+        let own: String = text
+            .lines()
+            .filter(|l| !l.starts_with("export BULKHEAD_OPERATOR_"))
+            .map(|l| {
+                if l.starts_with("export BULKHEAD_TESTBED_DIR=") {
+                    format!("export BULKHEAD_TESTBED_DIR={}\n", dir.display())
+                } else {
+                    format!("{l}\n")
+                }
+            })
+            .collect();
+        std::fs::write(dir.join("env"), own).unwrap();
+        DemoDir {
+            dir,
+            platform: platform.to_owned(),
+            extra: vec![],
+        }
+    }
+
+    /// Runs a program (`testbed/operator ...`, `testbed/env`) from this checkout on this
+    /// directory: success, stdout, stderr.
+    fn run(&self, program: &str, args: &[&str]) -> (bool, String, String) {
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("BULKHEAD_TESTBED_DIR", &self.dir)
+            .env("BULKHEAD_BIN", env!("CARGO_BIN_EXE_bulkhead"))
+            .env("RUST_LOG", "info,kube=warn");
+        // Whatever the test process inherited from the shared env file must not mask ours.
+        for (k, _) in std::env::vars() {
+            if k.starts_with("BULKHEAD_OPERATOR_") {
+                cmd.env_remove(k);
+            }
+        }
+        let out = cmd.output().expect("run script");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// What a user gets from `. "$(testbed/env)"`: the operator's pid and metrics URL, and the
+    /// body of that URL.
+    fn sourced(&self) -> Result<(String, String, String), String> {
+        let script = r#". "$(testbed/env)" && printf '%s\n%s\n' "$BULKHEAD_OPERATOR_PID" "$BULKHEAD_OPERATOR_METRICS_URL" && curl -fsS --max-time 5 "$BULKHEAD_OPERATOR_METRICS_URL""#;
+        let (ok, out, err) = self.run("bash", &["-c", script]);
+        if !ok {
+            return Err(format!("{out}{err}"));
+        }
+        let mut lines = out.splitn(3, '\n');
+        let pid = lines.next().unwrap_or_default().to_owned();
+        let url = lines.next().unwrap_or_default().to_owned();
+        Ok((pid, url, lines.next().unwrap_or_default().to_owned()))
+    }
+
+    fn pid(&self) -> u32 {
+        std::fs::read_to_string(self.dir.join("pids/operator.pid"))
+            .expect("operator pid file")
+            .trim()
+            .parse()
+            .expect("pid")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("logs/operator.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for DemoDir {
+    fn drop(&mut self) {
+        let _ = self.run("testbed/operator", &["stop"]);
+        // Should the script have failed to stop it, the test still leaves nothing behind.
+        for pid in operators_of(&self.platform) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+        for c in &mut self.extra {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Pids of running `bulkhead run` processes whose command line names `platform`.
+fn operators_of(platform: &str) -> Vec<u32> {
+    let mut pids = vec![];
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        // A zombie has an empty command line and does not count.
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        if args.get(1) == Some(&&b"run"[..]) && args.contains(&platform.as_bytes()) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `make demo` runs its operator through `testbed/operator restart`. Afterwards `testbed/env`
+/// must accept that operator (its command line does not name the testbed directory) and export
+/// where it serves /metrics; starting it again must never leave two; and a pid reused by another
+/// process must not count as the operator.
+#[tokio::test]
+async fn the_demo_operator_is_recognised_exported_and_never_doubled() {
+    let client = Testbed::get().kube().await;
+    install_crds(&client).await;
+    let platform = unique("demo-op");
+    let ns = unique("demo-op-ns");
+    common::ensure_namespace(&client, &ns).await;
+    let mut tb = DemoDir::new(&platform);
+    let run_args = ["--namespace", ns.as_str(), "--platform", platform.as_str()];
+    let op = "testbed/operator";
+
+    // Not up yet: the env file alone is not a running testbed.
+    let (ok, _, err) = tb.run("testbed/env", &[]);
+    assert!(
+        !ok,
+        "testbed/env accepted a directory with no processes: {err}"
+    );
+
+    // First start: recorded, accepted by testbed/env, metrics URL exported and served.
+    let (ok, out, err) = tb.run(op, &[&["start"][..], &run_args].concat());
+    assert!(ok, "start failed:\n{err}\n{}", tb.log());
+    assert_eq!(out.trim(), tb.dir.join("env").display().to_string());
+    let pid1 = tb.pid();
+    assert_eq!(operators_of(&platform), vec![pid1], "{err}");
+    let (pid, url, body) = tb
+        .sourced()
+        .unwrap_or_else(|e| panic!(". \"$(testbed/env)\" failed with the operator running:\n{e}"));
+    assert_eq!(pid, pid1.to_string());
+    let addr = url
+        .strip_prefix("http://")
+        .and_then(|u| u.strip_suffix("/metrics"))
+        .unwrap_or_else(|| panic!("not a metrics URL: {url:?}"));
+    assert!(addr.starts_with("127.0.0.1:"), "{url}");
+    assert!(
+        body.contains("bulkhead_organizations_ready") && body.contains("# EOF"),
+        "{url} served:\n{body}"
+    );
+    // The URL is the one the operator itself reports.
+    assert!(
+        tb.log()
+            .lines()
+            .any(|l| l.contains("serving /metrics") && l.contains(addr)),
+        "{addr} not in the operator's log:\n{}",
+        tb.log()
+    );
+
+    // Second start: the running operator is reused, not doubled.
+    let (ok, _, err) = tb.run(op, &[&["start"][..], &run_args].concat());
+    assert!(ok, "{err}");
+    assert!(err.contains("already running"), "{err}");
+    assert_eq!(tb.pid(), pid1);
+    assert_eq!(operators_of(&platform), vec![pid1]);
+
+    // What the demo does on every run: restart. The old one is gone before the new one starts.
+    let (ok, _, err) = tb.run(op, &[&["restart"][..], &run_args].concat());
+    assert!(ok, "restart failed:\n{err}\n{}", tb.log());
+    let pid2 = tb.pid();
+    assert_ne!(pid2, pid1);
+    assert_eq!(operators_of(&platform), vec![pid2], "{err}");
+    assert!(
+        err.contains(&format!("pid {pid1} replaced by pid {pid2}")),
+        "{err}"
+    );
+    let (pid, _, body) = tb.sourced().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(pid, pid2.to_string());
+    assert!(body.contains("# EOF"), "{body}");
+
+    // The operator dies and its pid goes to an unrelated process: that is not the operator.
+    let killed = Command::new("kill")
+        .args(["-KILL", &pid2.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    wait_until("the killed operator gone", Duration::from_secs(10), || {
+        operators_of(&platform).is_empty()
+    });
+    let stranger = Command::new("sleep").arg("120").spawn().unwrap();
+    let stranger_pid = stranger.id();
+    tb.extra.push(stranger);
+    let id_file = tb.dir.join("pids/operator.id");
+    let id = std::fs::read_to_string(&id_file).unwrap();
+    let (recorded_pid, identity) = id.trim().split_once(' ').unwrap();
+    assert_eq!(recorded_pid, pid2.to_string());
+    std::fs::write(&id_file, format!("{stranger_pid} {identity}\n")).unwrap();
+    std::fs::write(
+        tb.dir.join("pids/operator.pid"),
+        format!("{stranger_pid}\n"),
+    )
+    .unwrap();
+    let (ok, _, err) = tb.run("testbed/env", &[]);
+    assert!(
+        !ok && err.contains("operator"),
+        "testbed/env took pid {stranger_pid} (sleep) for the operator: {err}"
+    );
+    let (ok, _, err) = tb.run(op, &["status"]);
+    assert!(!ok, "status took the stranger for the operator: {err}");
+    let (ok, _, err) = tb.run(op, &[&["start"][..], &run_args].concat());
+    assert!(ok, "{err}\n{}", tb.log());
+    let pid3 = tb.pid();
+    assert_ne!(pid3, stranger_pid);
+    assert_eq!(operators_of(&platform), vec![pid3]);
+    assert!(
+        tb.extra[0].try_wait().unwrap().is_none(),
+        "the operator script killed the unrelated process"
+    );
+    tb.sourced().unwrap_or_else(|e| panic!("{e}"));
+
+    // Stop: nothing left, and the env file no longer points at a dead operator.
+    let (ok, _, err) = tb.run(op, &["stop"]);
+    assert!(ok, "{err}");
+    wait_until("the operator gone", Duration::from_secs(10), || {
+        operators_of(&platform).is_empty()
+    });
+    let env = std::fs::read_to_string(tb.dir.join("env")).unwrap();
+    assert!(!env.contains("BULKHEAD_OPERATOR_"), "{env}");
+    eprintln!(
+        "operator pids: start {pid1}, reuse {pid1}, restart {pid2}, after pid reuse {pid3}; metrics {url}"
+    );
+    drop(tb);
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    let _ = namespaces.delete(&ns, &DeleteParams::default()).await;
+}

@@ -4,9 +4,11 @@
 # Conventions:
 #   - progress goes to stderr, machine-readable results to stdout;
 #   - every process the testbed starts is recorded in $TB_DIR/pids/<name>.pid
-#     and logs to $TB_DIR/logs/<name>.log;
-#   - every such process has $TB_DIR somewhere in its command line, so that
-#     `pgrep -f "$TB_DIR"` finds leftovers.
+#     (the pid) and $TB_DIR/pids/<name>.id (pid, boot id and start time, which
+#     tell a reused pid apart), and logs to $TB_DIR/logs/<name>.log;
+#   - every backend process has $TB_DIR somewhere in its command line, so that
+#     `pgrep -f "$TB_DIR"` finds leftovers (the demo's operator does not: it is
+#     found through its record only).
 
 TB_K8S_VERSION=v1.36.3
 TB_HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -127,13 +129,51 @@ tb_pid() {
 	return 0
 }
 
-# tb_alive NAME: the recorded process exists and is ours (its command line
-# mentions the testbed directory, which guards against pid reuse).
+tb_idfile() { printf '%s/pids/%s.id' "$TB_DIR" "$1"; }
+
+# tb_proc_id PID: what tells this process apart from a later one that gets the
+# same pid: the boot id and its start time in clock ticks since boot (field 22
+# of /proc/PID/stat). Fails if there is no such process.
+tb_proc_id() {
+	local stat boot
+	local -a f
+	stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+	stat=${stat##*) } # after "pid (comm) " the fields start at 3 (state)
+	read -ra f <<<"$stat"
+	[[ ${f[19]:-} =~ ^[0-9]+$ ]] || return 1
+	boot=$(cat /proc/sys/kernel/random/boot_id 2>/dev/null || echo unknown-boot)
+	printf '%s %s\n' "$boot" "${f[19]}"
+}
+
+# tb_record NAME PID: record a process just started (identity first, so that a
+# reader who sees the pid file also finds its identity).
+tb_record() {
+	local name=$1 pid=$2 id f
+	id=$(tb_proc_id "$pid") || id="gone gone"
+	f=$(tb_idfile "$name")
+	printf '%s %s\n' "$pid" "$id" >"$f.tmp.$$"
+	mv -f "$f.tmp.$$" "$f"
+	f=$(tb_pidfile "$name")
+	printf '%s\n' "$pid" >"$f.tmp.$$"
+	mv -f "$f.tmp.$$" "$f"
+}
+
+# tb_forget NAME: remove a component's record.
+tb_forget() { rm -f "$(tb_pidfile "$1")" "$(tb_idfile "$1")"; }
+
+# tb_alive NAME: the recorded process runs and is the one that was recorded:
+# its start time matches the identity file, so a reused pid does not count.
+# A record without an identity (written by older scripts) falls back to the
+# old test: the command line mentions the testbed directory.
 tb_alive() {
-	local pid
+	local pid idpid idrest
 	pid=$(tb_pid "$1")
 	[[ -n $pid ]] || return 1
 	tb_running "$pid" || return 1
+	if read -r idpid idrest 2>/dev/null <"$(tb_idfile "$1")" && [[ $idpid == "$pid" ]]; then
+		[[ $(tb_proc_id "$pid") == "$idrest" ]]
+		return
+	fi
 	[[ -r /proc/$pid/cmdline ]] || return 1
 	tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$TB_DIR/"
 }
@@ -150,7 +190,9 @@ tb_launch() {
 	printf '\n===== %s starting %s =====\n' "$(date -u +%FT%TZ)" "$name" >>"$log"
 	# fd 9 is the testbed lock: the daemon must not inherit it
 	(cd "$cwd" && exec setsid "$@") >>"$log" 2>&1 </dev/null 9>&- &
-	printf '%s\n' "$!" >"$(tb_pidfile "$name")"
+	# the subshell's pid: it execs setsid, which execs the command, so the
+	# pid and its start time stay those of the daemon
+	tb_record "$name" "$!"
 }
 
 # tb_wait_until TIMEOUT_S NAME DESCRIPTION COMMAND...: poll COMMAND until it
@@ -239,7 +281,7 @@ tb_stop_batch() {
 			pids+=("$pid")
 			names+=("$name")
 		fi
-		rm -f "$(tb_pidfile "$name")"
+		tb_forget "$name"
 	done
 	deadline=$((SECONDS + ${TB_STOP_TIMEOUT:-30}))
 	while :; do
@@ -260,8 +302,8 @@ tb_stop_batch() {
 	done
 }
 
-# tb_stop_all quiet|verbose: stop every recorded component, the
-# controller-manager first (its client of the apiserver), then kube-apiserver
+# tb_stop_all quiet|verbose: stop every recorded component, the demo's
+# operator and the controller-manager first (clients of the apiserver), then kube-apiserver
 # (it hangs on shutdown once etcd is gone), then the rest, then any leftover
 # process whose command line mentions $TB_DIR/. Returns non-zero if something
 # survived.
@@ -273,9 +315,11 @@ tb_stop_all() {
 	shopt -s nullglob
 	for f in "$TB_DIR"/pids/*.pid; do
 		f=$(basename "$f" .pid)
-		[[ $f == kube-controller-manager || $f == kube-apiserver ]] || rest+=("$f")
+		[[ $f == operator || $f == kube-controller-manager || $f == kube-apiserver ]] || rest+=("$f")
 	done
 	shopt -u nullglob
+	tb_stop_batch "$quiet" operator
+	rm -f "$TB_DIR/operator.env"
 	tb_stop_batch "$quiet" kube-controller-manager
 	tb_stop_batch "$quiet" kube-apiserver
 	tb_stop_batch "$quiet" "${rest[@]}"
@@ -314,7 +358,7 @@ tb_stop_one() {
 		kill -KILL -- "-$pid" 2>/dev/null || true
 		kill -KILL "$pid" 2>/dev/null || true
 	fi
-	rm -f "$(tb_pidfile "$name")"
+	tb_forget "$name"
 }
 
 # SeaweedFS puts its gRPC unix sockets in /tmp, named by port. A clean stop
@@ -331,4 +375,40 @@ tb_cleanup_sockets() {
 tb_state_ports() {
 	[[ -f $TB_DIR/state.env ]] || return 0
 	sed -n 's/^[A-Z0-9_]*_PORT=\([0-9][0-9]*\)$/\1/p' "$TB_DIR/state.env"
+}
+
+# ------------------------------------------------------------- locking
+
+# tb_lock: take the testbed lock on fd 9 (waiting for a running up/down).
+# `down` may delete the directory (and the lock file) while we wait: retry
+# until the lock we hold is the current file.
+tb_lock() {
+	while :; do
+		mkdir -p "$TB_DIR"
+		exec 9>>"$TB_DIR/.lock"
+		flock -w 900 9 || tb_die "timed out waiting for another testbed run (lock $TB_DIR/.lock)"
+		[[ $TB_DIR/.lock -ef /proc/self/fd/9 ]] && return 0
+		exec 9>&-
+	done
+}
+
+# ------------------------------------------------------------- operator
+
+# tb_listen_addr PID: the first TCP address PID listens on (e.g. 127.0.0.1:41234).
+tb_listen_addr() {
+	ss -Hltnp 2>/dev/null | awk -v p="pid=$1," 'index($0, p) { print $4; found = 1; exit } END { exit !found }'
+}
+
+# tb_sync_operator_env: the env file exports the operator's variables
+# ($TB_DIR/operator.env: BULKHEAD_OPERATOR_*) exactly while it runs.
+tb_sync_operator_env() {
+	local env=$TB_DIR/env extra=$TB_DIR/operator.env tmp
+	[[ -f $env ]] || return 0
+	tmp=$env.operator.$$
+	{
+		grep -v '^export BULKHEAD_OPERATOR_' "$env" || true
+		if [[ -f $extra ]] && tb_alive operator; then cat "$extra"; fi
+	} >"$tmp"
+	chmod 600 "$tmp"
+	mv -f "$tmp" "$env"
 }
