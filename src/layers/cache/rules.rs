@@ -739,6 +739,43 @@ pub fn expected_flags(reference: &AclUser, enabled: bool) -> BTreeSet<String> {
     f
 }
 
+/// A command-rule description in a canonical order, for comparison. Redis 7.0 re-describes
+/// rules from its permission bits and lists per-command adjustments in hash-table order, which
+/// differs between nodes and restarts. Reordering is applied only where it cannot change the
+/// meaning: after the leading category rules, rules on different commands commute, and so do
+/// rules of one sign on the same command; anything else (a category rule later on, or `+` and
+/// `-` on the same command) keeps its order.
+pub fn canonical_commands(description: &str) -> String {
+    let tokens: Vec<&str> = description.split_whitespace().collect();
+    let lead = tokens
+        .iter()
+        .take_while(|t| t.starts_with("+@") || t.starts_with("-@"))
+        .count();
+    let (head, rest) = tokens.split_at(lead);
+    if rest.iter().any(|t| t.contains('@')) {
+        return tokens.join(" ");
+    }
+    let mut groups: std::collections::BTreeMap<&str, Vec<&str>> = std::collections::BTreeMap::new();
+    for t in rest {
+        let base = t
+            .trim_start_matches(['+', '-'])
+            .split('|')
+            .next()
+            .unwrap_or("");
+        groups.entry(base).or_default().push(t);
+    }
+    let mut out: Vec<&str> = head.to_vec();
+    for (_, mut group) in groups {
+        let one_sign = group.iter().all(|t| t.starts_with('+'))
+            || group.iter().all(|t| t.starts_with('-'));
+        if one_sign {
+            group.sort_unstable();
+        }
+        out.extend(group);
+    }
+    out.join(" ")
+}
+
 /// Compares the user on the server with the plan. `reference` is the server's own description
 /// of the same profile (the reference user's GETUSER reply); only its flags and commands are used.
 pub fn diff(plan: &AclPlan, actual: Option<&AclUser>, reference: &AclUser) -> Vec<Drift> {
@@ -768,7 +805,7 @@ pub fn diff(plan: &AclPlan, actual: Option<&AclUser>, reference: &AclUser) -> Ve
                 .collect(),
         });
     }
-    if actual.commands != reference.commands {
+    if canonical_commands(&actual.commands) != canonical_commands(&reference.commands) {
         out.push(Drift::Commands {
             actual: actual.commands.clone(),
             expected: reference.commands.clone(),
@@ -1401,6 +1438,33 @@ mod tests {
             "&org:acme:*",
         );
         assert_eq!(diff(&plan, Some(&all), &reference).len(), 2);
+    }
+
+    #[test]
+    fn command_descriptions_compare_in_canonical_order_only_where_meaning_is_kept() {
+        let a = "-@all +@string +@pubsub -pubsub|numpat -pubsub|channels +object -keys";
+        let b = "-@all +@string +@pubsub -keys -pubsub|channels +object -pubsub|numpat";
+        assert_eq!(canonical_commands(a), canonical_commands(b));
+        // Category order matters.
+        assert_ne!(
+            canonical_commands("-@all +@string -get"),
+            canonical_commands("+@string -@all -get")
+        );
+        // + and - on one command keep their order.
+        assert_ne!(
+            canonical_commands("-@all -client +client|setname"),
+            canonical_commands("-@all +client|setname -client")
+        );
+        // A later category rule keeps everything in order.
+        assert_ne!(
+            canonical_commands("-@all -keys +@all"),
+            canonical_commands("-@all +@all -keys")
+        );
+        // Different sets of rules never compare equal.
+        assert_ne!(
+            canonical_commands("-@all +@string -keys"),
+            canonical_commands("-@all +@string -keys +flushall")
+        );
     }
 
     #[test]
