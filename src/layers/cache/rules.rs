@@ -261,7 +261,7 @@ pub enum RuleError {
     #[error("org id {0:?} is not valid: {1}")]
     BadOrgId(String, String),
     #[error(
-        "{field} {value:?} places every organization's keys inside the owner records' namespace {OWNER_RECORD_NAMESPACE:?}"
+        "{field} {value:?} places every organization's prefix inside the owner records' namespace {OWNER_RECORD_NAMESPACE:?}"
     )]
     TemplateCoversOwnerRecords { field: &'static str, value: String },
     #[error(
