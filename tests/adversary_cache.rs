@@ -433,16 +433,25 @@ async fn an_attacker_who_creates_organizations_cannot_take_or_wipe_another_orgs_
     s.key_prefix = "bulkhead:{orgId}:".into();
     s.user_prefix = format!("{}-", unique("bkadv"));
     let wide = layer_with(&s).await;
-    let covering = tenant("owner", "uid-covering");
-    let r = wide.ensure(&covering, &mut Credentials::default()).await;
+    let mut covering = tenant("owner", "uid-covering");
     let user = wide.identity(&covering.org_id).unwrap();
-    let created = admin_cmd(&["ACL", "GETUSER", &user]).await.unwrap() != Value::Nil;
-    t.row(
-        "orgId 'owner' with keyPrefix bulkhead:{orgId}: (pattern bulkhead:owner:*)",
-        "Refused, no ACL user",
-        &format!("{r:?}, user created: {created}"),
-        matches!(r, Err(LayerError::Refused(_))) && !created,
-    );
+    for adopt in [None, Some("legacy")] {
+        covering.adopt_from = adopt.map(str::to_owned);
+        let r = wide.ensure(&covering, &mut Credentials::default()).await;
+        let created = admin_cmd(&["ACL", "GETUSER", &user]).await.unwrap() != Value::Nil;
+        t.row(
+            &format!(
+                "orgId 'owner' with keyPrefix bulkhead:{{orgId}}: (pattern bulkhead:owner:*), adopt-from {adopt:?}"
+            ),
+            "Refused: prefix overlaps the owner records; no ACL user",
+            &format!("{r:?}, user created: {created}"),
+            matches!(&r, Err(LayerError::Refused(m)) if m.contains("overlaps the owner records"))
+                && !created,
+        );
+    }
+    // Never leave such a user behind, even when the defence above is missing.
+    admin_cmd(&["ACL", "DELUSER", &user]).await.unwrap();
+    admin_cmd(&["DEL", "bulkhead:owner:owner"]).await.unwrap();
     let mut s2 = spec();
     s2.channel_prefix = "bulkhead:owner:{orgId}:".into();
     let r = CacheLayer::connect(&s2, "redis://default:x@127.0.0.1:1").await;
