@@ -1052,7 +1052,9 @@ async fn expected_allowed(scripting: bool) -> BTreeSet<String> {
     let expand = |c: &cache::rules::Command| -> BTreeSet<String> {
         let spelled = c.spelled();
         all.iter()
-            .filter(|n| **n == spelled || (c.sub.is_none() && n.starts_with(&format!("{spelled}|"))))
+            .filter(|n| {
+                **n == spelled || (c.sub.is_none() && n.starts_with(&format!("{spelled}|")))
+            })
             .cloned()
             .collect()
     };
@@ -1145,7 +1147,10 @@ async fn allowlist_profile_denies_every_command_outside_it_on_this_redis() {
     // that Redis runs before authentication (AUTH, HELLO, RESET, QUIT) skip ACLs entirely.
     let allowed = expected_allowed(false).await;
     let exempt = no_auth_commands().await;
-    assert!(exempt.contains("reset") && exempt.contains("auth"), "{exempt:?}");
+    assert!(
+        exempt.contains("reset") && exempt.contains("auth"),
+        "{exempt:?}"
+    );
     let all = names(&admin_cmd(&["COMMAND", "LIST"]).await.unwrap());
     let own = format!("org:{a}:x");
     let (mut denied_n, mut allowed_n) = (0, 0);
@@ -1176,7 +1181,10 @@ async fn allowlist_profile_denies_every_command_outside_it_on_this_redis() {
     }
     println!("profile on this Redis: {allowed_n} commands allowed, {denied_n} denied");
     assert!(wrong.is_empty(), "{wrong:#?}");
-    assert!(denied_n > 100 && allowed_n > 100, "{allowed_n} / {denied_n}");
+    assert!(
+        denied_n > 100 && allowed_n > 100,
+        "{allowed_n} / {denied_n}"
+    );
     for must_deny in [
         "keys",
         "scan",
@@ -1237,7 +1245,13 @@ async fn allowlist_profile_denies_every_command_outside_it_on_this_redis() {
         vec!["XLEN".into(), k("x")],
         vec!["PFADD".into(), k("hll"), "a".into()],
         vec!["SETBIT".into(), k("b"), "7".into(), "1".into()],
-        vec!["GEOADD".into(), k("g"), "13.4".into(), "52.5".into(), "berlin".into()],
+        vec![
+            "GEOADD".into(),
+            k("g"),
+            "13.4".into(),
+            "52.5".into(),
+            "berlin".into(),
+        ],
         vec!["EXPIRE".into(), k("s"), "100".into()],
         vec!["TTL".into(), k("s")],
         vec!["PERSIST".into(), k("s")],
@@ -1247,7 +1261,17 @@ async fn allowlist_profile_denies_every_command_outside_it_on_this_redis() {
         vec!["RENAME".into(), k("l"), k("l2")],
         vec!["PUBLISH".into(), k("events"), "hi".into()],
         vec!["UNLINK".into(), k("l2")],
-        vec!["DEL".into(), k("s"), k("h"), k("set"), k("z"), k("x"), k("hll"), k("b"), k("g")],
+        vec![
+            "DEL".into(),
+            k("s"),
+            k("h"),
+            k("set"),
+            k("z"),
+            k("x"),
+            k("hll"),
+            k("b"),
+            k("g"),
+        ],
     ];
     for args in &checks {
         let mut c = redis::cmd(&args[0]);
@@ -1300,7 +1324,13 @@ async fn allowlist_with_scripting_allows_eval_and_still_denies_script_management
         let v = dryrun(&user, c, &own).await.unwrap();
         assert!(!v.contains("no permissions to run"), "{c}: {v}");
     }
-    for c in ["script|flush", "script|load", "function|flush", "function|load", "lolwut"] {
+    for c in [
+        "script|flush",
+        "script|load",
+        "function|flush",
+        "function|load",
+        "lolwut",
+    ] {
         let v = dryrun(&user, c, &own).await.unwrap();
         assert!(v.contains("no permissions to run"), "{c}: {v}");
     }
@@ -1323,13 +1353,19 @@ async fn a_user_left_with_the_old_plus_all_profile_is_drift_and_repaired() {
         .unwrap();
     let v = layer.verify(&ta, &creds).await.unwrap();
     assert!(
-        v.findings.iter().any(|f| f.contains("command rules changed")),
+        v.findings
+            .iter()
+            .any(|f| f.contains("command rules changed")),
         "{:?}",
         v.findings
     );
     assert!(!probe(&v, &format!("LOLWUT (outside the allowlist) as {a}")).passed);
     let repairs = layer.ensure(&ta, &mut creds).await.unwrap();
-    assert!(repairs.iter().any(|r| r.0.contains("command rules changed")));
+    assert!(
+        repairs
+            .iter()
+            .any(|r| r.0.contains("command rules changed"))
+    );
     let v = layer.verify(&ta, &creds).await.unwrap();
     assert_clean(&v);
     for p in [
@@ -1360,14 +1396,26 @@ async fn rotation_ends_connections_opened_with_the_old_password() {
     let mut rotating = ta.clone();
     rotating.rotate = true;
     let old = creds.clone();
-    assert!(layer.ensure(&rotating, &mut creds).await.unwrap().is_empty());
+    assert!(
+        layer
+            .ensure(&rotating, &mut creds)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert_ne!(creds.get(cache::KEY_PASSWORD), old.get(cache::KEY_PASSWORD));
     let after: redis::RedisResult<Value> = redis::cmd("GET")
         .arg(format!("org:{a}:k"))
         .query_async(&mut old_conn)
         .await;
-    assert!(after.is_err(), "a connection from before rotation still works: {after:?}");
-    assert!(tenant_conn(&old).await.is_err(), "the old password still logs in");
+    assert!(
+        after.is_err(),
+        "a connection from before rotation still works: {after:?}"
+    );
+    assert!(
+        tenant_conn(&old).await.is_err(),
+        "the old password still logs in"
+    );
     let mut new_conn = tenant_conn(&creds).await.unwrap();
     let v: String = redis::cmd("GET")
         .arg(format!("org:{a}:k"))
@@ -1392,7 +1440,9 @@ async fn a_claimant_of_an_owned_org_id_is_refused_and_its_cleanup_removes_nothin
         .await
         .unwrap();
     assert_eq!(
-        admin_cmd(&["GET", &format!("bulkhead:owner:{a}")]).await.unwrap(),
+        admin_cmd(&["GET", &format!("bulkhead:owner:{a}")])
+            .await
+            .unwrap(),
         Value::BulkString(b"uid-owner-1".to_vec())
     );
 
@@ -1411,27 +1461,47 @@ async fn a_claimant_of_an_owned_org_id_is_refused_and_its_cleanup_removes_nothin
         claimant.deletion_policy = policy;
         layer.cleanup(&claimant).await.unwrap();
         let mut c = creds.clone();
-        assert!(layer.retire(&claimant, &mut c).await.unwrap().iter().all(|r| !r.0.contains("ACL user")));
+        assert!(
+            layer
+                .retire(&claimant, &mut c)
+                .await
+                .unwrap()
+                .iter()
+                .all(|r| !r.0.contains("ACL user"))
+        );
     }
     // The owner's user, keys and record are untouched, and it still works.
     let user = layer.identity(&owner.org_id).unwrap();
-    assert_ne!(admin_cmd(&["ACL", "GETUSER", &user]).await.unwrap(), Value::Nil);
+    assert_ne!(
+        admin_cmd(&["ACL", "GETUSER", &user]).await.unwrap(),
+        Value::Nil
+    );
     assert_eq!(
-        admin_cmd(&["GET", &format!("org:{a}:realdata")]).await.unwrap(),
+        admin_cmd(&["GET", &format!("org:{a}:realdata")])
+            .await
+            .unwrap(),
         Value::BulkString(b"precious".to_vec())
     );
     assert_clean(&layer.verify(&owner, &creds).await.unwrap());
     // The claimant's verify sees the record names someone else.
     let v = layer.verify(&claimant, &creds).await.unwrap();
-    assert!(v.findings.iter().any(|f| f.contains("uid-owner-1")), "{:?}", v.findings);
+    assert!(
+        v.findings.iter().any(|f| f.contains("uid-owner-1")),
+        "{:?}",
+        v.findings
+    );
 
     let mut od = owner.clone();
     od.deletion_policy = DeletionPolicy::Delete;
     layer.cleanup(&od).await.unwrap();
     assert_eq!(
-        admin_cmd(&["EXISTS", &format!("org:{a}:realdata"), &format!("bulkhead:owner:{a}")])
-            .await
-            .unwrap(),
+        admin_cmd(&[
+            "EXISTS",
+            &format!("org:{a}:realdata"),
+            &format!("bulkhead:owner:{a}")
+        ])
+        .await
+        .unwrap(),
         Value::Int(0)
     );
 }
@@ -1442,7 +1512,9 @@ async fn retained_keys_are_inherited_only_with_adopt_from() {
     let a = org_id();
     let first = owned_by(&a, "uid-first");
     provision(&layer, &first).await;
-    admin_cmd(&["SET", &format!("org:{a}:realdata"), "kept"]).await.unwrap();
+    admin_cmd(&["SET", &format!("org:{a}:realdata"), "kept"])
+        .await
+        .unwrap();
     layer.cleanup(&first).await.unwrap(); // Retain
 
     let mut second = owned_by(&a, "uid-second");
@@ -1450,21 +1522,31 @@ async fn retained_keys_are_inherited_only_with_adopt_from() {
         .ensure(&second, &mut Credentials::default())
         .await
         .expect_err("refused without adopt-from");
-    assert!(matches!(err, LayerError::Refused(ref m) if m.contains("uid-first")), "{err}");
+    assert!(
+        matches!(err, LayerError::Refused(ref m) if m.contains("uid-first")),
+        "{err}"
+    );
     second.adopt_from = Some("uid-somebody-else".into());
-    assert!(layer.ensure(&second, &mut Credentials::default()).await.is_err());
+    assert!(
+        layer
+            .ensure(&second, &mut Credentials::default())
+            .await
+            .is_err()
+    );
 
     second.adopt_from = Some("uid-first".into());
     let mut creds = Credentials::default();
     let repairs = layer.ensure(&second, &mut creds).await.unwrap();
     assert!(
-        repairs
-            .iter()
-            .any(|r| r.0.contains("re-attached retained data of Organization UID uid-first")),
+        repairs.iter().any(|r| r
+            .0
+            .contains("re-attached retained data of Organization UID uid-first")),
         "{repairs:?}"
     );
     assert_eq!(
-        admin_cmd(&["GET", &format!("bulkhead:owner:{a}")]).await.unwrap(),
+        admin_cmd(&["GET", &format!("bulkhead:owner:{a}")])
+            .await
+            .unwrap(),
         Value::BulkString(b"uid-second".to_vec())
     );
     let mut conn = tenant_conn(&creds).await.unwrap();
@@ -1479,7 +1561,9 @@ async fn retained_keys_are_inherited_only_with_adopt_from() {
     fd.deletion_policy = DeletionPolicy::Delete;
     layer.cleanup(&fd).await.unwrap();
     assert_eq!(
-        admin_cmd(&["EXISTS", &format!("org:{a}:realdata")]).await.unwrap(),
+        admin_cmd(&["EXISTS", &format!("org:{a}:realdata")])
+            .await
+            .unwrap(),
         Value::Int(1)
     );
     // A later pass of the adopter is quiet.
@@ -1496,7 +1580,9 @@ async fn state_without_an_owner_record_is_adopted_only_as_legacy() {
     let t = owned_by(&a, "uid-legacy-owner");
     let mut creds = provision(&layer, &t).await;
     // As before owner records existed: the user and keys, no record.
-    admin_cmd(&["DEL", &format!("bulkhead:owner:{a}")]).await.unwrap();
+    admin_cmd(&["DEL", &format!("bulkhead:owner:{a}")])
+        .await
+        .unwrap();
     let err = layer.ensure(&t, &mut creds).await.expect_err("refused");
     assert!(
         matches!(err, LayerError::Refused(ref m) if m.contains("no recorded owner") && m.contains("legacy")),
@@ -1507,28 +1593,40 @@ async fn state_without_an_owner_record_is_adopted_only_as_legacy() {
     td.deletion_policy = DeletionPolicy::Delete;
     layer.cleanup(&td).await.unwrap();
     let user = layer.identity(&t.org_id).unwrap();
-    assert_ne!(admin_cmd(&["ACL", "GETUSER", &user]).await.unwrap(), Value::Nil);
+    assert_ne!(
+        admin_cmd(&["ACL", "GETUSER", &user]).await.unwrap(),
+        Value::Nil
+    );
 
     let mut adopting = t.clone();
     adopting.adopt_from = Some("legacy".into());
     let repairs = layer.ensure(&adopting, &mut creds).await.unwrap();
     assert!(
-        repairs.iter().any(|r| r.0.contains("re-attached retained data of Organization UID legacy")),
+        repairs.iter().any(|r| r
+            .0
+            .contains("re-attached retained data of Organization UID legacy")),
         "{repairs:?}"
     );
     assert!(layer.ensure(&t, &mut creds).await.unwrap().is_empty());
 
     // Keys alone (no user, no canary) also count as state.
     let b = org_id();
-    admin_cmd(&["SET", &format!("org:{b}:stray"), "x"]).await.unwrap();
+    admin_cmd(&["SET", &format!("org:{b}:stray"), "x"])
+        .await
+        .unwrap();
     let err = layer
         .ensure(&owned_by(&b, "uid-b"), &mut Credentials::default())
         .await
         .expect_err("keys with no owner are not adopted");
     assert!(matches!(err, LayerError::Refused(_)));
-    admin_cmd(&["DEL", &format!("org:{b}:stray")]).await.unwrap();
+    admin_cmd(&["DEL", &format!("org:{b}:stray")])
+        .await
+        .unwrap();
     layer.cleanup(&td).await.unwrap();
-    assert_eq!(admin_cmd(&["ACL", "GETUSER", &user]).await.unwrap(), Value::Nil);
+    assert_eq!(
+        admin_cmd(&["ACL", "GETUSER", &user]).await.unwrap(),
+        Value::Nil
+    );
 }
 
 #[tokio::test]
@@ -1546,8 +1644,14 @@ async fn retire_removes_the_user_and_credentials_and_keeps_the_keys() {
         .await
         .unwrap();
     let repairs = layer.retire(&t, &mut creds).await.unwrap();
-    assert!(repairs.iter().any(|r| r.0.contains("ACL user")), "{repairs:?}");
-    assert!(repairs.iter().any(|r| r.0.contains("REDIS_PASSWORD")), "{repairs:?}");
+    assert!(
+        repairs.iter().any(|r| r.0.contains("ACL user")),
+        "{repairs:?}"
+    );
+    assert!(
+        repairs.iter().any(|r| r.0.contains("REDIS_PASSWORD")),
+        "{repairs:?}"
+    );
     for k in [
         cache::KEY_URL,
         cache::KEY_USERNAME,
@@ -1559,7 +1663,10 @@ async fn retire_removes_the_user_and_credentials_and_keeps_the_keys() {
     }
     assert_eq!(creds.get("DATABASE_URL"), Some("kept"));
     let user = layer.identity(&t.org_id).unwrap();
-    assert_eq!(admin_cmd(&["ACL", "GETUSER", &user]).await.unwrap(), Value::Nil);
+    assert_eq!(
+        admin_cmd(&["ACL", "GETUSER", &user]).await.unwrap(),
+        Value::Nil
+    );
     let open: redis::RedisResult<Value> = redis::cmd("PING").query_async(&mut conn).await;
     assert!(open.is_err(), "a session survived the retirement");
     assert_eq!(
@@ -1589,7 +1696,10 @@ async fn an_org_whose_prefix_covers_the_owner_records_is_refused_before_any_writ
         .await
         .err()
         .expect("refused");
-    assert!(matches!(err, LayerError::Config(ref m) if m.contains("owner")), "{err:?}");
+    assert!(
+        matches!(err, LayerError::Config(ref m) if m.contains("owner")),
+        "{err:?}"
+    );
 
     let mut s = spec();
     s.key_prefix = "bulkhead:{orgId}:".into();
@@ -1601,10 +1711,16 @@ async fn an_org_whose_prefix_covers_the_owner_records_is_refused_before_any_writ
         .ensure(&t, &mut Credentials::default())
         .await
         .expect_err("refused");
-    assert!(matches!(err, LayerError::Refused(ref m) if m.contains("owner records")), "{err:?}");
+    assert!(
+        matches!(err, LayerError::Refused(ref m) if m.contains("owner records")),
+        "{err:?}"
+    );
     assert_eq!(layer.acl_changes(), before, "no ACL write");
     let user = layer.identity(&t.org_id).unwrap();
-    assert_eq!(admin_cmd(&["ACL", "GETUSER", &user]).await.unwrap(), Value::Nil);
+    assert_eq!(
+        admin_cmd(&["ACL", "GETUSER", &user]).await.unwrap(),
+        Value::Nil
+    );
     admin_cmd(&["ACL", "DELUSER", &layer.rules().reference_user()])
         .await
         .unwrap();

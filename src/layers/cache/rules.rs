@@ -476,7 +476,11 @@ impl CacheRules {
     pub fn command_rules(&self) -> Vec<CommandRule> {
         use RuleTarget::{Category as Cat, Command as Cmd};
         let mut out = vec![CommandRule::Deny(Cat(Category::All))];
-        out.extend(ALLOWED_CATEGORIES.iter().map(|c| CommandRule::Allow(Cat(*c))));
+        out.extend(
+            ALLOWED_CATEGORIES
+                .iter()
+                .map(|c| CommandRule::Allow(Cat(*c))),
+        );
         if self.allow_scripting {
             out.push(CommandRule::Allow(Cat(Category::Scripting)));
         }
@@ -496,7 +500,10 @@ impl CacheRules {
 
     /// The command profile, as separate ACL rules.
     pub fn command_profile(&self) -> Vec<String> {
-        self.command_rules().iter().map(CommandRule::render).collect()
+        self.command_rules()
+            .iter()
+            .map(CommandRule::render)
+            .collect()
     }
 
     /// The key of `org`'s owner record, outside every organization's key prefix.
@@ -766,8 +773,8 @@ pub fn canonical_commands(description: &str) -> String {
     }
     let mut out: Vec<&str> = head.to_vec();
     for (_, mut group) in groups {
-        let one_sign = group.iter().all(|t| t.starts_with('+'))
-            || group.iter().all(|t| t.starts_with('-'));
+        let one_sign =
+            group.iter().all(|t| t.starts_with('+')) || group.iter().all(|t| t.starts_with('-'));
         if one_sign {
             group.sort_unstable();
         }
@@ -994,7 +1001,10 @@ mod tests {
                 "{denied} missing from {r:?}"
             );
         }
-        assert_eq!(r[5], "-@all", "the profile starts by denying everything: {r:?}");
+        assert_eq!(
+            r[5], "-@all",
+            "the profile starts by denying everything: {r:?}"
+        );
         assert!(!r.contains(&"+@all".to_owned()), "{r:?}");
     }
 
@@ -1070,10 +1080,26 @@ mod tests {
             "+client|getname",
             "+client|id",
         ] {
-            assert!(profile.contains(&must.to_owned()), "{must} missing: {profile:?}");
+            assert!(
+                profile.contains(&must.to_owned()),
+                "{must} missing: {profile:?}"
+            );
         }
-        for never in ["+@all", "+@read", "+@write", "+@keyspace", "+@connection", "+cluster", "+client", "+keys", "+scan"] {
-            assert!(!profile.contains(&never.to_owned()), "{never} in {profile:?}");
+        for never in [
+            "+@all",
+            "+@read",
+            "+@write",
+            "+@keyspace",
+            "+@connection",
+            "+cluster",
+            "+client",
+            "+keys",
+            "+scan",
+        ] {
+            assert!(
+                !profile.contains(&never.to_owned()),
+                "{never} in {profile:?}"
+            );
         }
     }
 
@@ -1097,8 +1123,11 @@ mod tests {
             }
         }
         assert_eq!(
-            CommandRule::Deny(RuleTarget::Command(Command::sub("cluster", "getkeysinslot")))
-                .render(),
+            CommandRule::Deny(RuleTarget::Command(Command::sub(
+                "cluster",
+                "getkeysinslot"
+            )))
+            .render(),
             "-cluster|getkeysinslot"
         );
         assert_eq!(
@@ -1117,7 +1146,10 @@ mod tests {
         let on = CacheRules::from_spec(&s).unwrap().command_profile();
         let grant = on.iter().position(|r| r == "+@scripting").unwrap();
         let deny_script = on.iter().position(|r| r == "-script").unwrap();
-        assert!(grant < deny_script, "script management is denied after the grant");
+        assert!(
+            grant < deny_script,
+            "script management is denied after the grant"
+        );
     }
 
     #[test]
@@ -1183,7 +1215,10 @@ mod tests {
         let rules = CacheRules::from_spec(&s).unwrap();
         assert!(matches!(
             rules.plan(&OrgId::parse("bulkhead").unwrap(), "h"),
-            Err(RuleError::PrefixCoversOwnerRecords { field: "channelPrefix", .. })
+            Err(RuleError::PrefixCoversOwnerRecords {
+                field: "channelPrefix",
+                ..
+            })
         ));
         assert!(rules.plan(&acme(), "h").is_ok());
     }
