@@ -1004,6 +1004,27 @@ async fn acls_are_applied_and_verified_on_every_node() {
             .any(|r| r.0.contains("missing"))
     );
 
+    // Rotation ends the old password's connections on every node, the replica included.
+    let user_name = creds.get(cache::KEY_USERNAME).unwrap().to_owned();
+    let old_password = creds.get(cache::KEY_PASSWORD).unwrap().to_owned();
+    let on_replica = redis::Client::open(format!("redis://{user_name}:{old_password}@{node}"))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await;
+    let mut on_replica = on_replica.expect("tenant logs in on the replica");
+    let _: Value = redis::cmd("PING")
+        .query_async(&mut on_replica)
+        .await
+        .unwrap();
+    let mut rotating = ta.clone();
+    rotating.rotate = true;
+    layer.ensure(&rotating, &mut creds).await.unwrap();
+    let after: redis::RedisResult<Value> = redis::cmd("PING").query_async(&mut on_replica).await;
+    assert!(
+        after.is_err(),
+        "a replica connection survived rotation: {after:?}"
+    );
+
     cleanup_delete(&layer, &a).await;
     let gone: Value = redis::cmd("ACL")
         .arg("GETUSER")
