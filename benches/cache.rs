@@ -62,7 +62,11 @@ fn tenant(org: &str) -> Result<Tenant, BoxError> {
         deletion_policy: DeletionPolicy::Delete,
         rotate: false,
         peers: vec![OrgId::sentinel()],
-        owner: OwnerReference::default(),
+        // The layer records an owner UID before creating anything.
+        owner: OwnerReference {
+            uid: format!("bench-{org}"),
+            ..OwnerReference::default()
+        },
         adopt_from: None,
         resource_quota: None,
         limit_range: None,

@@ -1004,6 +1004,27 @@ async fn acls_are_applied_and_verified_on_every_node() {
             .any(|r| r.0.contains("missing"))
     );
 
+    // Rotation ends the old password's connections on every node, the replica included.
+    let user_name = creds.get(cache::KEY_USERNAME).unwrap().to_owned();
+    let old_password = creds.get(cache::KEY_PASSWORD).unwrap().to_owned();
+    let on_replica = redis::Client::open(format!("redis://{user_name}:{old_password}@{node}"))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await;
+    let mut on_replica = on_replica.expect("tenant logs in on the replica");
+    let _: Value = redis::cmd("PING")
+        .query_async(&mut on_replica)
+        .await
+        .unwrap();
+    let mut rotating = ta.clone();
+    rotating.rotate = true;
+    layer.ensure(&rotating, &mut creds).await.unwrap();
+    let after: redis::RedisResult<Value> = redis::cmd("PING").query_async(&mut on_replica).await;
+    assert!(
+        after.is_err(),
+        "a replica connection survived rotation: {after:?}"
+    );
+
     cleanup_delete(&layer, &a).await;
     let gone: Value = redis::cmd("ACL")
         .arg("GETUSER")
@@ -1016,4 +1037,712 @@ async fn acls_are_applied_and_verified_on_every_node() {
         .await
         .unwrap();
     drop(replica);
+}
+
+fn owned_by(org: &str, uid: &str) -> Tenant {
+    let mut t = tenant(org, &[]);
+    t.owner.uid = uid.to_owned();
+    t
+}
+
+fn text_of(v: &Value) -> String {
+    match v {
+        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        Value::SimpleString(s) => s.clone(),
+        Value::VerbatimString { text, .. } => text.clone(),
+        Value::Okay => "OK".into(),
+        other => format!("{other:?}"),
+    }
+}
+
+fn names(v: &Value) -> BTreeSet<String> {
+    match v {
+        Value::Array(a) | Value::Set(a) => a.iter().map(text_of).collect(),
+        _ => BTreeSet::new(),
+    }
+}
+
+/// The commands (and subcommands) this Redis lets the profile through, computed from the
+/// server's own category lists by the same steps as the profile: allow, deny, re-allow.
+async fn expected_allowed(scripting: bool) -> BTreeSet<String> {
+    use cache::rules::{
+        ALLOWED_CATEGORIES, ALLOWED_CLIENT_SUBCOMMANDS, ALLOWED_COMMANDS, DENIED_CATEGORIES,
+        DENIED_COMMANDS,
+    };
+    let all = names(&admin_cmd(&["COMMAND", "LIST"]).await.unwrap());
+    let expand = |c: &cache::rules::Command| -> BTreeSet<String> {
+        let spelled = c.spelled();
+        all.iter()
+            .filter(|n| {
+                **n == spelled || (c.sub.is_none() && n.starts_with(&format!("{spelled}|")))
+            })
+            .cloned()
+            .collect()
+    };
+    let mut allowed = BTreeSet::new();
+    let mut cats: Vec<&str> = ALLOWED_CATEGORIES.iter().map(|c| c.name()).collect();
+    if scripting {
+        cats.push("scripting");
+    }
+    for c in cats {
+        allowed.extend(names(&admin_cmd(&["ACL", "CAT", c]).await.unwrap()));
+    }
+    for c in ALLOWED_COMMANDS {
+        allowed.extend(expand(c));
+    }
+    let mut denied_cats: Vec<&str> = DENIED_CATEGORIES.iter().map(|c| c.name()).collect();
+    if !scripting {
+        denied_cats.push("scripting");
+    }
+    for c in denied_cats {
+        for n in names(&admin_cmd(&["ACL", "CAT", c]).await.unwrap()) {
+            allowed.remove(&n);
+        }
+    }
+    for c in DENIED_COMMANDS {
+        for n in expand(c) {
+            allowed.remove(&n);
+        }
+    }
+    for c in ALLOWED_CLIENT_SUBCOMMANDS {
+        allowed.extend(expand(c));
+    }
+    allowed
+}
+
+/// Commands flagged `no_auth`: Redis never checks them against ACLs.
+async fn no_auth_commands() -> BTreeSet<String> {
+    let Value::Array(all) = admin_cmd(&["COMMAND"]).await.unwrap() else {
+        panic!("COMMAND")
+    };
+    all.iter()
+        .filter_map(|c| match c {
+            Value::Array(f) if f.len() > 2 && names(&f[2]).contains("no_auth") => {
+                Some(text_of(&f[0]))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// `ACL DRYRUN` of `command` (`name` or `name|sub`) for `user` with own-prefixed arguments,
+/// trying argument counts until the arity fits. `None` when no count fits.
+async fn dryrun(user: &str, command: &str, own: &str) -> Option<String> {
+    let mut words: Vec<String> = command.split('|').map(str::to_owned).collect();
+    for _ in 0..8 {
+        let mut args = vec!["ACL", "DRYRUN", user];
+        args.extend(words.iter().map(String::as_str));
+        match admin_cmd(&args).await {
+            Ok(v) => return Some(text_of(&v)),
+            Err(e) if e.to_string().contains("wrong number of arguments") => {
+                words.push(own.to_owned());
+            }
+            Err(e) => return Some(e.to_string()),
+        }
+    }
+    None
+}
+
+#[tokio::test]
+async fn allowlist_profile_denies_every_command_outside_it_on_this_redis() {
+    let layer = layer().await;
+    let a = org_id();
+    let ta = tenant(&a, &[]);
+    let creds = provision(&layer, &ta).await;
+    let user = layer.identity(&ta.org_id).unwrap();
+    let profile = layer.rules().command_profile();
+    assert_eq!(profile[0], "-@all");
+
+    // The server describes the user's rules starting from -@all: deny by default.
+    let Value::Array(info) = admin_cmd(&["ACL", "GETUSER", &user]).await.unwrap() else {
+        panic!("GETUSER")
+    };
+    let commands = info
+        .chunks(2)
+        .find(|c| text_of(&c[0]) == "commands")
+        .map(|c| text_of(&c[1]))
+        .unwrap();
+    assert!(commands.starts_with("-@all "), "{commands}");
+
+    // Every command and subcommand this Redis knows: the verdict is the profile's. Commands
+    // that Redis runs before authentication (AUTH, HELLO, RESET, QUIT) skip ACLs entirely.
+    let allowed = expected_allowed(false).await;
+    let exempt = no_auth_commands().await;
+    assert!(
+        exempt.contains("reset") && exempt.contains("auth"),
+        "{exempt:?}"
+    );
+    let all = names(&admin_cmd(&["COMMAND", "LIST"]).await.unwrap());
+    let own = format!("org:{a}:x");
+    let (mut denied_n, mut allowed_n) = (0, 0);
+    let mut wrong = Vec::new();
+    for c in &all {
+        // Container commands are judged by their subcommands.
+        if !c.contains('|') && all.iter().any(|n| n.starts_with(&format!("{c}|"))) {
+            continue;
+        }
+        if exempt.contains(c) {
+            continue;
+        }
+        let Some(verdict) = dryrun(&user, c, &own).await else {
+            continue;
+        };
+        let refused = verdict.contains("no permissions to run");
+        if allowed.contains(c) {
+            allowed_n += 1;
+            if refused {
+                wrong.push(format!("{c} should be allowed: {verdict}"));
+            }
+        } else {
+            denied_n += 1;
+            if !refused {
+                wrong.push(format!("{c} should be denied: {verdict}"));
+            }
+        }
+    }
+    println!("profile on this Redis: {allowed_n} commands allowed, {denied_n} denied");
+    assert!(wrong.is_empty(), "{wrong:#?}");
+    assert!(
+        denied_n > 100 && allowed_n > 100,
+        "{allowed_n} / {denied_n}"
+    );
+    for must_deny in [
+        "keys",
+        "scan",
+        "randomkey",
+        "dbsize",
+        "select",
+        "flushall",
+        "flushdb",
+        "config|get",
+        "debug",
+        "monitor",
+        "pubsub|channels",
+        "pubsub|numsub",
+        "cluster|getkeysinslot",
+        "cluster|countkeysinslot",
+        "client|list",
+        "client|kill",
+        "acl|whoami",
+        "eval",
+        "sort",
+        "lolwut",
+    ] {
+        assert!(all.contains(must_deny), "{must_deny} unknown to this Redis");
+        assert!(!allowed.contains(must_deny), "{must_deny} allowed");
+    }
+
+    // A command this Redis has, in no allowed category: refused for real, only by default.
+    let mut conn = tenant_conn(&creds).await.unwrap();
+    for c in ["lolwut"] {
+        for cat in cache::rules::ALLOWED_CATEGORIES {
+            let members = names(&admin_cmd(&["ACL", "CAT", cat.name()]).await.unwrap());
+            assert!(!members.contains(c), "{c} is in @{}", cat.name());
+        }
+        let r: redis::RedisResult<Value> = redis::cmd(c).query_async(&mut conn).await;
+        assert!(is_noperm(&r.unwrap_err().to_string()), "{c} not refused");
+    }
+
+    // What an application needs works on its own keys.
+    let k = |s: &str| format!("org:{a}:{s}");
+    let checks: Vec<Vec<String>> = vec![
+        vec!["PING".into()],
+        vec!["ECHO".into(), "hi".into()],
+        vec!["CLIENT".into(), "SETNAME".into(), "app".into()],
+        vec!["CLIENT".into(), "GETNAME".into()],
+        vec!["CLIENT".into(), "ID".into()],
+        vec!["SET".into(), k("s"), "1".into()],
+        vec!["INCR".into(), k("s")],
+        vec!["GET".into(), k("s")],
+        vec!["HSET".into(), k("h"), "f".into(), "v".into()],
+        vec!["HGETALL".into(), k("h")],
+        vec!["LPUSH".into(), k("l"), "v".into()],
+        vec!["LRANGE".into(), k("l"), "0".into(), "-1".into()],
+        vec!["SADD".into(), k("set"), "m".into()],
+        vec!["SMEMBERS".into(), k("set")],
+        vec!["ZADD".into(), k("z"), "1".into(), "m".into()],
+        vec!["ZRANGE".into(), k("z"), "0".into(), "-1".into()],
+        vec!["XADD".into(), k("x"), "*".into(), "f".into(), "v".into()],
+        vec!["XLEN".into(), k("x")],
+        vec!["PFADD".into(), k("hll"), "a".into()],
+        vec!["SETBIT".into(), k("b"), "7".into(), "1".into()],
+        vec![
+            "GEOADD".into(),
+            k("g"),
+            "13.4".into(),
+            "52.5".into(),
+            "berlin".into(),
+        ],
+        vec!["EXPIRE".into(), k("s"), "100".into()],
+        vec!["TTL".into(), k("s")],
+        vec!["PERSIST".into(), k("s")],
+        vec!["TYPE".into(), k("h")],
+        vec!["EXISTS".into(), k("h")],
+        vec!["OBJECT".into(), "ENCODING".into(), k("h")],
+        vec!["RENAME".into(), k("l"), k("l2")],
+        vec!["PUBLISH".into(), k("events"), "hi".into()],
+        vec!["UNLINK".into(), k("l2")],
+        vec![
+            "DEL".into(),
+            k("s"),
+            k("h"),
+            k("set"),
+            k("z"),
+            k("x"),
+            k("hll"),
+            k("b"),
+            k("g"),
+        ],
+    ];
+    for args in &checks {
+        let mut c = redis::cmd(&args[0]);
+        for a in &args[1..] {
+            c.arg(a);
+        }
+        let r: redis::RedisResult<Value> = c.query_async(&mut conn).await;
+        assert!(r.is_ok(), "{args:?} refused: {r:?}");
+    }
+    // Transactions and WATCH.
+    let r: redis::RedisResult<Value> = redis::pipe()
+        .atomic()
+        .cmd("SET")
+        .arg(k("t"))
+        .arg("1")
+        .cmd("DEL")
+        .arg(k("t"))
+        .query_async(&mut conn)
+        .await;
+    assert!(r.is_ok(), "MULTI/EXEC: {r:?}");
+    let r: redis::RedisResult<Value> = redis::cmd("WATCH").arg(k("t")).query_async(&mut conn).await;
+    assert!(r.is_ok(), "WATCH: {r:?}");
+    // RESP3 HELLO with the organization's own credentials.
+    let r: redis::RedisResult<Value> = redis::cmd("HELLO")
+        .arg(3)
+        .arg("AUTH")
+        .arg(creds.get(cache::KEY_USERNAME).unwrap())
+        .arg(creds.get(cache::KEY_PASSWORD).unwrap())
+        .query_async(&mut conn)
+        .await;
+    assert!(r.is_ok(), "HELLO: {:?}", r.err());
+    cleanup_delete(&layer, &a).await;
+}
+
+#[tokio::test]
+async fn allowlist_with_scripting_allows_eval_and_still_denies_script_management() {
+    let mut s = spec();
+    s.allow_scripting = true;
+    s.user_prefix = format!("{}-", unique("bkscript2"));
+    let layer = layer_with(&s).await;
+    let a = org_id();
+    let ta = tenant(&a, &[]);
+    provision(&layer, &ta).await;
+    let user = layer.identity(&ta.org_id).unwrap();
+    let allowed = expected_allowed(true).await;
+    assert!(allowed.contains("eval") && allowed.contains("fcall"));
+    assert!(!allowed.contains("script|flush") && !allowed.contains("function|flush"));
+    let own = format!("org:{a}:x");
+    for c in ["eval", "evalsha", "fcall", "eval_ro"] {
+        let v = dryrun(&user, c, &own).await.unwrap();
+        assert!(!v.contains("no permissions to run"), "{c}: {v}");
+    }
+    for c in [
+        "script|flush",
+        "script|load",
+        "function|flush",
+        "function|load",
+        "lolwut",
+    ] {
+        let v = dryrun(&user, c, &own).await.unwrap();
+        assert!(v.contains("no permissions to run"), "{c}: {v}");
+    }
+    cleanup_delete(&layer, &a).await;
+    admin_cmd(&["ACL", "DELUSER", &layer.rules().reference_user()])
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_user_left_with_the_old_plus_all_profile_is_drift_and_repaired() {
+    let layer = layer().await;
+    let a = org_id();
+    let ta = tenant(&a, &[]);
+    let mut creds = provision(&layer, &ta).await;
+    let user = layer.identity(&ta.org_id).unwrap();
+    // The profile of earlier versions: everything, minus a list.
+    admin_cmd(&["ACL", "SETUSER", &user, "+@all", "-@dangerous", "-keys"])
+        .await
+        .unwrap();
+    let v = layer.verify(&ta, &creds).await.unwrap();
+    assert!(
+        v.findings
+            .iter()
+            .any(|f| f.contains("command rules changed")),
+        "{:?}",
+        v.findings
+    );
+    assert!(!probe(&v, &format!("LOLWUT (outside the allowlist) as {a}")).passed);
+    let repairs = layer.ensure(&ta, &mut creds).await.unwrap();
+    assert!(
+        repairs
+            .iter()
+            .any(|r| r.0.contains("command rules changed"))
+    );
+    let v = layer.verify(&ta, &creds).await.unwrap();
+    assert_clean(&v);
+    for p in [
+        format!("CLUSTER GETKEYSINSLOT as {a}"),
+        format!("CLUSTER COUNTKEYSINSLOT as {a}"),
+        format!("CLIENT LIST as {a}"),
+        format!("LOLWUT (outside the allowlist) as {a}"),
+        format!("GET bulkhead:owner:{a} as {a}"),
+    ] {
+        assert!(probe(&v, &p).passed, "{p}");
+    }
+    cleanup_delete(&layer, &a).await;
+}
+
+#[tokio::test]
+async fn rotation_ends_connections_opened_with_the_old_password() {
+    let layer = layer().await;
+    let a = org_id();
+    let ta = tenant(&a, &[]);
+    let mut creds = provision(&layer, &ta).await;
+    let mut old_conn = tenant_conn(&creds).await.unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(format!("org:{a}:k"))
+        .arg("1")
+        .query_async(&mut old_conn)
+        .await
+        .unwrap();
+    let mut rotating = ta.clone();
+    rotating.rotate = true;
+    let old = creds.clone();
+    assert!(
+        layer
+            .ensure(&rotating, &mut creds)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_ne!(creds.get(cache::KEY_PASSWORD), old.get(cache::KEY_PASSWORD));
+    let after: redis::RedisResult<Value> = redis::cmd("GET")
+        .arg(format!("org:{a}:k"))
+        .query_async(&mut old_conn)
+        .await;
+    assert!(
+        after.is_err(),
+        "a connection from before rotation still works: {after:?}"
+    );
+    assert!(
+        tenant_conn(&old).await.is_err(),
+        "the old password still logs in"
+    );
+    let mut new_conn = tenant_conn(&creds).await.unwrap();
+    let v: String = redis::cmd("GET")
+        .arg(format!("org:{a}:k"))
+        .query_async(&mut new_conn)
+        .await
+        .unwrap();
+    assert_eq!(v, "1");
+    // A pass without rotation leaves the new connection alone.
+    layer.ensure(&ta, &mut creds).await.unwrap();
+    let still: redis::RedisResult<Value> = redis::cmd("PING").query_async(&mut new_conn).await;
+    assert!(still.is_ok());
+    cleanup_delete(&layer, &a).await;
+}
+
+#[tokio::test]
+async fn a_claimant_of_an_owned_org_id_is_refused_and_its_cleanup_removes_nothing() {
+    let layer = layer().await;
+    let a = org_id();
+    let owner = owned_by(&a, "uid-owner-1");
+    let creds = provision(&layer, &owner).await;
+    admin_cmd(&["SET", &format!("org:{a}:realdata"), "precious"])
+        .await
+        .unwrap();
+    assert_eq!(
+        admin_cmd(&["GET", &format!("bulkhead:owner:{a}")])
+            .await
+            .unwrap(),
+        Value::BulkString(b"uid-owner-1".to_vec())
+    );
+
+    let mut claimant = owned_by(&a, "uid-claimant-2");
+    let err = layer
+        .ensure(&claimant, &mut Credentials::default())
+        .await
+        .expect_err("claimant refused");
+    let msg = err.to_string();
+    assert!(matches!(err, LayerError::Refused(_)), "{err:?}");
+    assert!(
+        msg.contains(&a) && msg.contains("uid-owner-1") && msg.contains("bulkhead.dev/adopt-from"),
+        "{msg}"
+    );
+    for policy in [DeletionPolicy::Delete, DeletionPolicy::Retain] {
+        claimant.deletion_policy = policy;
+        layer.cleanup(&claimant).await.unwrap();
+        let mut c = creds.clone();
+        assert!(
+            layer
+                .retire(&claimant, &mut c)
+                .await
+                .unwrap()
+                .iter()
+                .all(|r| !r.0.contains("ACL user"))
+        );
+    }
+    // The owner's user, keys and record are untouched, and it still works.
+    let user = layer.identity(&owner.org_id).unwrap();
+    assert_ne!(
+        admin_cmd(&["ACL", "GETUSER", &user]).await.unwrap(),
+        Value::Nil
+    );
+    assert_eq!(
+        admin_cmd(&["GET", &format!("org:{a}:realdata")])
+            .await
+            .unwrap(),
+        Value::BulkString(b"precious".to_vec())
+    );
+    assert_clean(&layer.verify(&owner, &creds).await.unwrap());
+    // The claimant's verify sees the record names someone else.
+    let v = layer.verify(&claimant, &creds).await.unwrap();
+    assert!(
+        v.findings.iter().any(|f| f.contains("uid-owner-1")),
+        "{:?}",
+        v.findings
+    );
+
+    let mut od = owner.clone();
+    od.deletion_policy = DeletionPolicy::Delete;
+    layer.cleanup(&od).await.unwrap();
+    assert_eq!(
+        admin_cmd(&[
+            "EXISTS",
+            &format!("org:{a}:realdata"),
+            &format!("bulkhead:owner:{a}")
+        ])
+        .await
+        .unwrap(),
+        Value::Int(0)
+    );
+}
+
+#[tokio::test]
+async fn retained_keys_are_inherited_only_with_adopt_from() {
+    let layer = layer().await;
+    let a = org_id();
+    let first = owned_by(&a, "uid-first");
+    provision(&layer, &first).await;
+    admin_cmd(&["SET", &format!("org:{a}:realdata"), "kept"])
+        .await
+        .unwrap();
+    layer.cleanup(&first).await.unwrap(); // Retain
+
+    let mut second = owned_by(&a, "uid-second");
+    let err = layer
+        .ensure(&second, &mut Credentials::default())
+        .await
+        .expect_err("refused without adopt-from");
+    assert!(
+        matches!(err, LayerError::Refused(ref m) if m.contains("uid-first")),
+        "{err}"
+    );
+    second.adopt_from = Some("uid-somebody-else".into());
+    assert!(
+        layer
+            .ensure(&second, &mut Credentials::default())
+            .await
+            .is_err()
+    );
+
+    second.adopt_from = Some("uid-first".into());
+    let mut creds = Credentials::default();
+    let repairs = layer.ensure(&second, &mut creds).await.unwrap();
+    assert!(
+        repairs.iter().any(|r| r
+            .0
+            .contains("re-attached retained data of Organization UID uid-first")),
+        "{repairs:?}"
+    );
+    assert_eq!(
+        admin_cmd(&["GET", &format!("bulkhead:owner:{a}")])
+            .await
+            .unwrap(),
+        Value::BulkString(b"uid-second".to_vec())
+    );
+    let mut conn = tenant_conn(&creds).await.unwrap();
+    let v: String = redis::cmd("GET")
+        .arg(format!("org:{a}:realdata"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(v, "kept");
+    // The first owner can no longer remove anything.
+    let mut fd = first.clone();
+    fd.deletion_policy = DeletionPolicy::Delete;
+    layer.cleanup(&fd).await.unwrap();
+    assert_eq!(
+        admin_cmd(&["EXISTS", &format!("org:{a}:realdata")])
+            .await
+            .unwrap(),
+        Value::Int(1)
+    );
+    // A later pass of the adopter is quiet.
+    assert!(layer.ensure(&second, &mut creds).await.unwrap().is_empty());
+    let mut sd = second.clone();
+    sd.deletion_policy = DeletionPolicy::Delete;
+    layer.cleanup(&sd).await.unwrap();
+}
+
+#[tokio::test]
+async fn state_without_an_owner_record_is_adopted_only_as_legacy() {
+    let layer = layer().await;
+    let a = org_id();
+    let t = owned_by(&a, "uid-legacy-owner");
+    let mut creds = provision(&layer, &t).await;
+    // As before owner records existed: the user and keys, no record.
+    admin_cmd(&["DEL", &format!("bulkhead:owner:{a}")])
+        .await
+        .unwrap();
+    let err = layer.ensure(&t, &mut creds).await.expect_err("refused");
+    assert!(
+        matches!(err, LayerError::Refused(ref m) if m.contains("no recorded owner") && m.contains("legacy")),
+        "{err}"
+    );
+    // Cleanup without the adoption removes nothing.
+    let mut td = t.clone();
+    td.deletion_policy = DeletionPolicy::Delete;
+    layer.cleanup(&td).await.unwrap();
+    let user = layer.identity(&t.org_id).unwrap();
+    assert_ne!(
+        admin_cmd(&["ACL", "GETUSER", &user]).await.unwrap(),
+        Value::Nil
+    );
+
+    let mut adopting = t.clone();
+    adopting.adopt_from = Some("legacy".into());
+    let repairs = layer.ensure(&adopting, &mut creds).await.unwrap();
+    assert!(
+        repairs.iter().any(|r| r
+            .0
+            .contains("re-attached retained data of Organization UID legacy")),
+        "{repairs:?}"
+    );
+    assert!(layer.ensure(&t, &mut creds).await.unwrap().is_empty());
+
+    // Keys alone (no user, no canary) also count as state.
+    let b = org_id();
+    admin_cmd(&["SET", &format!("org:{b}:stray"), "x"])
+        .await
+        .unwrap();
+    let err = layer
+        .ensure(&owned_by(&b, "uid-b"), &mut Credentials::default())
+        .await
+        .expect_err("keys with no owner are not adopted");
+    assert!(matches!(err, LayerError::Refused(_)));
+    admin_cmd(&["DEL", &format!("org:{b}:stray")])
+        .await
+        .unwrap();
+    layer.cleanup(&td).await.unwrap();
+    assert_eq!(
+        admin_cmd(&["ACL", "GETUSER", &user]).await.unwrap(),
+        Value::Nil
+    );
+}
+
+#[tokio::test]
+async fn retire_removes_the_user_and_credentials_and_keeps_the_keys() {
+    let layer = layer().await;
+    let a = org_id();
+    let t = tenant(&a, &[]);
+    let mut creds = provision(&layer, &t).await;
+    creds.set("DATABASE_URL", "kept");
+    let mut conn = tenant_conn(&creds).await.unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(format!("org:{a}:data"))
+        .arg("v")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let repairs = layer.retire(&t, &mut creds).await.unwrap();
+    assert!(
+        repairs.iter().any(|r| r.0.contains("ACL user")),
+        "{repairs:?}"
+    );
+    assert!(
+        repairs.iter().any(|r| r.0.contains("REDIS_PASSWORD")),
+        "{repairs:?}"
+    );
+    for k in [
+        cache::KEY_URL,
+        cache::KEY_USERNAME,
+        cache::KEY_PASSWORD,
+        cache::KEY_KEY_PREFIX,
+        cache::KEY_CHANNEL_PREFIX,
+    ] {
+        assert_eq!(creds.get(k), None, "{k} kept");
+    }
+    assert_eq!(creds.get("DATABASE_URL"), Some("kept"));
+    let user = layer.identity(&t.org_id).unwrap();
+    assert_eq!(
+        admin_cmd(&["ACL", "GETUSER", &user]).await.unwrap(),
+        Value::Nil
+    );
+    let open: redis::RedisResult<Value> = redis::cmd("PING").query_async(&mut conn).await;
+    assert!(open.is_err(), "a session survived the retirement");
+    assert_eq!(
+        admin_cmd(&["GET", &format!("org:{a}:data")]).await.unwrap(),
+        Value::BulkString(b"v".to_vec())
+    );
+    // Idempotent.
+    assert!(layer.retire(&t, &mut creds).await.unwrap().is_empty());
+    // Switched back on: a fresh user and password, the data is there.
+    let mut creds2 = Credentials::default();
+    layer.ensure(&t, &mut creds2).await.unwrap();
+    let mut conn = tenant_conn(&creds2).await.unwrap();
+    let v: String = redis::cmd("GET")
+        .arg(format!("org:{a}:data"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(v, "v");
+    cleanup_delete(&layer, &a).await;
+}
+
+#[tokio::test]
+async fn an_org_whose_prefix_covers_the_owner_records_is_refused_before_any_write() {
+    let mut s = spec();
+    s.key_prefix = "bulkhead:owner:{orgId}:".into();
+    let err = CacheLayer::connect(&s, "redis://default:x@127.0.0.1:1")
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(err, LayerError::Config(ref m) if m.contains("owner")),
+        "{err:?}"
+    );
+
+    let mut s = spec();
+    s.key_prefix = "bulkhead:{orgId}:".into();
+    s.user_prefix = format!("{}-", unique("bkowner"));
+    let layer = layer_with(&s).await;
+    let t = owned_by("owner", "uid-owner-ns");
+    let before = layer.acl_changes();
+    let err = layer
+        .ensure(&t, &mut Credentials::default())
+        .await
+        .expect_err("refused");
+    assert!(
+        matches!(err, LayerError::Refused(ref m) if m.contains("owner records")),
+        "{err:?}"
+    );
+    assert_eq!(layer.acl_changes(), before, "no ACL write");
+    let user = layer.identity(&t.org_id).unwrap();
+    assert_eq!(
+        admin_cmd(&["ACL", "GETUSER", &user]).await.unwrap(),
+        Value::Nil
+    );
+    admin_cmd(&["ACL", "DELUSER", &layer.rules().reference_user()])
+        .await
+        .unwrap();
 }

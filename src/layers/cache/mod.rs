@@ -1,5 +1,10 @@
 //! Cache layer: one Redis ACL user per organization, limited to the organization's key and
-//! channel prefix and to a command profile without keyspace-wide or dangerous commands.
+//! channel prefix and to a deny-by-default command profile without keyspace-wide or dangerous
+//! commands.
+//!
+//! Ownership: an owner record `bulkhead:owner:{orgId}` (outside every organization's patterns)
+//! holds the owning Organization's UID; `ensure` refuses an org id another UID owns unless the
+//! Organization adopts it explicitly, and `cleanup`/`retire` act only on what the UID owns.
 //!
 //! Drift is read per user with `ACL GETUSER` (never `ACL LIST`); users are persisted with
 //! `ACL SAVE` only when the platform says the server runs with an aclfile, debounced so one batch
@@ -44,11 +49,40 @@ const ACL_SAVE_QUIET: Duration = Duration::from_secs(3);
 const ACL_SAVE_MAX_DELAY: Duration = Duration::from_secs(30);
 /// Keys unlinked per `UNLINK` during `Delete` cleanup.
 const UNLINK_BATCH: usize = 500;
+/// Annotation that names the Organization UID whose retained data may be taken over.
+const ADOPT_ANNOTATION: &str = "bulkhead.dev/adopt-from";
+/// Replaces the owner record only if it still names the expected owner (compare-and-set).
+const OWNER_CAS_SCRIPT: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+     redis.call('SET', KEYS[1], ARGV[2]) return 1 end return 0";
+/// Deletes the owner record only if it still names the expected owner.
+const OWNER_DEL_SCRIPT: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+     return redis.call('DEL', KEYS[1]) end return 0";
+/// Every Secret key this layer writes, removed by `retire`.
+const KEYS_WRITTEN: [&str; 5] = [
+    KEY_URL,
+    KEY_USERNAME,
+    KEY_PASSWORD,
+    KEY_KEY_PREFIX,
+    KEY_CHANNEL_PREFIX,
+];
+
+/// Who owns an org id in this backend, according to its owner record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Owner {
+    /// The record names this Organization's UID.
+    Me,
+    /// The record names another Organization's UID.
+    Other(String),
+    /// No record.
+    Nobody,
+}
 
 impl From<RuleError> for LayerError {
     fn from(e: RuleError) -> Self {
         match e {
-            RuleError::BadOrgId(..) => LayerError::Refused(e.to_string()),
+            RuleError::BadOrgId(..) | RuleError::PrefixCoversOwnerRecords { .. } => {
+                LayerError::Refused(e.to_string())
+            }
             _ => LayerError::Config(e.to_string()),
         }
     }
@@ -457,6 +491,161 @@ impl CacheLayer {
             .set_redis_settings(settings))
     }
 
+    /// The owner record of `org` compared with `uid`.
+    async fn owner(&self, org: &OrgId, uid: &str) -> Result<Owner, LayerError> {
+        let key = self.inner.rules.owner_record_key(org)?;
+        let primary = self.inner.primary.clone();
+        let v = self
+            .admin_cmd(&primary, "GET owner record", redis::cmd("GET").arg(&key))
+            .await?;
+        Ok(match v {
+            Value::Nil => Owner::Nobody,
+            Value::BulkString(b) if b == uid.as_bytes() => Owner::Me,
+            Value::BulkString(b) => Owner::Other(String::from_utf8_lossy(&b).into_owned()),
+            _ => {
+                return Err(LayerError::Backend(format!(
+                    "redis {primary}: owner record {key} is not a string"
+                )));
+            }
+        })
+    }
+
+    /// Whether `org` has any state here: its ACL user on any node, or any key under its prefix.
+    async fn has_state(&self, org: &OrgId) -> Result<bool, LayerError> {
+        let user = self.inner.rules.user_name(org);
+        for node in self.nodes() {
+            if self.getuser(&node, &user).await?.is_some() {
+                return Ok(true);
+            }
+        }
+        let primary = self.inner.primary.clone();
+        let canary = self.inner.rules.canary_key(org)?;
+        let exists = self
+            .admin_cmd(&primary, "EXISTS", redis::cmd("EXISTS").arg(&canary))
+            .await?;
+        if matches!(exists, Value::Int(n) if n > 0) {
+            return Ok(true);
+        }
+        Ok(!self.scan_keys(org, Some(1)).await?.is_empty())
+    }
+
+    /// Records `uid` as the owner of `org` before anything is created, or refuses when the org
+    /// id belongs to another Organization (or has state nobody recorded) and `tenant.adopt_from`
+    /// does not name it.
+    async fn claim(&self, tenant: &Tenant, org: &OrgId) -> Result<Vec<Repair>, LayerError> {
+        let uid = tenant.owner.uid.as_str();
+        if uid.is_empty() {
+            return Err(LayerError::Refused(format!(
+                "cache: Organization for orgId {org} has no UID to record as owner"
+            )));
+        }
+        let key = self.inner.rules.owner_record_key(org)?;
+        let primary = self.inner.primary.clone();
+        // Twice at most: a concurrent claim can change the record between the read and the write.
+        for _ in 0..2 {
+            match self.owner(org, uid).await? {
+                Owner::Me => return Ok(Vec::new()),
+                Owner::Other(other) => {
+                    if tenant.adopt_from.as_deref() != Some(other.as_str()) {
+                        return Err(LayerError::Refused(format!(
+                            "cache: orgId {org} is owned by Organization UID {other} (owner record {key}); it is not adopted. To take over its retained data, set the annotation {ADOPT_ANNOTATION}: {other}"
+                        )));
+                    }
+                    let swapped = self
+                        .admin_cmd(
+                            &primary,
+                            "re-record owner",
+                            redis::cmd("EVAL")
+                                .arg(OWNER_CAS_SCRIPT)
+                                .arg(1)
+                                .arg(&key)
+                                .arg(&other)
+                                .arg(uid),
+                        )
+                        .await?;
+                    if swapped == Value::Int(1) {
+                        return Ok(vec![Repair(format!(
+                            "cache: re-attached retained data of Organization UID {other}"
+                        ))]);
+                    }
+                }
+                Owner::Nobody => {
+                    let legacy = if self.has_state(org).await? {
+                        if tenant.adopt_from.as_deref() != Some(rules::ADOPT_LEGACY) {
+                            return Err(LayerError::Refused(format!(
+                                "cache: orgId {org} already has Redis state (ACL user {} or keys under {}) with no recorded owner; it is not adopted. To take it over, set the annotation {ADOPT_ANNOTATION}: {}",
+                                self.inner.rules.user_name(org),
+                                self.inner.rules.key_prefix(org)?,
+                                rules::ADOPT_LEGACY
+                            )));
+                        }
+                        true
+                    } else {
+                        false
+                    };
+                    let set = self
+                        .admin_cmd(
+                            &primary,
+                            "record owner",
+                            redis::cmd("SET").arg(&key).arg(uid).arg("NX"),
+                        )
+                        .await?;
+                    if set == Value::Okay {
+                        return Ok(if legacy {
+                            vec![Repair(format!(
+                                "cache: re-attached retained data of Organization UID {}",
+                                rules::ADOPT_LEGACY
+                            ))]
+                        } else {
+                            Vec::new()
+                        });
+                    }
+                }
+            }
+        }
+        Err(LayerError::Backend(format!(
+            "redis {primary}: the owner record {key} changed concurrently; retrying"
+        )))
+    }
+
+    /// Whether `tenant` may remove `org`'s state: the record names its UID, or nothing is
+    /// recorded and it explicitly adopts legacy state.
+    async fn owns(&self, tenant: &Tenant, org: &OrgId) -> Result<bool, LayerError> {
+        Ok(match self.owner(org, &tenant.owner.uid).await? {
+            Owner::Me => !tenant.owner.uid.is_empty(),
+            Owner::Other(_) => false,
+            Owner::Nobody => tenant.adopt_from.as_deref() == Some(rules::ADOPT_LEGACY),
+        })
+    }
+
+    /// Disconnects every client of `user` on every node the layer knows.
+    async fn kill_everywhere(&self, user: &str) -> Result<(), LayerError> {
+        for node in self.nodes() {
+            self.kill_clients(&node, user).await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes `user` on every node; returns the nodes where it existed.
+    async fn delete_user_everywhere(&self, user: &str) -> Result<Vec<String>, LayerError> {
+        let mut removed = Vec::new();
+        for node in self.nodes() {
+            // DELUSER also disconnects the user's clients.
+            let deleted = self
+                .admin_cmd(
+                    &node,
+                    "ACL DELUSER",
+                    redis::cmd("ACL").arg("DELUSER").arg(user),
+                )
+                .await?;
+            if matches!(deleted, Value::Int(n) if n > 0) {
+                self.mark_dirty();
+                removed.push(node);
+            }
+        }
+        Ok(removed)
+    }
+
     /// Sets `org`'s canary key as admin on the primary.
     async fn write_canary(&self, org: &OrgId) -> Result<(), LayerError> {
         let key = self.inner.rules.canary_key(org)?;
@@ -468,6 +657,40 @@ impl CacheLayer {
         )
         .await?;
         Ok(())
+    }
+
+    /// Up to `limit` keys under `org`'s prefix (all when `None`), with `SCAN MATCH` on the primary.
+    async fn scan_keys(
+        &self,
+        org: &OrgId,
+        limit: Option<usize>,
+    ) -> Result<Vec<Vec<u8>>, LayerError> {
+        let pattern = self.inner.rules.scan_pattern(org)?;
+        let primary = self.inner.primary.clone();
+        let mut cursor: u64 = 0;
+        let mut found = Vec::new();
+        loop {
+            let reply = self
+                .admin_cmd(
+                    &primary,
+                    "SCAN",
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(1000),
+                )
+                .await?;
+            let (next, keys) = parse_scan(&reply).ok_or_else(|| {
+                LayerError::Backend(format!("redis {primary}: unexpected SCAN reply"))
+            })?;
+            found.extend(keys);
+            if next == 0 || limit.is_some_and(|l| found.len() >= l) {
+                return Ok(found);
+            }
+            cursor = next;
+        }
     }
 
     /// Deletes every key under `org`'s prefix on the primary with `SCAN MATCH` and batched `UNLINK`.
@@ -607,7 +830,8 @@ impl Layer for CacheLayer {
             .plan(&org, &rules::password_sha256(&password))?;
         let key_prefix = self.inner.rules.key_prefix(&org)?;
         let channel_prefix = self.inner.rules.channel_prefix(&org)?;
-        let mut repairs = Vec::new();
+        // Ownership first: nothing is written for an org id another Organization owns.
+        let mut repairs = self.claim(tenant, &org).await?;
         for node in self.nodes() {
             let reference = self.reference(&node).await?;
             let actual = self.getuser(&node, &plan.user).await?;
@@ -634,6 +858,10 @@ impl Layer for CacheLayer {
                     )));
                 }
             }
+        }
+        if tenant.rotate {
+            // Every node has the new password now: end the sessions the old one opened.
+            self.kill_everywhere(&plan.user).await?;
         }
         self.write_canary(&org).await?;
         creds.set(KEY_URL, self.tenant_url(&plan.user, &password));
@@ -666,6 +894,21 @@ impl Layer for CacheLayer {
             .inner
             .rules
             .plan(&org, &rules::password_sha256(password))?;
+        // A caller without the Organization's UID (a read-only audit) cannot judge ownership.
+        let owner = if tenant.owner.uid.is_empty() {
+            Owner::Me
+        } else {
+            self.owner(&org, &tenant.owner.uid).await?
+        };
+        match owner {
+            Owner::Me => {}
+            Owner::Other(other) => v.findings.push(format!(
+                "cache: the owner record of orgId {org} names Organization UID {other}, not this Organization"
+            )),
+            Owner::Nobody => v.findings.push(format!(
+                "cache: orgId {org} has no owner record; the next pass records this Organization"
+            )),
+        }
         let nodes = self.nodes();
         for node in &nodes {
             let reference = self.reference(node).await?;
@@ -691,6 +934,10 @@ impl Layer for CacheLayer {
 
     async fn cleanup(&self, tenant: &Tenant) -> Result<(), LayerError> {
         let org = rules::checked_org(tenant.org_id.as_str())?;
+        if !self.owns(tenant, &org).await? {
+            // Another Organization's (or nobody's) state: this one removes nothing.
+            return Ok(());
+        }
         let user = self.inner.rules.user_name(&org);
         match tenant.deletion_policy {
             DeletionPolicy::Retain => {
@@ -711,25 +958,61 @@ impl Layer for CacheLayer {
                         self.kill_clients(&node, &user).await?;
                     }
                 }
+                // The owner record stays with the retained keys: only an explicit adopt-from
+                // hands them to another Organization.
             }
             DeletionPolicy::Delete => {
-                for node in self.nodes() {
-                    // DELUSER also disconnects the user's clients.
-                    let deleted = self
-                        .admin_cmd(
-                            &node,
-                            "ACL DELUSER",
-                            redis::cmd("ACL").arg("DELUSER").arg(&user),
-                        )
-                        .await?;
-                    if matches!(deleted, Value::Int(n) if n > 0) {
-                        self.mark_dirty();
-                    }
-                }
+                self.delete_user_everywhere(&user).await?;
                 self.delete_keys(&org).await?;
+                // Last, so an interrupted cleanup is retried by the same owner.
+                let key = self.inner.rules.owner_record_key(&org)?;
+                let primary = self.inner.primary.clone();
+                self.admin_cmd(
+                    &primary,
+                    "delete owner record",
+                    redis::cmd("EVAL")
+                        .arg(OWNER_DEL_SCRIPT)
+                        .arg(1)
+                        .arg(&key)
+                        .arg(&tenant.owner.uid),
+                )
+                .await?;
             }
         }
         Ok(())
+    }
+
+    async fn retire(
+        &self,
+        tenant: &Tenant,
+        creds: &mut Credentials,
+    ) -> Result<Vec<Repair>, LayerError> {
+        let org = rules::checked_org(tenant.org_id.as_str())?;
+        let mut repairs = Vec::new();
+        if self.owns(tenant, &org).await? {
+            let user = self.inner.rules.user_name(&org);
+            for node in self.delete_user_everywhere(&user).await? {
+                repairs.push(Repair(format!(
+                    "cache: ACL user {user} on {node} removed (cache switched off; keys kept)"
+                )));
+            }
+        }
+        // The Organization's own Secret: its cache keys go whether or not it owned a user.
+        let present: Vec<&str> = KEYS_WRITTEN
+            .iter()
+            .copied()
+            .filter(|k| creds.get(k).is_some())
+            .collect();
+        if !present.is_empty() {
+            for k in &present {
+                creds.remove(k);
+            }
+            repairs.push(Repair(format!(
+                "cache: removed {} from the credentials (cache switched off)",
+                present.join(", ")
+            )));
+        }
+        Ok(repairs)
     }
 
     fn identity(&self, org: &OrgId) -> Option<String> {

@@ -230,6 +230,29 @@ pub async fn run(target: &Target<'_>, info: ConnectionInfo) -> Vec<Probe> {
     out.push(must_refuse(format!("ACL LIST as {me}{at}"), acl));
     let pubsub = run_cmd(&mut conn, &cmd(&["PUBSUB", "CHANNELS"])).await;
     out.push(must_refuse(format!("PUBSUB CHANNELS as {me}{at}"), pubsub));
+    // On a cluster these list and count every organization's keys in a slot.
+    let in_slot = run_cmd(&mut conn, &cmd(&["CLUSTER", "GETKEYSINSLOT", "0", "1"])).await;
+    out.push(must_refuse(
+        format!("CLUSTER GETKEYSINSLOT as {me}{at}"),
+        in_slot,
+    ));
+    let count = run_cmd(&mut conn, &cmd(&["CLUSTER", "COUNTKEYSINSLOT", "0"])).await;
+    out.push(must_refuse(
+        format!("CLUSTER COUNTKEYSINSLOT as {me}{at}"),
+        count,
+    ));
+    let clients = run_cmd(&mut conn, &cmd(&["CLIENT", "LIST"])).await;
+    out.push(must_refuse(format!("CLIENT LIST as {me}{at}"), clients));
+    // In no allowed category: refused only because the profile denies by default.
+    let unlisted = run_cmd(&mut conn, &cmd(&["LOLWUT"])).await;
+    out.push(must_refuse(
+        format!("LOLWUT (outside the allowlist) as {me}{at}"),
+        unlisted,
+    ));
+    if let Ok(record) = target.rules.owner_record_key(target.org) {
+        let read = run_cmd(&mut conn, &cmd(&["GET", &record])).await;
+        out.push(must_refuse(format!("GET {record} as {me}{at}"), read));
+    }
 
     for peer in target.peers {
         let (peer_canary, peer_channel) = match (

@@ -24,38 +24,218 @@ pub const CANARY_VALUE: &str =
 /// Characters that are special in Redis glob patterns or ACL rule syntax.
 const GLOB_CHARACTERS: &[char] = &['*', '?', '[', ']', '\\', '{', '}'];
 
-/// Commands denied to every organization on top of `-@dangerous`, whatever the category
-/// membership on a given Redis version (`-@dangerous` alone still allows RANDOMKEY, DBSIZE,
-/// FUNCTION FLUSH, SCRIPT FLUSH, PUBSUB CHANNELS).
-pub const DENIED_COMMANDS: &[&str] = &[
-    "keys",
-    "scan",
-    "randomkey",
-    "dbsize",
-    "select",
-    "swapdb",
-    "move",
-    "copy",
-    "flushall",
-    "flushdb",
-    "config",
-    "info",
-    "monitor",
-    "client",
-    "debug",
-    "migrate",
-    "pubsub",
-    "function",
-    "script",
-    "acl",
-    "memory",
-    "latency",
-    "slowlog",
+/// An ACL command category. Only these typed values ever become `+@`/`-@` rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Category {
+    All,
+    String,
+    Hash,
+    List,
+    Set,
+    SortedSet,
+    Stream,
+    Bitmap,
+    HyperLogLog,
+    Geo,
+    PubSub,
+    Transaction,
+    Scripting,
+    Admin,
+    Dangerous,
+}
+
+impl Category {
+    /// The category's name as Redis spells it after `@`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::All => "all",
+            Self::String => "string",
+            Self::Hash => "hash",
+            Self::List => "list",
+            Self::Set => "set",
+            Self::SortedSet => "sortedset",
+            Self::Stream => "stream",
+            Self::Bitmap => "bitmap",
+            Self::HyperLogLog => "hyperloglog",
+            Self::Geo => "geo",
+            Self::PubSub => "pubsub",
+            Self::Transaction => "transaction",
+            Self::Scripting => "scripting",
+            Self::Admin => "admin",
+            Self::Dangerous => "dangerous",
+        }
+    }
+}
+
+/// A command, or one subcommand of a container command (`client|setname`). Built only from the
+/// constant tables below, never from input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Command {
+    pub name: &'static str,
+    pub sub: Option<&'static str>,
+}
+
+impl Command {
+    pub const fn new(name: &'static str) -> Self {
+        Self { name, sub: None }
+    }
+    pub const fn sub(name: &'static str, sub: &'static str) -> Self {
+        Self {
+            name,
+            sub: Some(sub),
+        }
+    }
+    /// `name` or `name|sub`, as ACL rules and NOPERM replies spell it.
+    pub fn spelled(&self) -> String {
+        match self.sub {
+            Some(s) => format!("{}|{s}", self.name),
+            None => self.name.to_owned(),
+        }
+    }
+}
+
+/// What one command rule applies to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RuleTarget {
+    Category(Category),
+    Command(Command),
+}
+
+/// One command rule of the profile: allow (`+`) or deny (`-`) a category or a command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CommandRule {
+    Allow(RuleTarget),
+    Deny(RuleTarget),
+}
+
+impl CommandRule {
+    /// The rule as one `ACL SETUSER` argument.
+    pub fn render(&self) -> String {
+        let (sign, target) = match self {
+            Self::Allow(t) => ('+', t),
+            Self::Deny(t) => ('-', t),
+        };
+        match target {
+            RuleTarget::Category(c) => format!("{sign}@{}", c.name()),
+            RuleTarget::Command(c) => format!("{sign}{}", c.spelled()),
+        }
+    }
+}
+
+/// Data-type categories an application needs. Every command in them names its keys (or
+/// channels, for pub/sub), so the key and channel patterns apply to all of them, including ones a
+/// newer Redis adds. Broad categories (`@read`, `@write`, `@keyspace`, `@connection`, `@fast`,
+/// `@slow`) are never granted: modules and new keyspace-wide commands land there.
+pub const ALLOWED_CATEGORIES: &[Category] = &[
+    Category::String,
+    Category::Hash,
+    Category::List,
+    Category::Set,
+    Category::SortedSet,
+    Category::Stream,
+    Category::Bitmap,
+    Category::HyperLogLog,
+    Category::Geo,
+    Category::PubSub,
+    Category::Transaction,
+];
+
+/// Single commands an application needs outside the data-type categories: per-key keyspace
+/// commands (expiry, delete, rename, type), the caller's own connection, and cluster topology
+/// for cluster-aware clients. Each touches only named keys or the caller's connection.
+pub const ALLOWED_COMMANDS: &[Command] = &[
+    Command::new("del"),
+    Command::new("unlink"),
+    Command::new("exists"),
+    Command::new("type"),
+    Command::new("touch"),
+    Command::new("rename"),
+    Command::new("renamenx"),
+    Command::new("expire"),
+    Command::new("pexpire"),
+    Command::new("expireat"),
+    Command::new("pexpireat"),
+    Command::new("expiretime"),
+    Command::new("pexpiretime"),
+    Command::new("ttl"),
+    Command::new("pttl"),
+    Command::new("persist"),
+    Command::new("object"),
+    Command::new("ping"),
+    Command::new("echo"),
+    Command::new("auth"),
+    Command::new("hello"),
+    Command::new("quit"),
+    Command::new("time"),
+    Command::new("command"),
+    Command::new("readonly"),
+    Command::new("readwrite"),
+    Command::new("asking"),
+    Command::sub("cluster", "slots"),
+    Command::sub("cluster", "shards"),
+    Command::sub("cluster", "nodes"),
+    Command::sub("cluster", "myid"),
+    Command::sub("cluster", "info"),
+    Command::sub("cluster", "keyslot"),
+];
+
+/// Categories taken away after the allowed ones, whatever a Redis version puts in the data-type
+/// categories (`SORT` with `BY`/`GET` patterns, `PFDEBUG`, `PFSELFTEST`).
+pub const DENIED_CATEGORIES: &[Category] = &[Category::Admin, Category::Dangerous];
+
+/// Commands denied to every organization after the allowed ones, whatever the category
+/// membership on a given Redis version: keyspace-wide and introspection commands, other logical
+/// databases, server administration, and the cluster's key listing (on a cluster
+/// `CLUSTER GETKEYSINSLOT`/`COUNTKEYSINSLOT` list and count other organizations' keys).
+pub const DENIED_COMMANDS: &[Command] = &[
+    Command::new("keys"),
+    Command::new("scan"),
+    Command::new("randomkey"),
+    Command::new("dbsize"),
+    Command::new("select"),
+    Command::new("swapdb"),
+    Command::new("move"),
+    Command::new("copy"),
+    Command::new("flushall"),
+    Command::new("flushdb"),
+    Command::new("config"),
+    Command::new("info"),
+    Command::new("monitor"),
+    Command::new("client"),
+    Command::new("debug"),
+    Command::new("migrate"),
+    Command::new("pubsub"),
+    Command::new("function"),
+    Command::new("script"),
+    Command::new("acl"),
+    Command::new("memory"),
+    Command::new("latency"),
+    Command::new("slowlog"),
+    Command::sub("cluster", "getkeysinslot"),
+    Command::sub("cluster", "countkeysinslot"),
 ];
 
 /// Per-connection CLIENT subcommands that client libraries send on connect; they touch only the
 /// caller's own connection.
-pub const ALLOWED_CLIENT_SUBCOMMANDS: &[&str] = &["client|setname", "client|getname", "client|id"];
+pub const ALLOWED_CLIENT_SUBCOMMANDS: &[Command] = &[
+    Command::sub("client", "setname"),
+    Command::sub("client", "getname"),
+    Command::sub("client", "id"),
+];
+
+/// Key namespace of the owner records (`bulkhead:owner:{orgId}` -> owning Organization UID). No
+/// organization's key or channel prefix may overlap it, so no tenant user can read or forge one.
+pub const OWNER_RECORD_NAMESPACE: &str = "bulkhead:owner:";
+
+/// The value of `adopt_from` that takes over state with no owner record (made before owner
+/// records existed).
+pub const ADOPT_LEGACY: &str = "legacy";
+
+/// Whether keys starting with `prefix` can include owner records (or the other way round): two
+/// literal prefixes overlap exactly when one starts with the other.
+pub fn overlaps_owner_records(prefix: &str) -> bool {
+    prefix.starts_with(OWNER_RECORD_NAMESPACE) || OWNER_RECORD_NAMESPACE.starts_with(prefix)
+}
 
 /// Why a setting or an organization id was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -80,6 +260,18 @@ pub enum RuleError {
     Empty { field: &'static str },
     #[error("org id {0:?} is not valid: {1}")]
     BadOrgId(String, String),
+    #[error(
+        "{field} {value:?} places every organization's prefix inside the owner records' namespace {OWNER_RECORD_NAMESPACE:?}"
+    )]
+    TemplateCoversOwnerRecords { field: &'static str, value: String },
+    #[error(
+        "org id {org:?}: its {field} {prefix:?} overlaps the owner records' namespace {OWNER_RECORD_NAMESPACE:?}; its user could read or forge which Organization owns an org id"
+    )]
+    PrefixCoversOwnerRecords {
+        org: String,
+        field: &'static str,
+        prefix: String,
+    },
 }
 
 /// True for characters allowed in a rendered key or channel prefix (the CRD's pattern).
@@ -146,11 +338,30 @@ pub fn check_template(field: &'static str, template: &str) -> Result<(), RuleErr
             bad,
         });
     }
+    // Every org's prefix would start with the owner namespace.
+    if before.starts_with(OWNER_RECORD_NAMESPACE) {
+        return Err(RuleError::TemplateCoversOwnerRecords {
+            field,
+            value: template.to_owned(),
+        });
+    }
     // The longest org id must still fit.
     check_prefix(
         field,
         &template.replace("{orgId}", &"a".repeat(crate::tenant::MAX_ORG_ID_LEN)),
     )
+}
+
+/// Refuses an organization whose rendered prefix overlaps the owner records' namespace.
+fn check_owner_namespace(org: &OrgId, field: &'static str, prefix: &str) -> Result<(), RuleError> {
+    if overlaps_owner_records(prefix) {
+        return Err(RuleError::PrefixCoversOwnerRecords {
+            org: org.as_str().to_owned(),
+            field,
+            prefix: prefix.to_owned(),
+        });
+    }
+    Ok(())
 }
 
 /// Checks the user-name prefix: non-empty, letters, digits, '-', '_', '.'.
@@ -225,6 +436,7 @@ impl CacheRules {
         let org = checked_org(org.as_str())?;
         let p = crate::tenant::render_template(&self.key_template, &org);
         check_prefix("keyPrefix", &p)?;
+        check_owner_namespace(&org, "keyPrefix", &p)?;
         Ok(p)
     }
 
@@ -233,6 +445,7 @@ impl CacheRules {
         let org = checked_org(org.as_str())?;
         let p = crate::tenant::render_template(&self.channel_template, &org);
         check_prefix("channelPrefix", &p)?;
+        check_owner_namespace(&org, "channelPrefix", &p)?;
         Ok(p)
     }
 
@@ -257,15 +470,50 @@ impl CacheRules {
         Ok(format!("{}*", self.key_prefix(org)?))
     }
 
+    /// The command profile, typed: deny everything, allow the data-type categories and the
+    /// listed commands, then deny the dangerous ones again (scripting only when the platform
+    /// allows it), and finally allow the per-connection CLIENT subcommands.
+    pub fn command_rules(&self) -> Vec<CommandRule> {
+        use RuleTarget::{Category as Cat, Command as Cmd};
+        let mut out = vec![CommandRule::Deny(Cat(Category::All))];
+        out.extend(
+            ALLOWED_CATEGORIES
+                .iter()
+                .map(|c| CommandRule::Allow(Cat(*c))),
+        );
+        if self.allow_scripting {
+            out.push(CommandRule::Allow(Cat(Category::Scripting)));
+        }
+        out.extend(ALLOWED_COMMANDS.iter().map(|c| CommandRule::Allow(Cmd(*c))));
+        out.extend(DENIED_CATEGORIES.iter().map(|c| CommandRule::Deny(Cat(*c))));
+        if !self.allow_scripting {
+            out.push(CommandRule::Deny(Cat(Category::Scripting)));
+        }
+        out.extend(DENIED_COMMANDS.iter().map(|c| CommandRule::Deny(Cmd(*c))));
+        out.extend(
+            ALLOWED_CLIENT_SUBCOMMANDS
+                .iter()
+                .map(|c| CommandRule::Allow(Cmd(*c))),
+        );
+        out
+    }
+
     /// The command profile, as separate ACL rules.
     pub fn command_profile(&self) -> Vec<String> {
-        let mut out = vec!["+@all".to_owned(), "-@dangerous".to_owned()];
-        if !self.allow_scripting {
-            out.push("-@scripting".to_owned());
-        }
-        out.extend(DENIED_COMMANDS.iter().map(|c| format!("-{c}")));
-        out.extend(ALLOWED_CLIENT_SUBCOMMANDS.iter().map(|c| format!("+{c}")));
-        out
+        self.command_rules()
+            .iter()
+            .map(CommandRule::render)
+            .collect()
+    }
+
+    /// The key of `org`'s owner record, outside every organization's key prefix.
+    pub fn owner_record_key(&self, org: &OrgId) -> Result<String, RuleError> {
+        let org = checked_org(org.as_str())?;
+        // Both prefixes are checked against the namespace: an org whose prefix overlaps it
+        // never gets a record or a user.
+        self.key_prefix(&org)?;
+        self.channel_prefix(&org)?;
+        Ok(format!("{OWNER_RECORD_NAMESPACE}{}", org.as_str()))
     }
 
     /// The plan for `org` with the password whose SHA-256 is `password_sha256`.
@@ -498,6 +746,43 @@ pub fn expected_flags(reference: &AclUser, enabled: bool) -> BTreeSet<String> {
     f
 }
 
+/// A command-rule description in a canonical order, for comparison. Redis 7.0 re-describes
+/// rules from its permission bits and lists per-command adjustments in hash-table order, which
+/// differs between nodes and restarts. Reordering is applied only where it cannot change the
+/// meaning: after the leading category rules, rules on different commands commute, and so do
+/// rules of one sign on the same command; anything else (a category rule later on, or `+` and
+/// `-` on the same command) keeps its order.
+pub fn canonical_commands(description: &str) -> String {
+    let tokens: Vec<&str> = description.split_whitespace().collect();
+    let lead = tokens
+        .iter()
+        .take_while(|t| t.starts_with("+@") || t.starts_with("-@"))
+        .count();
+    let (head, rest) = tokens.split_at(lead);
+    if rest.iter().any(|t| t.contains('@')) {
+        return tokens.join(" ");
+    }
+    let mut groups: std::collections::BTreeMap<&str, Vec<&str>> = std::collections::BTreeMap::new();
+    for t in rest {
+        let base = t
+            .trim_start_matches(['+', '-'])
+            .split('|')
+            .next()
+            .unwrap_or("");
+        groups.entry(base).or_default().push(t);
+    }
+    let mut out: Vec<&str> = head.to_vec();
+    for (_, mut group) in groups {
+        let one_sign =
+            group.iter().all(|t| t.starts_with('+')) || group.iter().all(|t| t.starts_with('-'));
+        if one_sign {
+            group.sort_unstable();
+        }
+        out.extend(group);
+    }
+    out.join(" ")
+}
+
 /// Compares the user on the server with the plan. `reference` is the server's own description
 /// of the same profile (the reference user's GETUSER reply); only its flags and commands are used.
 pub fn diff(plan: &AclPlan, actual: Option<&AclUser>, reference: &AclUser) -> Vec<Drift> {
@@ -527,7 +812,7 @@ pub fn diff(plan: &AclPlan, actual: Option<&AclUser>, reference: &AclUser) -> Ve
                 .collect(),
         });
     }
-    if actual.commands != reference.commands {
+    if canonical_commands(&actual.commands) != canonical_commands(&reference.commands) {
         out.push(Drift::Commands {
             actual: actual.commands.clone(),
             expected: reference.commands.clone(),
@@ -717,10 +1002,225 @@ mod tests {
             );
         }
         assert_eq!(
-            r.iter().position(|a| a == "+@all"),
-            Some(5),
-            "+@all comes before every denial"
+            r[5], "-@all",
+            "the profile starts by denying everything: {r:?}"
         );
+        assert!(!r.contains(&"+@all".to_owned()), "{r:?}");
+    }
+
+    #[test]
+    fn profile_denies_by_default_then_allows_then_denies_again() {
+        let rules = CacheRules::from_spec(&spec()).unwrap();
+        let typed = rules.command_rules();
+        assert_eq!(
+            typed[0],
+            CommandRule::Deny(RuleTarget::Category(Category::All))
+        );
+        let allows: Vec<usize> = typed
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| matches!(r, CommandRule::Allow(_)))
+            .map(|(i, _)| i)
+            .collect();
+        let last_deny = typed
+            .iter()
+            .rposition(|r| matches!(r, CommandRule::Deny(_)))
+            .unwrap();
+        // Every allow except the CLIENT per-connection ones comes before every later deny.
+        let first_later_deny = typed
+            .iter()
+            .skip(1)
+            .position(|r| matches!(r, CommandRule::Deny(_)))
+            .unwrap()
+            + 1;
+        for i in &allows {
+            let is_client = matches!(typed[*i], CommandRule::Allow(RuleTarget::Command(c)) if c.name == "client");
+            assert!(
+                is_client || *i < first_later_deny,
+                "allow {:?} after a deny",
+                typed[*i]
+            );
+            if is_client {
+                assert!(*i > last_deny);
+            }
+        }
+        // No broad category is ever granted.
+        for r in &typed {
+            if let CommandRule::Allow(RuleTarget::Category(c)) = r {
+                assert!(
+                    ALLOWED_CATEGORIES.contains(c),
+                    "{c:?} granted but not a data-type category"
+                );
+                assert!(!matches!(
+                    c,
+                    Category::All | Category::Admin | Category::Dangerous
+                ));
+            }
+        }
+        let profile = rules.command_profile();
+        for must in [
+            "-@all",
+            "+@string",
+            "+@hash",
+            "+@list",
+            "+@set",
+            "+@sortedset",
+            "+@stream",
+            "+@pubsub",
+            "+@transaction",
+            "+expire",
+            "+del",
+            "+ping",
+            "-@admin",
+            "-@dangerous",
+            "-pubsub",
+            "-cluster|getkeysinslot",
+            "-cluster|countkeysinslot",
+            "+client|setname",
+            "+client|getname",
+            "+client|id",
+        ] {
+            assert!(
+                profile.contains(&must.to_owned()),
+                "{must} missing: {profile:?}"
+            );
+        }
+        for never in [
+            "+@all",
+            "+@read",
+            "+@write",
+            "+@keyspace",
+            "+@connection",
+            "+cluster",
+            "+client",
+            "+keys",
+            "+scan",
+        ] {
+            assert!(
+                !profile.contains(&never.to_owned()),
+                "{never} in {profile:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn rendered_rules_hold_only_rule_characters() {
+        for scripting in [false, true] {
+            let mut s = spec();
+            s.allow_scripting = scripting;
+            for r in CacheRules::from_spec(&s).unwrap().command_profile() {
+                let (sign, body) = r.split_at(1);
+                assert!(sign == "+" || sign == "-", "{r}");
+                let body = body.strip_prefix('@').unwrap_or(body);
+                assert!(
+                    !body.is_empty()
+                        && body
+                            .chars()
+                            .all(|c| c.is_ascii_lowercase() || c == '|' || c == '_' || c == '-'),
+                    "{r}"
+                );
+                assert!(!r.contains(GLOB_CHARACTERS), "{r}");
+            }
+        }
+        assert_eq!(
+            CommandRule::Deny(RuleTarget::Command(Command::sub(
+                "cluster",
+                "getkeysinslot"
+            )))
+            .render(),
+            "-cluster|getkeysinslot"
+        );
+        assert_eq!(
+            CommandRule::Allow(RuleTarget::Category(Category::SortedSet)).render(),
+            "+@sortedset"
+        );
+    }
+
+    #[test]
+    fn scripting_is_granted_only_when_the_platform_allows_it() {
+        let off = CacheRules::from_spec(&spec()).unwrap().command_profile();
+        assert!(!off.contains(&"+@scripting".to_owned()));
+        assert!(off.contains(&"-@scripting".to_owned()));
+        let mut s = spec();
+        s.allow_scripting = true;
+        let on = CacheRules::from_spec(&s).unwrap().command_profile();
+        let grant = on.iter().position(|r| r == "+@scripting").unwrap();
+        let deny_script = on.iter().position(|r| r == "-script").unwrap();
+        assert!(
+            grant < deny_script,
+            "script management is denied after the grant"
+        );
+    }
+
+    #[test]
+    fn owner_records_lie_outside_every_prefix() {
+        let rules = CacheRules::from_spec(&spec()).unwrap();
+        assert_eq!(
+            rules.owner_record_key(&acme()).unwrap(),
+            "bulkhead:owner:acme"
+        );
+        let record = rules.owner_record_key(&acme()).unwrap();
+        for org in ["acme", "owner", "bulkhead", "a"] {
+            let p = rules.key_prefix(&OrgId::parse(org).unwrap()).unwrap();
+            assert!(!record.starts_with(&p), "{p} covers {record}");
+        }
+        assert!(overlaps_owner_records("bulkhead:"));
+        assert!(overlaps_owner_records("bulkhead:owner:"));
+        assert!(overlaps_owner_records("bulkhead:owner:acme:"));
+        assert!(overlaps_owner_records("b"));
+        assert!(!overlaps_owner_records("org:acme:"));
+        assert!(!overlaps_owner_records("bulkhead-owner:"));
+        assert!(!overlaps_owner_records("bulkhead:owners:"));
+    }
+
+    #[test]
+    fn a_template_inside_the_owner_namespace_is_a_configuration_error() {
+        for tpl in ["bulkhead:owner:{orgId}:", "bulkhead:owner:x:{orgId}:"] {
+            let mut s = spec();
+            s.key_prefix = tpl.into();
+            assert!(
+                matches!(
+                    CacheRules::from_spec(&s),
+                    Err(RuleError::TemplateCoversOwnerRecords { .. })
+                ),
+                "{tpl}"
+            );
+            let mut s = spec();
+            s.channel_prefix = tpl.into();
+            assert!(CacheRules::from_spec(&s).is_err(), "{tpl}");
+        }
+    }
+
+    #[test]
+    fn an_org_whose_prefix_covers_the_owner_records_is_refused() {
+        let mut s = spec();
+        s.key_prefix = "bulkhead:{orgId}:".into();
+        let rules = CacheRules::from_spec(&s).unwrap();
+        let owner = OrgId::parse("owner").unwrap();
+        for r in [
+            rules.key_prefix(&owner).map(|_| ()),
+            rules.plan(&owner, "h").map(|_| ()),
+            rules.owner_record_key(&owner).map(|_| ()),
+            rules.canary_key(&owner).map(|_| ()),
+            rules.scan_pattern(&owner).map(|_| ()),
+        ] {
+            assert!(
+                matches!(r, Err(RuleError::PrefixCoversOwnerRecords { .. })),
+                "{r:?}"
+            );
+        }
+        assert!(rules.plan(&acme(), "h").is_ok());
+        let mut s = spec();
+        s.channel_prefix = "{orgId}:".into();
+        let rules = CacheRules::from_spec(&s).unwrap();
+        assert!(matches!(
+            rules.plan(&OrgId::parse("bulkhead").unwrap(), "h"),
+            Err(RuleError::PrefixCoversOwnerRecords {
+                field: "channelPrefix",
+                ..
+            })
+        ));
+        assert!(rules.plan(&acme(), "h").is_ok());
     }
 
     #[test]
@@ -973,6 +1473,33 @@ mod tests {
             "&org:acme:*",
         );
         assert_eq!(diff(&plan, Some(&all), &reference).len(), 2);
+    }
+
+    #[test]
+    fn command_descriptions_compare_in_canonical_order_only_where_meaning_is_kept() {
+        let a = "-@all +@string +@pubsub -pubsub|numpat -pubsub|channels +object -keys";
+        let b = "-@all +@string +@pubsub -keys -pubsub|channels +object -pubsub|numpat";
+        assert_eq!(canonical_commands(a), canonical_commands(b));
+        // Category order matters.
+        assert_ne!(
+            canonical_commands("-@all +@string -get"),
+            canonical_commands("+@string -@all -get")
+        );
+        // + and - on one command keep their order.
+        assert_ne!(
+            canonical_commands("-@all -client +client|setname"),
+            canonical_commands("-@all +client|setname -client")
+        );
+        // A later category rule keeps everything in order.
+        assert_ne!(
+            canonical_commands("-@all -keys +@all"),
+            canonical_commands("-@all +@all -keys")
+        );
+        // Different sets of rules never compare equal.
+        assert_ne!(
+            canonical_commands("-@all +@string -keys"),
+            canonical_commands("-@all +@string -keys +flushall")
+        );
     }
 
     #[test]
