@@ -131,6 +131,9 @@ fn moto_admin() -> Admin {
     )
 }
 
+/// The moto tests count the server's roles, so they take turns.
+static MOTO: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn provision(layer: &StorageLayer, t: &Tenant) -> Credentials {
     let mut creds = Credentials::default();
     layer.ensure(t, &mut creds).await.expect("ensure");
@@ -1070,6 +1073,7 @@ async fn unreachable_backend_is_reported_as_such() {
 
 #[tokio::test]
 async fn role_mode_on_moto_creates_a_tagged_role_idempotently() {
+    let _turn = MOTO.lock().await;
     let b = bucket("role");
     let layer = moto(
         &b,
@@ -1174,6 +1178,7 @@ async fn role_mode_on_moto_creates_a_tagged_role_idempotently() {
 
 #[tokio::test]
 async fn abac_mode_on_moto_creates_one_shared_role_and_nothing_per_org() {
+    let _turn = MOTO.lock().await;
     let b = bucket("abac");
     let role = unique("bulkhead-tenant");
     let layer = moto(

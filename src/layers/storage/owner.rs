@@ -22,6 +22,25 @@ struct OwnerRecord {
     owner_uid: String,
 }
 
+/// The query prefix and first `start-after` key for looking under `prefix` (which ends with '/')
+/// with no '/' in the query: everything the query matches before the prefix starts `{base}.`.
+pub fn listing_window(prefix: &str) -> (&str, String) {
+    let base = prefix.strip_suffix('/').unwrap_or(prefix);
+    (base, format!("{base}."))
+}
+
+/// What one listed key says: under the prefix (`Some(true)`), past it (`Some(false)`), or before
+/// it, so the listing goes on (`None`).
+pub fn key_verdict(prefix: &str, key: &str) -> Option<bool> {
+    if key.starts_with(prefix) {
+        Some(true)
+    } else if key.as_bytes() > prefix.as_bytes() {
+        Some(false)
+    } else {
+        None
+    }
+}
+
 impl StorageLayer {
     /// Key of the organization's owner record.
     pub fn owner_record_key(&self, org: &OrgId) -> String {
@@ -57,9 +76,34 @@ impl StorageLayer {
         let owner = self.prefix_owner(org).await?;
         let has_objects = match owner {
             Some(_) => false,
-            None => self.list_prefix(&self.prefix(org), 1).await?.key_count() > Some(0),
+            None => self.any_object_under(&self.prefix(org)).await?,
         };
         Ok(diff::prefix_record(owner.as_deref(), has_objects))
+    }
+
+    /// Whether any object lies under `prefix`. The trailing '/' stays out of the query, which
+    /// some S3 servers (moto) cannot sign; keys listed before the prefix are skipped.
+    async fn any_object_under(&self, prefix: &str) -> Result<bool, LayerError> {
+        const MAX_PAGES: usize = 1000;
+        let (query, mut cursor) = listing_window(prefix);
+        for _ in 0..MAX_PAGES {
+            let req = self.s3.list_objects_v2().bucket(&self.spec.bucket);
+            let req = req.prefix(query).start_after(&cursor).max_keys(100);
+            let page = call("ListObjectsV2", req.send()).await?;
+            let keys: Vec<&str> = page.contents().iter().filter_map(|o| o.key()).collect();
+            for key in &keys {
+                if let Some(found) = key_verdict(prefix, key) {
+                    return Ok(found);
+                }
+            }
+            match keys.last() {
+                Some(last) if page.is_truncated() == Some(true) => cursor = (*last).to_owned(),
+                _ => return Ok(false),
+            }
+        }
+        Err(LayerError::Backend(format!(
+            "more than {MAX_PAGES} pages of keys sort right before {prefix}"
+        )))
     }
 
     /// Decides, without writing, whether the tenant may use its prefix.
@@ -116,5 +160,31 @@ impl StorageLayer {
     pub(super) async fn forget_prefix_owner(&self, org: &OrgId) -> Result<(), LayerError> {
         self.delete_object("DeleteObject owner record", &self.owner_record_key(org))
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_listing_window_starts_right_before_the_prefix() {
+        let (query, after) = listing_window("acme/");
+        assert_eq!((query, after.as_str()), ("acme", "acme."));
+        assert_eq!(listing_window("tenants/acme/").0, "tenants/acme");
+        // Keys the query matches that sort before the start are never under the prefix.
+        for before in ["acme", "acme-2/x", "acme-", "acme!"] {
+            assert!(before.as_bytes() <= after.as_bytes(), "{before}");
+        }
+    }
+
+    #[test]
+    fn listed_keys_say_under_past_or_go_on() {
+        assert_eq!(key_verdict("acme/", "acme/x"), Some(true));
+        assert_eq!(key_verdict("acme/", "acme/"), Some(true));
+        assert_eq!(key_verdict("acme/", "acme0/x"), Some(false));
+        assert_eq!(key_verdict("acme/", "acmez"), Some(false));
+        assert_eq!(key_verdict("acme/", "acme.txt"), None);
+        assert_eq!(key_verdict("acme/", "acme.\u{e9}"), None);
     }
 }
