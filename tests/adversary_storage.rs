@@ -211,6 +211,27 @@ impl Drop for Teardown {
                 for u in users {
                     remove_user(&adm, &u).await;
                 }
+                // SeaweedFS gives each bucket its own volumes: never leave one behind.
+                for _ in 0..100 {
+                    let Ok(page) = adm.s3.list_objects_v2().bucket(&spec.bucket).send().await
+                    else {
+                        break;
+                    };
+                    if page.contents().is_empty() {
+                        break;
+                    }
+                    for o in page.contents() {
+                        let key = o.key().unwrap_or_default();
+                        let _ = adm
+                            .s3
+                            .delete_object()
+                            .bucket(&spec.bucket)
+                            .key(key)
+                            .send()
+                            .await;
+                    }
+                }
+                let _ = adm.s3.delete_bucket().bucket(&spec.bucket).send().await;
             });
         })
         .join();

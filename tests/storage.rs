@@ -179,11 +179,30 @@ async fn guard_text(a: &Admin, bucket: &str) -> Value {
     serde_json::from_str(out.policy().unwrap_or_default()).expect("policy JSON")
 }
 
+/// Empties and deletes a test's bucket: SeaweedFS gives every bucket its own volumes, and the
+/// shared server runs out of them when buckets pile up.
+async fn drop_bucket(adm: &Admin, bucket: &str) {
+    for _ in 0..100 {
+        let Ok(page) = adm.s3.list_objects_v2().bucket(bucket).send().await else {
+            break;
+        };
+        if page.contents().is_empty() {
+            break;
+        }
+        for o in page.contents() {
+            let key = o.key().unwrap_or_default();
+            let _ = adm.s3.delete_object().bucket(bucket).key(key).send().await;
+        }
+    }
+    let _ = adm.s3.delete_bucket().bucket(bucket).send().await;
+}
+
 async fn cleanup_all(layer: &StorageLayer, tenants: &[&Tenant]) {
     for t in tenants {
         layer.cleanup(t).await.expect("cleanup");
     }
     let _ = layer.delete_prefix(&OrgId::sentinel()).await;
+    drop_bucket(&seaweed_admin(), &layer.spec().bucket).await;
 }
 
 /// Removes what a test made (its tenants' users, keys and objects, and any user it created
@@ -235,10 +254,21 @@ impl Drop for Teardown {
                 for u in users {
                     remove_user(&adm, &u).await;
                 }
+                drop_bucket(&adm, &spec.bucket).await;
             });
         });
         let _ = work.join();
     }
+}
+
+/// A teardown of these SeaweedFS tenants, for tests that provision them by hand.
+fn teardown_of(layer: &StorageLayer, tenants: &[&Tenant]) -> Teardown {
+    let tb = Testbed::get();
+    let mut t = Teardown::new(layer, tb.s3_access_key(), tb.s3_secret_key());
+    for x in tenants {
+        t.track(x);
+    }
+    t
 }
 
 /// Deletes an IAM user with its keys and policies, as the admin.
@@ -528,6 +558,7 @@ async fn user_mode_isolates_prefixes_and_every_probe_passes() {
     layer.prepare().await.expect("prepare");
     let (a, o) = (org("sa"), org("sb"));
     let (ta, tb_) = (tenant(&a, &[&o]), tenant(&o, &[&a]));
+    let _guard = teardown_of(&layer, &[&ta, &tb_]);
     let ca = provision(&layer, &ta).await;
     let cb = provision(&layer, &tb_).await;
 
@@ -590,6 +621,7 @@ async fn widened_policy_is_held_by_the_guard_and_caught_when_the_guard_goes_too(
     layer.prepare().await.expect("prepare");
     let (a, o) = (org("wa"), org("wb"));
     let (ta, tb_) = (tenant(&a, &[&o]), tenant(&o, &[&a]));
+    let _guard = teardown_of(&layer, &[&ta, &tb_]);
     let ca = provision(&layer, &ta).await;
     provision(&layer, &tb_).await;
     assert_clean(&layer.verify(&ta, &ca).await.unwrap());
@@ -697,6 +729,7 @@ async fn extra_attached_and_inline_policies_are_found_and_removed() {
     layer.prepare().await.unwrap();
     let a = org("xa");
     let ta = tenant(&a, &[]);
+    let _guard = teardown_of(&layer, &[&ta]);
     let ca = provision(&layer, &ta).await;
     let wide = json!({"Version": POLICY_VERSION, "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]});
     let extra = adm
@@ -777,6 +810,7 @@ async fn guard_edits_are_found_and_repaired_and_reformatting_is_not_an_edit() {
 
     let a = org("ga");
     let ta = tenant(&a, &[]);
+    let _guard = teardown_of(&layer, &[&ta]);
     let ca = provision(&layer, &ta).await;
     assert_clean(&layer.verify(&ta, &ca).await.unwrap());
 
@@ -833,6 +867,7 @@ async fn deleted_access_key_is_found_and_replaced() {
     layer.prepare().await.unwrap();
     let a = org("ka");
     let ta = tenant(&a, &[]);
+    let _guard = teardown_of(&layer, &[&ta]);
     let ca = provision(&layer, &ta).await;
     adm.iam
         .delete_access_key()
@@ -869,6 +904,7 @@ async fn rotation_issues_a_new_key_and_the_old_one_stops_working() {
     layer.prepare().await.unwrap();
     let a = org("ra");
     let mut ta = tenant(&a, &[]);
+    let _guard = teardown_of(&layer, &[&ta]);
     let old = provision(&layer, &ta).await;
     ta.rotate = true;
     let mut new = old.clone();
@@ -900,6 +936,7 @@ async fn cleanup_retain_keeps_objects_and_delete_removes_them_all() {
     let mut tk = tenant(&keep, &[]);
     tk.deletion_policy = DeletionPolicy::Retain;
     let tg = tenant(&gone, &[]);
+    let _guard = teardown_of(&layer, &[&tk, &tg]);
     provision(&layer, &tk).await;
     provision(&layer, &tg).await;
     // More than one page and one DeleteObjects batch.
@@ -978,6 +1015,7 @@ async fn cleanup_retain_keeps_objects_and_delete_removes_them_all() {
         .await
         .unwrap();
     let _ = layer.delete_prefix(&OrgId::sentinel()).await;
+    drop_bucket(&adm, &b).await;
 }
 
 #[tokio::test]
@@ -998,6 +1036,7 @@ async fn odd_org_ids_provision_and_verify() {
         .iter()
         .map(|id| tenant(id, &ids.iter().filter(|p| *p != id).collect::<Vec<_>>()))
         .collect();
+    let _guard = teardown_of(&layer, &tenants.iter().collect::<Vec<_>>());
     let mut all = Vec::new();
     for t in &tenants {
         all.push(provision(&layer, t).await);
@@ -1036,6 +1075,7 @@ async fn an_org_id_naming_an_exempt_user_is_refused_and_nothing_is_created() {
         Some("NoSuchEntity")
     );
     let _ = layer.delete_prefix(&OrgId::sentinel()).await;
+    drop_bucket(&seaweed_admin(), &b).await;
 }
 
 #[tokio::test]

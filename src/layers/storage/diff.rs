@@ -253,6 +253,10 @@ impl Step {
             repair,
         }
     }
+    /// Drift found, and repaired by the action.
+    fn fix(action: Action, finding: String, repair: String) -> Self {
+        Self::new(action, Some(finding), Some(repair))
+    }
     /// Drift found and repaired (neither is reported for a principal created this pass).
     fn drift(action: Action, fresh: bool, finding: String, repair: String) -> Self {
         if fresh {
@@ -307,31 +311,27 @@ pub fn user_diff(plan: &UserPlan<'_>, st: &UserState) -> Vec<Step> {
         ));
     }
     for other in st.attached.iter().filter(|a| a.name != ours) {
-        steps.push(Step::new(
+        steps.push(Step::fix(
             Action::DetachUserPolicy {
                 arn: other.arn.clone(),
             },
-            Some(format!(
+            format!(
                 "policy {} is attached to user {name} and widens its access",
                 other.name
-            )),
-            Some(format!(
+            ),
+            format!(
                 "policy {} attached to user {name} widened its access; detached",
                 other.name
-            )),
+            ),
         ));
     }
     for inline in &st.inline {
-        steps.push(Step::new(
+        steps.push(Step::fix(
             Action::DeleteUserInline {
                 name: inline.clone(),
             },
-            Some(format!(
-                "inline policy {inline} on user {name} widens its access"
-            )),
-            Some(format!(
-                "inline policy {inline} on user {name} widened its access; deleted"
-            )),
+            format!("inline policy {inline} on user {name} widens its access"),
+            format!("inline policy {inline} on user {name} widened its access; deleted"),
         ));
     }
     steps.extend(key_steps(plan, &st.keys, fresh));
@@ -346,14 +346,12 @@ fn key_steps(plan: &UserPlan<'_>, keys: &[String], fresh: bool) -> Vec<Step> {
     let mut steps = Vec::new();
     if let Some(keep) = kept.filter(|_| !plan.rotate) {
         for stray in keys.iter().filter(|k| *k != keep) {
-            steps.push(Step::new(
+            steps.push(Step::fix(
                 Action::DeleteKey { id: stray.clone() },
-                Some(format!(
-                    "user {name} has an access key the credentials Secret does not hold"
-                )),
-                Some(format!(
+                format!("user {name} has an access key the credentials Secret does not hold"),
+                format!(
                     "an access key of user {name} not held by the credentials Secret was deleted"
-                )),
+                ),
             ));
         }
         return steps;
@@ -389,49 +387,35 @@ fn key_steps(plan: &UserPlan<'_>, keys: &[String], fresh: bool) -> Vec<Step> {
 
 /// The steps from the role as read to the role as planned.
 pub fn role_diff(plan: &RolePlan<'_>, st: &RoleState) -> Vec<Step> {
-    let (name, ours) = (plan.name, plan.policy_name);
-    let fresh = !st.exists;
+    let (name, ours, fresh) = (plan.name, plan.policy_name, !st.exists);
+    let missing = || Some(format!("IAM role {name} is missing"));
     let mut steps = Vec::new();
     if fresh {
-        steps.push(Step::new(
-            Action::CreateRole,
-            Some(format!("IAM role {name} is missing")),
-            None,
-        ));
+        steps.push(Step::new(Action::CreateRole, missing(), None));
     } else if !st
         .trust
         .as_ref()
         .is_some_and(|t| same_document(t, plan.trust))
     {
-        steps.push(Step::new(
+        steps.push(Step::fix(
             Action::UpdateTrust,
-            Some(format!("trust policy of role {name} differs from the plan")),
-            Some(format!(
-                "trust policy of role {name} differed from the plan; restored"
-            )),
+            format!("trust policy of role {name} differs from the plan"),
+            format!("trust policy of role {name} differed from the plan; restored"),
         ));
     }
     for p in st.inline.iter().filter(|p| *p != ours) {
-        steps.push(Step::new(
+        steps.push(Step::fix(
             Action::DeleteRoleInline { name: p.clone() },
-            Some(format!(
-                "inline policy {p} on role {name} widens its access"
-            )),
-            Some(format!(
-                "inline policy {p} on role {name} widened its access; deleted"
-            )),
+            format!("inline policy {p} on role {name} widens its access"),
+            format!("inline policy {p} on role {name} widened its access; deleted"),
         ));
     }
     match &st.policy {
         Some(doc) if same_document(doc, plan.permissions) => {}
-        Some(_) => steps.push(Step::new(
+        Some(_) => steps.push(Step::fix(
             Action::PutRolePolicy,
-            Some(format!(
-                "policy of role {name} differs from the plan (widened or edited)"
-            )),
-            Some(format!(
-                "policy of role {name} differed from the plan (widened or edited); restored"
-            )),
+            format!("policy of role {name} differs from the plan (widened or edited)"),
+            format!("policy of role {name} differed from the plan (widened or edited); restored"),
         )),
         None => steps.push(Step::drift(
             Action::PutRolePolicy,
@@ -441,16 +425,16 @@ pub fn role_diff(plan: &RolePlan<'_>, st: &RoleState) -> Vec<Step> {
         )),
     }
     for p in &st.attached {
-        steps.push(Step::new(
+        steps.push(Step::fix(
             Action::DetachRolePolicy { arn: p.arn.clone() },
-            Some(format!(
+            format!(
                 "policy {} is attached to role {name} and widens its access",
                 p.name
-            )),
-            Some(format!(
+            ),
+            format!(
                 "policy {} attached to role {name} widened its access; detached",
                 p.name
-            )),
+            ),
         ));
     }
     steps
@@ -487,21 +471,17 @@ pub fn user_removal(st: &UserState) -> Vec<Action> {
 
 /// Everything that removes a role: its inline and attached policies, then the role.
 pub fn role_removal(st: &RoleState) -> Vec<Action> {
-    if !st.exists {
-        return Vec::new();
-    }
-    let mut out: Vec<Action> = st
+    let inline = st
         .inline
         .iter()
-        .map(|n| Action::DeleteRoleInline { name: n.clone() })
-        .collect();
-    out.extend(
-        st.attached
-            .iter()
-            .map(|a| Action::DetachRolePolicy { arn: a.arn.clone() }),
-    );
-    out.push(Action::DeleteRole);
-    out
+        .cloned()
+        .map(|name| Action::DeleteRoleInline { name });
+    let detach = st.attached.iter().map(|a| a.arn.clone());
+    let detach = detach.map(|arn| Action::DetachRolePolicy { arn });
+    match st.exists {
+        true => inline.chain(detach).chain([Action::DeleteRole]).collect(),
+        false => Vec::new(),
+    }
 }
 
 #[cfg(test)]

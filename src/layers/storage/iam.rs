@@ -19,6 +19,13 @@ use crate::api::platform::StorageMode;
 use crate::layers::{Credentials, LayerError, Repair, Tenant};
 use crate::tenant::OrgId;
 
+/// Sends a deletion request; what is already gone counts as deleted.
+macro_rules! gone {
+    ($op:literal, $req:expr) => {
+        call_opt($op, NO_SUCH, $req.send()).await.map(drop)
+    };
+}
+
 /// Name of the inline policy on an organization's role and on the shared role.
 const ROLE_POLICY_NAME: &str = "bulkhead-prefix";
 /// IAM's error code for "not there".
@@ -55,11 +62,12 @@ fn decode(op: &str, raw: &str) -> Result<Value, LayerError> {
     policy::decode_document(raw).map_err(|e| LayerError::Backend(format!("{op}: {e}")))
 }
 
-fn attached_of(p: &AttachedPolicy) -> Attached {
-    Attached {
+fn attached_list(policies: &[AttachedPolicy]) -> Vec<Attached> {
+    let one = |p: &AttachedPolicy| Attached {
         name: p.policy_name().unwrap_or_default().to_owned(),
         arn: p.policy_arn().unwrap_or_default().to_owned(),
-    }
+    };
+    policies.iter().map(one).collect()
 }
 
 fn tags_of(tags: &[Tag]) -> OwnerTags {
@@ -89,23 +97,40 @@ pub(super) enum PrincipalWork {
     Shared,
 }
 
-/// What the user appliers need besides the action.
-struct UserRun<'a> {
-    name: String,
-    tenant: &'a Tenant,
-    planned: PolicyDocument,
+/// What the applier needs besides the action: the principal, its plan, and where results go.
+struct Run<'a> {
+    name: &'a str,
+    /// The organization owning the principal (`None` for the shared role).
+    tenant: Option<&'a Tenant>,
+    /// The planned managed policy (user) or inline policy (role).
+    policy: PolicyDocument,
+    /// The planned trust policy (role).
+    trust: PolicyDocument,
+    /// The managed policy's ARN (user).
     policy_arn: Option<String>,
-    creds: &'a mut Credentials,
+    /// The role's ARN (role).
+    role_arn: Option<String>,
+    /// Where an issued access key goes.
+    creds: Option<&'a mut Credentials>,
 }
 
-/// What the role appliers need besides the action.
-struct RoleRun<'a> {
-    name: &'a str,
-    trust: &'a PolicyDocument,
-    permissions: &'a PolicyDocument,
-    /// Tags a new role gets.
-    tags: Vec<Tag>,
-    arn: Option<String>,
+impl<'a> Run<'a> {
+    fn new(name: &'a str, tenant: Option<&'a Tenant>) -> Self {
+        Self {
+            name,
+            tenant,
+            policy: PolicyDocument::new(Vec::new()),
+            trust: PolicyDocument::new(Vec::new()),
+            policy_arn: None,
+            role_arn: None,
+            creds: None,
+        }
+    }
+
+    fn tenant(&self) -> Result<&'a Tenant, LayerError> {
+        self.tenant
+            .ok_or_else(|| LayerError::Backend(format!("{} has no organization", self.name)))
+    }
 }
 
 impl StorageLayer {
@@ -193,11 +218,7 @@ impl StorageLayer {
             exists: true,
             tags: tags_of(tags.tags()),
             policy,
-            attached: attached
-                .attached_policies()
-                .iter()
-                .map(attached_of)
-                .collect(),
+            attached: attached_list(attached.attached_policies()),
             inline: inline.await?.policy_names().to_vec(),
             keys: keys
                 .access_key_metadata()
@@ -242,144 +263,138 @@ impl StorageLayer {
                 .transpose()?,
             inline,
             policy,
-            attached: attached
-                .attached_policies()
-                .iter()
-                .map(attached_of)
-                .collect(),
+            attached: attached_list(attached.attached_policies()),
         })
     }
 
     // ---- appliers ----
 
-    async fn apply_user(&self, run: &mut UserRun<'_>, action: &Action) -> Result<(), LayerError> {
-        let (iam, name) = (&self.iam, run.name.as_str());
-        let org = &run.tenant.org_id;
+    /// Carries out one action of the diff on IAM. Deletions of what is already gone succeed.
+    async fn apply(&self, run: &mut Run<'_>, action: &Action) -> Result<(), LayerError> {
+        let (iam, name) = (&self.iam, run.name);
         match action {
             Action::CreateUser => {
                 let req = iam.create_user().user_name(name).path(&self.spec.iam_path);
                 call("CreateUser", req.send()).await?;
                 // Servers that drop tags on CreateUser keep them from TagUser.
-                self.tag_user(name, run.tenant).await?;
+                self.tag_principal(run.tenant()?).await
             }
+            Action::DeleteUser => gone!("DeleteUser", iam.delete_user().user_name(name)),
             Action::CreatePolicy => {
-                run.policy_arn = Some(self.create_policy(org, &run.planned).await?);
-            }
-            Action::RestorePolicy { arn } => self.replace_policy_version(arn, &run.planned).await?,
-            Action::AttachPolicy => {
-                let arn = run
-                    .policy_arn
-                    .clone()
-                    .unwrap_or_else(|| self.policy_arn_guess(org));
-                let req = iam.attach_user_policy().user_name(name).policy_arn(arn);
-                call("AttachUserPolicy", req.send()).await?;
-            }
-            Action::DetachUserPolicy { arn } => {
-                let req = iam.detach_user_policy().user_name(name).policy_arn(arn);
-                call_opt("DetachUserPolicy", NO_SUCH, req.send()).await?;
-            }
-            Action::DeleteUserInline { name: p } => {
-                let req = iam.delete_user_policy().user_name(name).policy_name(p);
-                call_opt("DeleteUserPolicy", NO_SUCH, req.send()).await?;
-            }
-            Action::DeleteKey { id } => {
-                let req = iam.delete_access_key().user_name(name).access_key_id(id);
-                call_opt("DeleteAccessKey", NO_SUCH, req.send()).await?;
-            }
-            Action::IssueKey => {
-                let out = call(
-                    "CreateAccessKey",
-                    iam.create_access_key().user_name(name).send(),
-                )
-                .await?;
-                let key = out.access_key().ok_or_else(|| {
-                    LayerError::Backend("CreateAccessKey returned no key".to_owned())
-                })?;
-                run.creds.set(KEY_ACCESS_KEY_ID, key.access_key_id());
-                run.creds
-                    .set(KEY_SECRET_ACCESS_KEY, key.secret_access_key());
+                let org = &run.tenant()?.org_id;
+                run.policy_arn = Some(self.create_policy(org, &run.policy).await?);
+                Ok(())
             }
             Action::DeletePolicy { arn } => {
                 self.delete_old_policy_versions(arn).await?;
-                call_opt(
-                    "DeletePolicy",
-                    NO_SUCH,
-                    iam.delete_policy().policy_arn(arn).send(),
-                )
-                .await?;
+                gone!("DeletePolicy", iam.delete_policy().policy_arn(arn))
             }
-            Action::DeleteUser => {
-                call_opt(
-                    "DeleteUser",
-                    NO_SUCH,
-                    iam.delete_user().user_name(name).send(),
-                )
-                .await?;
+            Action::DetachUserPolicy { arn } => {
+                let req = iam.detach_user_policy().user_name(name);
+                gone!("DetachUserPolicy", req.policy_arn(arn))
             }
-            other => return Err(not_for("a user", other)),
-        }
-        Ok(())
-    }
-
-    async fn apply_role(&self, run: &mut RoleRun<'_>, action: &Action) -> Result<(), LayerError> {
-        let (iam, name) = (&self.iam, run.name);
-        match action {
+            Action::RestorePolicy { arn } => self.replace_policy_version(arn, &run.policy).await,
+            Action::DeleteUserInline { name: p } => {
+                gone!(
+                    "DeleteUserPolicy",
+                    iam.delete_user_policy().user_name(name).policy_name(p)
+                )
+            }
+            Action::AttachPolicy => {
+                let guess = self.policy_arn_guess(&run.tenant()?.org_id);
+                let arn = run.policy_arn.clone().unwrap_or(guess);
+                let req = iam.attach_user_policy().user_name(name).policy_arn(arn);
+                call("AttachUserPolicy", req.send()).await.map(drop)
+            }
+            Action::DeleteKey { id } => {
+                let req = iam.delete_access_key().access_key_id(id);
+                gone!("DeleteAccessKey", req.user_name(name))
+            }
+            Action::IssueKey => self.issue_key(run).await,
             Action::CreateRole => {
+                let tags = run.tenant.map(owner_tags).transpose()?;
                 let req = iam.create_role().role_name(name).path(&self.spec.iam_path);
-                let req = req
-                    .assume_role_policy_document(run.trust.to_json())
-                    .set_tags(Some(run.tags.clone()).filter(|t| !t.is_empty()));
-                let out = call("CreateRole", req.send()).await?;
+                let req = req.assume_role_policy_document(run.trust.to_json());
+                let out = call("CreateRole", req.set_tags(tags).send()).await?;
                 let role = out
                     .role()
                     .ok_or_else(|| LayerError::Backend("CreateRole returned no role".to_owned()))?;
-                run.arn = Some(role.arn().to_owned());
+                run.role_arn = Some(role.arn().to_owned());
+                Ok(())
             }
+            Action::DeleteRole => gone!("DeleteRole", iam.delete_role().role_name(name)),
             Action::UpdateTrust => {
                 let req = iam.update_assume_role_policy().role_name(name);
                 let req = req.policy_document(run.trust.to_json());
-                call("UpdateAssumeRolePolicy", req.send()).await?;
-            }
-            Action::PutRolePolicy => {
-                let req = iam.put_role_policy().role_name(name);
-                let req = req.policy_name(ROLE_POLICY_NAME);
-                call(
-                    "PutRolePolicy",
-                    req.policy_document(run.permissions.to_json()).send(),
-                )
-                .await?;
-            }
-            Action::DeleteRoleInline { name: p } => {
-                let req = iam.delete_role_policy().role_name(name).policy_name(p);
-                call_opt("DeleteRolePolicy", NO_SUCH, req.send()).await?;
+                call("UpdateAssumeRolePolicy", req.send()).await.map(drop)
             }
             Action::DetachRolePolicy { arn } => {
-                let req = iam.detach_role_policy().role_name(name).policy_arn(arn);
-                call_opt("DetachRolePolicy", NO_SUCH, req.send()).await?;
-            }
-            Action::DeleteRole => {
-                call_opt(
-                    "DeleteRole",
-                    NO_SUCH,
-                    iam.delete_role().role_name(name).send(),
+                gone!(
+                    "DetachRolePolicy",
+                    iam.detach_role_policy().role_name(name).policy_arn(arn)
                 )
-                .await?;
             }
-            other => return Err(not_for("a role", other)),
+            Action::PutRolePolicy => {
+                let req = iam
+                    .put_role_policy()
+                    .role_name(name)
+                    .policy_name(ROLE_POLICY_NAME);
+                call(
+                    "PutRolePolicy",
+                    req.policy_document(run.policy.to_json()).send(),
+                )
+                .await
+                .map(drop)
+            }
+            Action::DeleteRoleInline { name: p } => {
+                gone!(
+                    "DeleteRolePolicy",
+                    iam.delete_role_policy().role_name(name).policy_name(p)
+                )
+            }
+        }
+    }
+
+    /// Issues an access key and writes it into the run's credentials.
+    async fn issue_key(&self, run: &mut Run<'_>) -> Result<(), LayerError> {
+        let req = self.iam.create_access_key().user_name(run.name);
+        let out = call("CreateAccessKey", req.send()).await?;
+        let key = out
+            .access_key()
+            .ok_or_else(|| LayerError::Backend("CreateAccessKey returned no key".to_owned()))?;
+        let creds = run
+            .creds
+            .as_deref_mut()
+            .ok_or_else(|| LayerError::Backend("no credentials to write a key into".to_owned()))?;
+        creds.set(KEY_ACCESS_KEY_ID, key.access_key_id());
+        creds.set(KEY_SECRET_ACCESS_KEY, key.secret_access_key());
+        Ok(())
+    }
+
+    /// Records the tenant's orgId and owner UID on its user or role.
+    async fn tag_principal(&self, tenant: &Tenant) -> Result<(), LayerError> {
+        let name = principal_name(&tenant.org_id);
+        let tags = Some(owner_tags(tenant)?);
+        if self.spec.mode == StorageMode::Role {
+            let req = self.iam.tag_role().role_name(name).set_tags(tags);
+            call("TagRole", req.send()).await?;
+        } else {
+            let req = self.iam.tag_user().user_name(name).set_tags(tags);
+            call("TagUser", req.send()).await?;
         }
         Ok(())
     }
 
-    async fn tag_user(&self, name: &str, tenant: &Tenant) -> Result<(), LayerError> {
-        let req = self.iam.tag_user().user_name(name);
-        call("TagUser", req.set_tags(Some(owner_tags(tenant)?)).send()).await?;
-        Ok(())
-    }
-
-    async fn tag_role(&self, name: &str, tenant: &Tenant) -> Result<(), LayerError> {
-        let req = self.iam.tag_role().role_name(name);
-        call("TagRole", req.set_tags(Some(owner_tags(tenant)?)).send()).await?;
-        Ok(())
+    /// Takes over a principal recorded as another Organization's, when the claim says so.
+    async fn adopt(&self, tenant: &Tenant, claim: &Claim) -> Result<Vec<Repair>, LayerError> {
+        let Claim::Adopt(old) = claim else {
+            return Ok(Vec::new());
+        };
+        self.tag_principal(tenant).await?;
+        let name = principal_name(&tenant.org_id);
+        Ok(vec![Repair(format!(
+            "IAM principal {name} taken over from Organization UID {old}; its old credentials are replaced"
+        ))])
     }
 
     async fn create_policy(&self, org: &OrgId, doc: &PolicyDocument) -> Result<String, LayerError> {
@@ -487,13 +502,7 @@ impl StorageLayer {
     ) -> Result<Vec<Repair>, LayerError> {
         let org = &tenant.org_id;
         let name = principal_name(org);
-        let mut repairs = Vec::new();
-        if let Claim::Adopt(old) = &claim {
-            self.tag_user(&name, tenant).await?;
-            repairs.push(Repair(format!(
-                "IAM user {name} taken over from Organization UID {old}; its access keys are replaced"
-            )));
-        }
+        let mut repairs = self.adopt(tenant, &claim).await?;
         let planned = policy::org_policy(&self.spec.bucket, &self.prefix(org));
         let document = planned.to_value();
         let held = creds
@@ -514,18 +523,15 @@ impl StorageLayer {
             rotate: tenant.rotate || matches!(claim, Claim::Adopt(_)),
         };
         let steps = diff::user_diff(&plan, &st);
-        let mut run = UserRun {
-            name: name.clone(),
-            tenant,
-            planned,
-            policy_arn: st.policy.as_ref().map(|p| p.arn.clone()),
-            creds,
-        };
+        creds.remove(KEY_ROLE_ARN);
+        let mut run = Run::new(&name, Some(tenant));
+        run.policy = planned;
+        run.policy_arn = st.policy.as_ref().map(|p| p.arn.clone());
+        run.creds = Some(creds);
         for step in &steps {
-            self.apply_user(&mut run, &step.action).await?;
+            self.apply(&mut run, &step.action).await?;
             repairs.extend(step.repair.clone().map(Repair));
         }
-        run.creds.remove(KEY_ROLE_ARN);
         Ok(repairs)
     }
 
@@ -554,10 +560,10 @@ impl StorageLayer {
     /// the role ARN and the repairs.
     async fn converge_role(
         &self,
-        run: &mut RoleRun<'_>,
+        run: &mut Run<'_>,
         st: &RoleState,
     ) -> Result<(String, Vec<Repair>), LayerError> {
-        let (trust, permissions) = (run.trust.to_value(), run.permissions.to_value());
+        let (trust, permissions) = (run.trust.to_value(), run.policy.to_value());
         let plan = RolePlan {
             name: run.name,
             policy_name: ROLE_POLICY_NAME,
@@ -566,11 +572,11 @@ impl StorageLayer {
         };
         let mut repairs = Vec::new();
         for step in diff::role_diff(&plan, st) {
-            self.apply_role(run, &step.action).await?;
+            self.apply(run, &step.action).await?;
             repairs.extend(step.repair.map(Repair));
         }
         let arn = run
-            .arn
+            .role_arn
             .clone()
             .ok_or_else(|| LayerError::Backend(format!("role {} has no ARN", run.name)))?;
         Ok((arn, repairs))
@@ -584,25 +590,13 @@ impl StorageLayer {
         st: RoleState,
         claim: Claim,
     ) -> Result<Vec<Repair>, LayerError> {
-        let org = &tenant.org_id;
-        let name = principal_name(org);
-        let mut repairs = Vec::new();
-        if let Claim::Adopt(old) = &claim {
-            self.tag_role(&name, tenant).await?;
-            repairs.push(Repair(format!(
-                "IAM role {name} taken over from Organization UID {old}"
-            )));
-        }
+        let mut repairs = self.adopt(tenant, &claim).await?;
+        let (org, name) = (&tenant.org_id, principal_name(&tenant.org_id));
         let operator = self.operator_principal().await?;
         let trust = self.role_trust(tenant, &operator);
         let permissions = policy::org_policy(&self.spec.bucket, &self.prefix(org));
-        let mut run = RoleRun {
-            name: &name,
-            trust: &trust,
-            permissions: &permissions,
-            tags: owner_tags(tenant)?,
-            arn: st.arn.clone(),
-        };
+        let mut run = Run::new(&name, Some(tenant));
+        (run.trust, run.policy, run.role_arn) = (trust, permissions, st.arn.clone());
         let (arn, more) = self.converge_role(&mut run, &st).await?;
         repairs.extend(more);
         creds.remove(KEY_ACCESS_KEY_ID);
@@ -619,13 +613,8 @@ impl StorageLayer {
         let permissions = policy::abac_policy(&self.spec.bucket, &self.spec.prefix_template);
         let name = &self.spec.shared_role_name;
         let st = self.read_role(name).await?;
-        let mut run = RoleRun {
-            name,
-            trust: &trust,
-            permissions: &permissions,
-            tags: Vec::new(),
-            arn: st.arn.clone(),
-        };
+        let mut run = Run::new(name, None);
+        (run.trust, run.policy, run.role_arn) = (trust, permissions, st.arn.clone());
         Ok(self.converge_role(&mut run, &st).await?.1)
     }
 
@@ -647,53 +636,34 @@ impl StorageLayer {
     ) -> Result<Vec<Repair>, LayerError> {
         let org = &tenant.org_id;
         let name = principal_name(org);
-        let uid = &tenant.owner.uid;
-        match self.spec.mode {
+        let (record, actions, what) = match self.spec.mode {
             StorageMode::User => {
                 let st = self.read_user(org).await?;
-                let record = diff::principal_record(st.exists, &st.tags, org.as_str());
-                if !diff::removable(&record, uid) {
-                    return Ok(Vec::new());
-                }
-                let mut scratch = Credentials::default();
-                let mut run = UserRun {
-                    name: name.clone(),
-                    tenant,
-                    planned: PolicyDocument::new(Vec::new()),
-                    policy_arn: None,
-                    creds: &mut scratch,
-                };
-                for action in diff::user_removal(&st) {
-                    self.apply_user(&mut run, &action).await?;
-                }
-                Ok(vec![Repair(format!(
-                    "IAM user {name}, its policy and {} access key(s) removed",
-                    st.keys.len()
-                ))])
+                let keys = st.keys.len();
+                (
+                    diff::principal_record(st.exists, &st.tags, org.as_str()),
+                    diff::user_removal(&st),
+                    format!("IAM user {name}, its policy and {keys} access key(s) removed"),
+                )
             }
             StorageMode::Role => {
                 let st = self.read_role(&name).await?;
-                let record = diff::principal_record(st.exists, &st.tags, org.as_str());
-                if !diff::removable(&record, uid) {
-                    return Ok(Vec::new());
-                }
-                let empty = PolicyDocument::new(Vec::new());
-                let mut run = RoleRun {
-                    name: &name,
-                    trust: &empty,
-                    permissions: &empty,
-                    tags: Vec::new(),
-                    arn: st.arn.clone(),
-                };
-                for action in diff::role_removal(&st) {
-                    self.apply_role(&mut run, &action).await?;
-                }
-                Ok(vec![Repair(format!(
-                    "IAM role {name} and its policies removed"
-                ))])
+                (
+                    diff::principal_record(st.exists, &st.tags, org.as_str()),
+                    diff::role_removal(&st),
+                    format!("IAM role {name} and its policies removed"),
+                )
             }
-            StorageMode::Abac => Ok(Vec::new()),
+            StorageMode::Abac => return Ok(Vec::new()),
+        };
+        if !diff::removable(&record, &tenant.owner.uid) {
+            return Ok(Vec::new());
         }
+        let mut run = Run::new(&name, Some(tenant));
+        for action in actions {
+            self.apply(&mut run, &action).await?;
+        }
+        Ok(vec![Repair(what)])
     }
 
     // ---- audit ----
@@ -833,9 +803,4 @@ impl StorageLayer {
         };
         Ok(Ok(self.conn.s3(aws)))
     }
-}
-
-/// An action the diff never gives for this kind of principal.
-fn not_for(kind: &str, action: &Action) -> LayerError {
-    LayerError::Backend(format!("{action:?} is not an action on {kind}"))
 }

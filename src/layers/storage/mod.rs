@@ -105,6 +105,22 @@ struct Operator {
     user: Option<String>,
 }
 
+/// Builds an IAM or STS client: the two crates share one builder API but no types.
+macro_rules! query_client {
+    ($sdk:ident, $conn:expr, $creds:expr) => {{
+        let mut b = $sdk::config::Builder::new()
+            .behavior_version($sdk::config::BehaviorVersion::latest())
+            .region($sdk::config::Region::new($conn.region.clone()))
+            .credentials_provider($creds)
+            .timeout_config(Self::timeouts())
+            .interceptor($conn.calls.clone());
+        if let Some(ep) = &$conn.iam_endpoint {
+            b = b.endpoint_url(ep);
+        }
+        $sdk::Client::from_conf(b.build())
+    }};
+}
+
 /// Endpoint, region and addressing of the S3 and IAM servers, shared by admin and tenant clients.
 #[derive(Clone, Debug)]
 struct Connection {
@@ -144,29 +160,11 @@ impl Connection {
     }
 
     fn iam(&self, creds: AwsCredentials) -> aws_sdk_iam::Client {
-        let mut b = aws_sdk_iam::config::Builder::new()
-            .behavior_version(aws_sdk_iam::config::BehaviorVersion::latest())
-            .region(aws_sdk_iam::config::Region::new(self.region.clone()))
-            .credentials_provider(creds)
-            .timeout_config(Self::timeouts())
-            .interceptor(self.calls.clone());
-        if let Some(ep) = &self.iam_endpoint {
-            b = b.endpoint_url(ep);
-        }
-        aws_sdk_iam::Client::from_conf(b.build())
+        query_client!(aws_sdk_iam, self, creds)
     }
 
     fn sts(&self, creds: AwsCredentials) -> aws_sdk_sts::Client {
-        let mut b = aws_sdk_sts::config::Builder::new()
-            .behavior_version(aws_sdk_sts::config::BehaviorVersion::latest())
-            .region(aws_sdk_sts::config::Region::new(self.region.clone()))
-            .credentials_provider(creds)
-            .timeout_config(Self::timeouts())
-            .interceptor(self.calls.clone());
-        if let Some(ep) = &self.iam_endpoint {
-            b = b.endpoint_url(ep);
-        }
-        aws_sdk_sts::Client::from_conf(b.build())
+        query_client!(aws_sdk_sts, self, creds)
     }
 }
 

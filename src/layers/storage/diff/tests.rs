@@ -49,6 +49,11 @@ fn plan<'a>(d: &'a Value, held: Option<&'a str>, rotate: bool) -> UserPlan<'a> {
     }
 }
 
+/// The diff of `st` against the plan, with the Secret holding `k1` and no rotation.
+fn diff_k1(st: &UserState) -> Vec<Step> {
+    user_diff(&plan(&doc(), Some("k1"), false), st)
+}
+
 fn actions(steps: &[Step]) -> Vec<Action> {
     steps.iter().map(|s| s.action.clone()).collect()
 }
@@ -207,8 +212,7 @@ fn exempt_principals_are_refused_in_every_form() {
 
 #[test]
 fn a_user_as_planned_needs_nothing() {
-    let d = doc();
-    let steps = user_diff(&plan(&d, Some("k1"), false), &good_user());
+    let steps = diff_k1(&good_user());
     assert!(steps.is_empty(), "{steps:?}");
 }
 
@@ -248,11 +252,10 @@ fn a_leftover_policy_of_a_missing_user_is_reused() {
 
 #[test]
 fn a_widened_or_unreadable_policy_is_restored() {
-    let d = doc();
     for document in [Some(wide()), None] {
         let mut st = good_user();
         st.policy.as_mut().unwrap().document = document;
-        let steps = user_diff(&plan(&d, Some("k1"), false), &st);
+        let steps = diff_k1(&st);
         assert_eq!(
             actions(&steps),
             vec![Action::RestorePolicy {
@@ -266,21 +269,19 @@ fn a_widened_or_unreadable_policy_is_restored() {
 
 #[test]
 fn reformatted_policy_is_not_drift() {
-    let d = doc();
     let mut st = good_user();
     st.policy.as_mut().unwrap().document = Some(
         json!({"Statement": [{"Resource": "arn:aws:s3:::b/acme/*", "Action": "s3:GetObject", "Effect": "Allow"}], "Version": "2012-10-17"}),
     );
-    assert!(user_diff(&plan(&d, Some("k1"), false), &st).is_empty());
+    assert!(diff_k1(&st).is_empty());
 }
 
 #[test]
 fn a_missing_policy_of_an_existing_user_is_created_and_reported() {
-    let d = doc();
     let mut st = good_user();
     st.policy = None;
     st.attached.clear();
-    let steps = user_diff(&plan(&d, Some("k1"), false), &st);
+    let steps = diff_k1(&st);
     assert_eq!(
         actions(&steps),
         vec![Action::CreatePolicy, Action::AttachPolicy]
@@ -292,11 +293,10 @@ fn a_missing_policy_of_an_existing_user_is_created_and_reported() {
 
 #[test]
 fn extra_attached_and_inline_policies_are_removed() {
-    let d = doc();
     let mut st = good_user();
     st.attached.push(attached("admin-all"));
     st.inline = vec!["sneaky".into(), "more".into()];
-    let steps = user_diff(&plan(&d, Some("k1"), false), &st);
+    let steps = diff_k1(&st);
     assert_eq!(
         actions(&steps),
         vec![
@@ -319,10 +319,9 @@ fn extra_attached_and_inline_policies_are_removed() {
 
 #[test]
 fn the_held_key_is_kept_and_strays_deleted() {
-    let d = doc();
     let mut st = good_user();
     st.keys = vec!["k0".into(), "k1".into()];
-    let steps = user_diff(&plan(&d, Some("k1"), false), &st);
+    let steps = diff_k1(&st);
     assert_eq!(actions(&steps), vec![Action::DeleteKey { id: "k0".into() }]);
     assert_eq!(findings(&steps).len(), 1);
     assert!(!findings(&steps)[0].contains("k0"), "no key id in findings");
@@ -331,10 +330,9 @@ fn the_held_key_is_kept_and_strays_deleted() {
 
 #[test]
 fn a_deleted_held_key_is_replaced() {
-    let d = doc();
     let mut st = good_user();
     st.keys = vec!["k9".into()];
-    let steps = user_diff(&plan(&d, Some("k1"), false), &st);
+    let steps = diff_k1(&st);
     assert_eq!(
         actions(&steps),
         vec![Action::DeleteKey { id: "k9".into() }, Action::IssueKey]
