@@ -277,7 +277,12 @@ impl StorageLayer {
                 let req = iam.create_user().user_name(name).path(&self.spec.iam_path);
                 call("CreateUser", req.send()).await?;
                 // Servers that drop tags on CreateUser keep them from TagUser.
-                self.tag_principal(run.tenant()?).await
+                let tagged = self.tag_principal(run.tenant()?).await;
+                if tagged.is_err() {
+                    // An untagged user would be refused as foreign next pass: undo the creation.
+                    let _ = gone!("DeleteUser", iam.delete_user().user_name(name));
+                }
+                tagged
             }
             Action::DeleteUser => gone!("DeleteUser", iam.delete_user().user_name(name)),
             Action::CreatePolicy => {
