@@ -15,6 +15,7 @@ use bulkhead::layers::storage::{self, StorageLayer};
 use bulkhead::layers::{Credentials, Layer, LayerError, Tenant, Verification};
 use bulkhead::tenant::OrgId;
 use common::{Testbed, unique};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use serde_json::{Value, json};
 
 fn platform(endpoint: &str, bucket: &str, extra: Value) -> StoragePlatform {
@@ -60,6 +61,17 @@ fn org(tag: &str) -> OrgId {
     OrgId::parse(&unique(tag)).expect("valid org id")
 }
 
+/// An owner reference to an Organization with this UID.
+fn owner(uid: &str) -> OwnerReference {
+    OwnerReference {
+        api_version: "bulkhead.dev/v1alpha1".into(),
+        kind: "Organization".into(),
+        name: "org".into(),
+        uid: uid.into(),
+        ..Default::default()
+    }
+}
+
 fn tenant(org: &OrgId, peers: &[&OrgId]) -> Tenant {
     Tenant {
         name: org.to_string(),
@@ -71,7 +83,7 @@ fn tenant(org: &OrgId, peers: &[&OrgId]) -> Tenant {
         peers: std::iter::once(OrgId::sentinel())
             .chain(peers.iter().map(|p| (*p).clone()))
             .collect(),
-        owner: Default::default(),
+        owner: owner(&unique("uid")),
         adopt_from: None,
         resource_quota: None,
         limit_range: None,
@@ -119,6 +131,9 @@ fn moto_admin() -> Admin {
     )
 }
 
+/// The moto tests count the server's roles, so they take turns.
+static MOTO: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn provision(layer: &StorageLayer, t: &Tenant) -> Credentials {
     let mut creds = Credentials::default();
     layer.ensure(t, &mut creds).await.expect("ensure");
@@ -164,11 +179,376 @@ async fn guard_text(a: &Admin, bucket: &str) -> Value {
     serde_json::from_str(out.policy().unwrap_or_default()).expect("policy JSON")
 }
 
+/// Empties and deletes a test's bucket: SeaweedFS gives every bucket its own volumes, and the
+/// shared server runs out of them when buckets pile up.
+async fn drop_bucket(adm: &Admin, bucket: &str) {
+    for _ in 0..100 {
+        let Ok(page) = adm.s3.list_objects_v2().bucket(bucket).send().await else {
+            break;
+        };
+        if page.contents().is_empty() {
+            break;
+        }
+        for o in page.contents() {
+            let key = o.key().unwrap_or_default();
+            let _ = adm.s3.delete_object().bucket(bucket).key(key).send().await;
+        }
+    }
+    let _ = adm.s3.delete_bucket().bucket(bucket).send().await;
+}
+
 async fn cleanup_all(layer: &StorageLayer, tenants: &[&Tenant]) {
     for t in tenants {
         layer.cleanup(t).await.expect("cleanup");
     }
     let _ = layer.delete_prefix(&OrgId::sentinel()).await;
+    drop_bucket(&seaweed_admin(), &layer.spec().bucket).await;
+}
+
+/// Removes what a test made (its tenants' users, keys and objects, and any user it created
+/// behind the operator's back) when dropped, so a failed assertion leaks no IAM user or key. The
+/// work runs on a fresh runtime in its own thread: the test's runtime may be unwinding.
+struct Teardown {
+    spec: StoragePlatform,
+    keys: (String, String),
+    tenants: Vec<Tenant>,
+    foreign_users: Vec<String>,
+}
+
+impl Teardown {
+    fn new(layer: &StorageLayer, key: &str, secret: &str) -> Self {
+        Self {
+            spec: layer.spec().clone(),
+            keys: (key.to_owned(), secret.to_owned()),
+            tenants: Vec::new(),
+            foreign_users: Vec::new(),
+        }
+    }
+    fn track(&mut self, t: &Tenant) {
+        self.tenants.push(t.clone());
+    }
+}
+
+impl Drop for Teardown {
+    fn drop(&mut self) {
+        let spec = self.spec.clone();
+        let (key, secret) = self.keys.clone();
+        let tenants = std::mem::take(&mut self.tenants);
+        let users = std::mem::take(&mut self.foreign_users);
+        let work = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("teardown runtime");
+            rt.block_on(async move {
+                let Ok(layer) = StorageLayer::connect(&spec, &key, &secret) else {
+                    return;
+                };
+                for mut t in tenants {
+                    t.deletion_policy = DeletionPolicy::Delete;
+                    let _ = layer.cleanup(&t).await;
+                }
+                let _ = layer.delete_prefix(&OrgId::sentinel()).await;
+                let endpoint = spec.endpoint.clone().unwrap_or_default();
+                let adm = admin(&endpoint, &key, &secret);
+                for u in users {
+                    remove_user(&adm, &u).await;
+                }
+                drop_bucket(&adm, &spec.bucket).await;
+            });
+        });
+        let _ = work.join();
+    }
+}
+
+/// A teardown of these SeaweedFS tenants, for tests that provision them by hand.
+fn teardown_of(layer: &StorageLayer, tenants: &[&Tenant]) -> Teardown {
+    let tb = Testbed::get();
+    let mut t = Teardown::new(layer, tb.s3_access_key(), tb.s3_secret_key());
+    for x in tenants {
+        t.track(x);
+    }
+    t
+}
+
+/// Deletes an IAM user with its keys and policies, as the admin.
+async fn remove_user(adm: &Admin, name: &str) {
+    if let Ok(keys) = adm.iam.list_access_keys().user_name(name).send().await {
+        for k in keys.access_key_metadata() {
+            let id = k.access_key_id().unwrap_or_default();
+            let _ = adm
+                .iam
+                .delete_access_key()
+                .user_name(name)
+                .access_key_id(id)
+                .send()
+                .await;
+        }
+    }
+    if let Ok(att) = adm
+        .iam
+        .list_attached_user_policies()
+        .user_name(name)
+        .send()
+        .await
+    {
+        for p in att.attached_policies() {
+            let arn = p.policy_arn().unwrap_or_default();
+            let _ = adm
+                .iam
+                .detach_user_policy()
+                .user_name(name)
+                .policy_arn(arn)
+                .send()
+                .await;
+        }
+    }
+    if let Ok(inline) = adm.iam.list_user_policies().user_name(name).send().await {
+        for p in inline.policy_names() {
+            let _ = adm
+                .iam
+                .delete_user_policy()
+                .user_name(name)
+                .policy_name(p)
+                .send()
+                .await;
+        }
+    }
+    let _ = adm.iam.delete_user().user_name(name).send().await;
+}
+
+/// A prepared `user`-mode layer on SeaweedFS with its own bucket, the admin's raw clients, and a
+/// teardown that runs even when the test fails.
+struct Setup {
+    bucket: String,
+    layer: StorageLayer,
+    adm: Admin,
+    teardown: Teardown,
+}
+
+impl Setup {
+    async fn seaweed(tag: &str) -> Self {
+        let tb = Testbed::get();
+        let bucket = bucket(tag);
+        let layer = seaweed(&bucket);
+        layer.prepare().await.expect("prepare");
+        let teardown = Teardown::new(&layer, tb.s3_access_key(), tb.s3_secret_key());
+        Self {
+            bucket,
+            layer,
+            adm: seaweed_admin(),
+            teardown,
+        }
+    }
+
+    /// A tenant of a fresh orgId, provisioned; torn down with the test.
+    async fn org(&mut self, tag: &str, peers: &[&OrgId]) -> (Tenant, Credentials) {
+        let t = tenant(&org(tag), peers);
+        self.teardown.track(&t);
+        let creds = provision(&self.layer, &t).await;
+        (t, creds)
+    }
+
+    async fn put(&self, key: &str, body: &'static [u8]) {
+        self.adm
+            .s3
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .body(ByteStream::from_static(body))
+            .send()
+            .await
+            .expect("put object");
+    }
+
+    async fn exists(&self, key: &str) -> bool {
+        self.adm
+            .s3
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .is_ok()
+    }
+
+    /// Asserts cleanup of every tracked tenant works, then nothing is left to tear down.
+    async fn finish(mut self) {
+        for t in std::mem::take(&mut self.teardown.tenants) {
+            self.layer.cleanup(&t).await.expect("cleanup");
+        }
+    }
+}
+
+/// The access key ids of an IAM user, as the admin sees them.
+async fn key_ids(adm: &Admin, user: &str) -> Vec<String> {
+    adm.iam
+        .list_access_keys()
+        .user_name(user)
+        .send()
+        .await
+        .expect("list access keys")
+        .access_key_metadata()
+        .iter()
+        .filter_map(|k| k.access_key_id().map(str::to_owned))
+        .collect()
+}
+
+async fn user_exists(adm: &Admin, user: &str) -> bool {
+    match adm.iam.get_user().user_name(user).send().await {
+        Ok(_) => true,
+        Err(e) => {
+            assert_eq!(
+                aws_sdk_iam::error::ProvideErrorMetadata::code(&e),
+                Some("NoSuchEntity"),
+                "{e:?}"
+            );
+            false
+        }
+    }
+}
+
+/// A drift made as the admin behind the operator's back.
+#[derive(Clone, Copy, Debug)]
+enum Breach {
+    /// A wide managed policy attached to the user.
+    AttachWide,
+    /// A wide inline policy put on the user.
+    InlineWide,
+    /// The user's own policy detached.
+    DetachOurs,
+    /// A second access key the Secret does not hold.
+    ExtraKey,
+    /// The user's own policy widened to the whole bucket.
+    WidenOurs,
+}
+
+fn wide_policy(bucket: &str) -> Value {
+    json!({"Version": POLICY_VERSION, "Statement": [{"Effect": "Allow", "Action": "s3:*",
+        "Resource": [format!("arn:aws:s3:::{bucket}"), format!("arn:aws:s3:::{bucket}/*")]}]})
+}
+
+/// Makes one breach as the admin; returns what to remove afterwards (an extra policy's ARN).
+async fn breach(s: &Setup, org: &OrgId, kind: Breach) -> Option<String> {
+    let (iam, user) = (&s.adm.iam, org.as_str());
+    let ours = format!("arn:aws:iam::000000000000:policy/bulkhead/bulkhead-{org}");
+    let wide = wide_policy(&s.bucket).to_string();
+    match kind {
+        Breach::AttachWide => {
+            let p = iam
+                .create_policy()
+                .policy_name(unique("wide"))
+                .policy_document(wide)
+                .send()
+                .await
+                .expect("create policy");
+            let arn = p.policy().and_then(|p| p.arn()).expect("arn").to_owned();
+            iam.attach_user_policy()
+                .user_name(user)
+                .policy_arn(&arn)
+                .send()
+                .await
+                .expect("attach");
+            return Some(arn);
+        }
+        Breach::InlineWide => {
+            iam.put_user_policy()
+                .user_name(user)
+                .policy_name("sneaky")
+                .policy_document(wide)
+                .send()
+                .await
+                .expect("put user policy");
+        }
+        Breach::DetachOurs => {
+            let got = iam
+                .get_policy()
+                .policy_arn(&ours)
+                .send()
+                .await
+                .expect("policy");
+            let arn = got.policy().and_then(|p| p.arn()).expect("arn");
+            iam.detach_user_policy()
+                .user_name(user)
+                .policy_arn(arn)
+                .send()
+                .await
+                .expect("detach");
+        }
+        Breach::ExtraKey => {
+            iam.create_access_key()
+                .user_name(user)
+                .send()
+                .await
+                .expect("extra key");
+        }
+        Breach::WidenOurs => {
+            let got = iam
+                .get_policy()
+                .policy_arn(&ours)
+                .send()
+                .await
+                .expect("policy");
+            let arn = got.policy().and_then(|p| p.arn()).expect("arn");
+            iam.create_policy_version()
+                .policy_arn(arn)
+                .policy_document(wide)
+                .set_as_default(true)
+                .send()
+                .await
+                .expect("widen");
+        }
+    }
+    None
+}
+
+/// Breaks one organization's IAM as the admin, checks that verify finds it (a finding naming
+/// `needle`), that the next ensure repairs and reports it, and that verify passes again.
+async fn break_and_repair(kind: Breach, needle: &str) {
+    let mut s = Setup::seaweed("brk").await;
+    let (ta, ca) = s.org("br", &[]).await;
+    assert_clean(&s.layer.verify(&ta, &ca).await.expect("verify"));
+    let extra = breach(&s, &ta.org_id, kind).await;
+    let v = s.layer.verify(&ta, &ca).await.expect("verify breached");
+    assert!(
+        v.findings.iter().any(|f| f.contains(needle)),
+        "{kind:?}: no finding mentions {needle:?}: {:?}",
+        v.findings
+    );
+    let mut creds = ca.clone();
+    let rep = s.layer.ensure(&ta, &mut creds).await.expect("repair");
+    assert!(!rep.is_empty(), "{kind:?}: the repair is reported");
+    assert_eq!(creds, ca, "{kind:?}: repairing keeps the key");
+    assert_clean(&s.layer.verify(&ta, &creds).await.expect("verify repaired"));
+    if let Some(arn) = extra {
+        let _ = s.adm.iam.delete_policy().policy_arn(arn).send().await;
+    }
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn attached_wide_policy_is_found_and_detached() {
+    break_and_repair(Breach::AttachWide, "is attached to user").await;
+}
+
+#[tokio::test]
+async fn inline_policy_is_found_and_deleted() {
+    break_and_repair(Breach::InlineWide, "inline policy sneaky").await;
+}
+
+#[tokio::test]
+async fn detached_own_policy_is_found_and_attached_again() {
+    break_and_repair(Breach::DetachOurs, "is not attached to user").await;
+}
+
+#[tokio::test]
+async fn extra_access_key_is_found_and_deleted() {
+    break_and_repair(Breach::ExtraKey, "does not hold").await;
+}
+
+#[tokio::test]
+async fn widened_own_policy_is_found_and_restored() {
+    break_and_repair(Breach::WidenOurs, "differs from the plan").await;
 }
 
 #[tokio::test]
@@ -178,6 +558,7 @@ async fn user_mode_isolates_prefixes_and_every_probe_passes() {
     layer.prepare().await.expect("prepare");
     let (a, o) = (org("sa"), org("sb"));
     let (ta, tb_) = (tenant(&a, &[&o]), tenant(&o, &[&a]));
+    let _guard = teardown_of(&layer, &[&ta, &tb_]);
     let ca = provision(&layer, &ta).await;
     let cb = provision(&layer, &tb_).await;
 
@@ -240,6 +621,7 @@ async fn widened_policy_is_held_by_the_guard_and_caught_when_the_guard_goes_too(
     layer.prepare().await.expect("prepare");
     let (a, o) = (org("wa"), org("wb"));
     let (ta, tb_) = (tenant(&a, &[&o]), tenant(&o, &[&a]));
+    let _guard = teardown_of(&layer, &[&ta, &tb_]);
     let ca = provision(&layer, &ta).await;
     provision(&layer, &tb_).await;
     assert_clean(&layer.verify(&ta, &ca).await.unwrap());
@@ -347,6 +729,7 @@ async fn extra_attached_and_inline_policies_are_found_and_removed() {
     layer.prepare().await.unwrap();
     let a = org("xa");
     let ta = tenant(&a, &[]);
+    let _guard = teardown_of(&layer, &[&ta]);
     let ca = provision(&layer, &ta).await;
     let wide = json!({"Version": POLICY_VERSION, "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]});
     let extra = adm
@@ -427,6 +810,7 @@ async fn guard_edits_are_found_and_repaired_and_reformatting_is_not_an_edit() {
 
     let a = org("ga");
     let ta = tenant(&a, &[]);
+    let _guard = teardown_of(&layer, &[&ta]);
     let ca = provision(&layer, &ta).await;
     assert_clean(&layer.verify(&ta, &ca).await.unwrap());
 
@@ -483,6 +867,7 @@ async fn deleted_access_key_is_found_and_replaced() {
     layer.prepare().await.unwrap();
     let a = org("ka");
     let ta = tenant(&a, &[]);
+    let _guard = teardown_of(&layer, &[&ta]);
     let ca = provision(&layer, &ta).await;
     adm.iam
         .delete_access_key()
@@ -519,6 +904,7 @@ async fn rotation_issues_a_new_key_and_the_old_one_stops_working() {
     layer.prepare().await.unwrap();
     let a = org("ra");
     let mut ta = tenant(&a, &[]);
+    let _guard = teardown_of(&layer, &[&ta]);
     let old = provision(&layer, &ta).await;
     ta.rotate = true;
     let mut new = old.clone();
@@ -550,6 +936,7 @@ async fn cleanup_retain_keeps_objects_and_delete_removes_them_all() {
     let mut tk = tenant(&keep, &[]);
     tk.deletion_policy = DeletionPolicy::Retain;
     let tg = tenant(&gone, &[]);
+    let _guard = teardown_of(&layer, &[&tk, &tg]);
     provision(&layer, &tk).await;
     provision(&layer, &tg).await;
     // More than one page and one DeleteObjects batch.
@@ -628,6 +1015,7 @@ async fn cleanup_retain_keeps_objects_and_delete_removes_them_all() {
         .await
         .unwrap();
     let _ = layer.delete_prefix(&OrgId::sentinel()).await;
+    drop_bucket(&adm, &b).await;
 }
 
 #[tokio::test]
@@ -648,6 +1036,7 @@ async fn odd_org_ids_provision_and_verify() {
         .iter()
         .map(|id| tenant(id, &ids.iter().filter(|p| *p != id).collect::<Vec<_>>()))
         .collect();
+    let _guard = teardown_of(&layer, &tenants.iter().collect::<Vec<_>>());
     let mut all = Vec::new();
     for t in &tenants {
         all.push(provision(&layer, t).await);
@@ -686,6 +1075,7 @@ async fn an_org_id_naming_an_exempt_user_is_refused_and_nothing_is_created() {
         Some("NoSuchEntity")
     );
     let _ = layer.delete_prefix(&OrgId::sentinel()).await;
+    drop_bucket(&seaweed_admin(), &b).await;
 }
 
 #[tokio::test]
@@ -723,6 +1113,7 @@ async fn unreachable_backend_is_reported_as_such() {
 
 #[tokio::test]
 async fn role_mode_on_moto_creates_a_tagged_role_idempotently() {
+    let _turn = MOTO.lock().await;
     let b = bucket("role");
     let layer = moto(
         &b,
@@ -827,6 +1218,7 @@ async fn role_mode_on_moto_creates_a_tagged_role_idempotently() {
 
 #[tokio::test]
 async fn abac_mode_on_moto_creates_one_shared_role_and_nothing_per_org() {
+    let _turn = MOTO.lock().await;
     let b = bucket("abac");
     let role = unique("bulkhead-tenant");
     let layer = moto(
@@ -905,4 +1297,259 @@ async fn abac_mode_on_moto_creates_one_shared_role_and_nothing_per_org() {
         .await
         .unwrap();
     adm.iam.delete_role().role_name(&role).send().await.unwrap();
+}
+
+/// An S3 client acting with an organization's access key from its credentials Secret.
+fn s3_as(creds: &Credentials) -> aws_sdk_s3::Client {
+    let tb = Testbed::get();
+    let c = AwsCredentials::new(
+        creds.get(storage::KEY_ACCESS_KEY_ID).expect("key id"),
+        creds.get(storage::KEY_SECRET_ACCESS_KEY).expect("secret"),
+        None,
+        None,
+        "test-tenant",
+    );
+    let conf = aws_sdk_s3::config::Builder::new()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .credentials_provider(c)
+        .endpoint_url(tb.s3_endpoint())
+        .force_path_style(true)
+        .build();
+    aws_sdk_s3::Client::from_conf(conf)
+}
+
+/// Whether `creds` can read `key`, retried briefly while a new key propagates (`want` is what
+/// the caller expects, so a propagating refusal is retried only when success is expected).
+async fn can_read(creds: &Credentials, bucket: &str, key: &str, want: bool) -> bool {
+    let c = s3_as(creds);
+    for _ in 0..20 {
+        let ok = c.get_object().bucket(bucket).key(key).send().await.is_ok();
+        if ok == want {
+            return ok;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    !want
+}
+
+#[tokio::test]
+async fn rotation_deletes_every_old_key_and_old_requests_and_presigned_urls_are_refused() {
+    let mut s = Setup::seaweed("rot2").await;
+    let (mut ta, old) = s.org("rk", &[]).await;
+    let canary = s.layer.canary_key(&ta.org_id);
+    assert!(can_read(&old, &s.bucket, &canary, true).await);
+    let cfg =
+        aws_sdk_s3::presigning::PresigningConfig::expires_in(std::time::Duration::from_secs(600))
+            .unwrap();
+    let presigned = s3_as(&old)
+        .get_object()
+        .bucket(&s.bucket)
+        .key(&canary)
+        .presigned(cfg)
+        .await
+        .unwrap();
+    let fetch = |uri: String| async move {
+        reqwest::get(uri)
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    };
+    assert_eq!(
+        fetch(presigned.uri().to_owned()).await,
+        200,
+        "presigned GET before rotation"
+    );
+
+    ta.rotate = true;
+    let mut new = old.clone();
+    let rep = s.layer.ensure(&ta, &mut new).await.unwrap();
+    assert!(rep.iter().any(|r| r.0.contains("rotated")), "{rep:?}");
+    let new_id = new.get(storage::KEY_ACCESS_KEY_ID).unwrap().to_owned();
+    assert_ne!(Some(new_id.as_str()), old.get(storage::KEY_ACCESS_KEY_ID));
+    assert_eq!(
+        key_ids(&s.adm, ta.org_id.as_str()).await,
+        vec![new_id],
+        "rotation leaves only the new key"
+    );
+    assert!(
+        !can_read(&old, &s.bucket, &canary, false).await,
+        "the old key still reads"
+    );
+    let mut status = 200;
+    for _ in 0..20 {
+        status = fetch(presigned.uri().to_owned()).await;
+        if status != 200 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    assert_eq!(status, 403, "a URL presigned with the old key still works");
+    assert!(can_read(&new, &s.bucket, &canary, true).await);
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn retained_data_is_refused_to_a_new_owner_and_adopted_only_explicitly() {
+    let mut s = Setup::seaweed("ret").await;
+    let id = org("rt");
+    let mut first = tenant(&id, &[]);
+    first.deletion_policy = DeletionPolicy::Retain;
+    s.teardown.track(&first);
+    provision(&s.layer, &first).await;
+    let data = format!("{id}/data.txt");
+    s.put(&data, b"the first owner's").await;
+    s.layer.cleanup(&first).await.expect("cleanup retain");
+    assert!(!user_exists(&s.adm, id.as_str()).await);
+    assert!(s.exists(&data).await, "Retain keeps the objects");
+    assert_eq!(
+        s.layer.prefix_owner(&id).await.unwrap().as_deref(),
+        Some(first.owner.uid.as_str()),
+        "the owner record outlives the user"
+    );
+
+    // A new Organization with the same orgId: refused, and nothing is created.
+    let mut second = tenant(&id, &[]);
+    s.teardown.track(&second);
+    let mut creds = Credentials::default();
+    let err = s.layer.ensure(&second, &mut creds).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, LayerError::Refused(_)), "{err}");
+    for part in [
+        id.as_str(),
+        first.owner.uid.as_str(),
+        "bulkhead.dev/adopt-from",
+    ] {
+        assert!(msg.contains(part), "{msg} lacks {part}");
+    }
+    assert!(creds.entries().is_empty());
+    assert!(
+        !user_exists(&s.adm, id.as_str()).await,
+        "refused, nothing created"
+    );
+    assert!(s.exists(&data).await);
+    // Its deletion removes nothing either.
+    s.layer.cleanup(&second).await.unwrap();
+    assert!(s.exists(&data).await);
+
+    // Naming the earlier owner takes the data over, and says so.
+    second.adopt_from = Some(first.owner.uid.clone());
+    let rep = s.layer.ensure(&second, &mut creds).await.expect("adopt");
+    let want = format!(
+        "re-attached retained data of Organization UID {}",
+        first.owner.uid
+    );
+    assert!(rep.iter().any(|r| r.0 == want), "{rep:?}");
+    assert_eq!(
+        s.layer.prefix_owner(&id).await.unwrap().as_deref(),
+        Some(second.owner.uid.as_str())
+    );
+    assert!(can_read(&creds, &s.bucket, &data, true).await);
+    assert_clean(&s.layer.verify(&second, &creds).await.unwrap());
+    let again = s.layer.ensure(&second, &mut creds).await.unwrap();
+    assert!(again.is_empty(), "{again:?}");
+    // The first owner can no longer touch it.
+    s.layer.cleanup(&first).await.unwrap();
+    assert!(s.exists(&data).await);
+    assert!(user_exists(&s.adm, id.as_str()).await);
+    s.teardown
+        .tenants
+        .retain(|t| t.owner.uid == second.owner.uid);
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn a_legacy_user_is_refused_until_adopted_as_legacy_and_loses_its_old_key() {
+    let mut s = Setup::seaweed("leg").await;
+    let id = org("lg");
+    let name = id.as_str();
+    // As an earlier bulkhead left it: tagged with the orgId only, with a key.
+    s.adm
+        .iam
+        .create_user()
+        .user_name(name)
+        .send()
+        .await
+        .unwrap();
+    s.teardown.foreign_users.push(name.to_owned());
+    s.adm
+        .iam
+        .tag_user()
+        .user_name(name)
+        .tags(
+            aws_sdk_iam::types::Tag::builder()
+                .key("org_id")
+                .value(name)
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    s.adm
+        .iam
+        .create_access_key()
+        .user_name(name)
+        .send()
+        .await
+        .unwrap();
+    let old_keys = key_ids(&s.adm, name).await;
+    let mut t = tenant(&id, &[]);
+    s.teardown.track(&t);
+    let mut creds = Credentials::default();
+    let err = s.layer.ensure(&t, &mut creds).await.unwrap_err();
+    assert!(matches!(err, LayerError::Refused(_)), "{err}");
+    assert!(err.to_string().contains("legacy"), "{err}");
+    assert_eq!(
+        key_ids(&s.adm, name).await,
+        old_keys,
+        "refused, nothing changed"
+    );
+
+    t.adopt_from = Some("legacy".into());
+    let rep = s.layer.ensure(&t, &mut creds).await.expect("adopt legacy");
+    assert!(rep.iter().any(|r| r.0.contains("taken over")), "{rep:?}");
+    let now = key_ids(&s.adm, name).await;
+    assert_eq!(now.len(), 1);
+    assert!(!old_keys.contains(&now[0]), "the old key was replaced");
+    assert_clean(&s.layer.verify(&t, &creds).await.unwrap());
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn retire_removes_the_user_and_keys_keeps_objects_and_drops_the_secret_keys() {
+    let mut s = Setup::seaweed("retire").await;
+    let (t, mut creds) = s.org("rr", &[]).await;
+    let name = t.org_id.as_str().to_owned();
+    let data = format!("{name}/kept.txt");
+    s.put(&data, b"kept").await;
+
+    // Another Organization claiming the orgId retires nothing of the owner's.
+    let mut other = tenant(&t.org_id, &[]);
+    other.owner = owner(&unique("other"));
+    let mut other_creds = creds.clone();
+    assert!(
+        s.layer
+            .retire(&other, &mut other_creds)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(user_exists(&s.adm, &name).await);
+
+    let rep = s.layer.retire(&t, &mut creds).await.expect("retire");
+    assert!(rep.iter().any(|r| r.0.contains(&name)), "{rep:?}");
+    assert!(!user_exists(&s.adm, &name).await, "the user is gone");
+    for key in storage::CREDENTIAL_KEYS {
+        assert!(creds.get(key).is_none(), "{key} left in the Secret");
+    }
+    assert!(s.exists(&data).await, "objects stay");
+    assert!(
+        s.layer.retire(&t, &mut creds).await.unwrap().is_empty(),
+        "idempotent"
+    );
+    // Switched on again: a new user and key, the same data.
+    let creds = provision(&s.layer, &t).await;
+    assert!(can_read(&creds, &s.bucket, &data, true).await);
+    s.finish().await;
 }

@@ -1,20 +1,35 @@
 //! IAM objects per mode: the organization's user and access key (`user`), its role (`role`), or
-//! the one shared tenant role (`abac`). Every step is idempotent and repairs drift.
+//! the one shared tenant role (`abac`). Readers turn IAM into a [`UserState`] or [`RoleState`];
+//! the pure diff in [`super::diff`] says what to do; the appliers here carry out its actions.
 
+use aws_sdk_iam::types::{AttachedPolicy, Tag};
 use aws_sdk_s3::config::Credentials as AwsCredentials;
 use serde_json::Value;
 
-use super::policy::{self, ORG_TAG, PolicyDocument, same_document};
+use super::diff::{
+    self, Action, Attached, Claim, ManagedPolicy, OWNER_TAG, OwnerTags, RolePlan, RoleState,
+    UserPlan, UserState,
+};
+use super::policy::{self, ORG_TAG, PolicyDocument};
 use super::{
     KEY_ACCESS_KEY_ID, KEY_ROLE_ARN, KEY_SECRET_ACCESS_KEY, KEY_SESSION_TAG, StorageLayer,
-    api_error,
+    api_error, call, call_opt,
 };
 use crate::api::platform::StorageMode;
 use crate::layers::{Credentials, LayerError, Repair, Tenant};
 use crate::tenant::OrgId;
 
+/// Sends a deletion request; what is already gone counts as deleted.
+macro_rules! gone {
+    ($op:literal, $req:expr) => {
+        call_opt($op, NO_SUCH, $req.send()).await.map(drop)
+    };
+}
+
 /// Name of the inline policy on an organization's role and on the shared role.
 const ROLE_POLICY_NAME: &str = "bulkhead-prefix";
+/// IAM's error code for "not there".
+const NO_SUCH: &str = "NoSuchEntity";
 
 /// IAM user (or role) name of an organization: the org id itself, because the bucket guard
 /// resolves the owner's prefix from `${aws:username}`.
@@ -27,29 +42,95 @@ pub fn policy_name(org: &OrgId) -> String {
     format!("bulkhead-{}", org.as_str())
 }
 
-fn tag(key: &str, value: &str) -> Result<aws_sdk_iam::types::Tag, LayerError> {
-    aws_sdk_iam::types::Tag::builder()
+fn tag(key: &str, value: &str) -> Result<Tag, LayerError> {
+    Tag::builder()
         .key(key)
         .value(value)
         .build()
         .map_err(|e| LayerError::Backend(format!("tag: {e}")))
 }
 
+/// The tags that record a principal's orgId and owning Organization.
+fn owner_tags(tenant: &Tenant) -> Result<Vec<Tag>, LayerError> {
+    Ok(vec![
+        tag(ORG_TAG, tenant.org_id.as_str())?,
+        tag(OWNER_TAG, &tenant.owner.uid)?,
+    ])
+}
+
 fn decode(op: &str, raw: &str) -> Result<Value, LayerError> {
     policy::decode_document(raw).map_err(|e| LayerError::Backend(format!("{op}: {e}")))
 }
 
-/// What the audit found about an organization's user.
-#[derive(Debug, Default)]
-struct UserState {
-    exists: bool,
-    /// The `org_id` tag, when present.
-    tag: Option<String>,
-    policy_doc: Option<Value>,
+fn attached_list(policies: &[AttachedPolicy]) -> Vec<Attached> {
+    let one = |p: &AttachedPolicy| Attached {
+        name: p.policy_name().unwrap_or_default().to_owned(),
+        arn: p.policy_arn().unwrap_or_default().to_owned(),
+    };
+    policies.iter().map(one).collect()
+}
+
+fn tags_of(tags: &[Tag]) -> OwnerTags {
+    OwnerTags::from_pairs(tags.iter().map(|t| (t.key(), t.value())))
+}
+
+/// The refusal of a claim on a principal, as a layer error.
+fn claim_principal_of(
+    what: &str,
+    tenant: &Tenant,
+    record: &diff::Record,
+) -> Result<Claim, LayerError> {
+    diff::claim(
+        what,
+        tenant.org_id.as_str(),
+        record,
+        &tenant.owner.uid,
+        tenant.adopt_from.as_deref(),
+    )
+    .map_err(LayerError::Refused)
+}
+
+/// What `ensure` will converge, decided (and refused) before anything is written.
+pub(super) enum PrincipalWork {
+    User(UserState, Claim),
+    Role(RoleState, Claim),
+    Shared,
+}
+
+/// What the applier needs besides the action: the principal, its plan, and where results go.
+struct Run<'a> {
+    name: &'a str,
+    /// The organization owning the principal (`None` for the shared role).
+    tenant: Option<&'a Tenant>,
+    /// The planned managed policy (user) or inline policy (role).
+    policy: PolicyDocument,
+    /// The planned trust policy (role).
+    trust: PolicyDocument,
+    /// The managed policy's ARN (user).
     policy_arn: Option<String>,
-    attached: Vec<(String, String)>,
-    inline: Vec<String>,
-    keys: Vec<String>,
+    /// The role's ARN (role).
+    role_arn: Option<String>,
+    /// Where an issued access key goes.
+    creds: Option<&'a mut Credentials>,
+}
+
+impl<'a> Run<'a> {
+    fn new(name: &'a str, tenant: Option<&'a Tenant>) -> Self {
+        Self {
+            name,
+            tenant,
+            policy: PolicyDocument::new(Vec::new()),
+            trust: PolicyDocument::new(Vec::new()),
+            policy_arn: None,
+            role_arn: None,
+            creds: None,
+        }
+    }
+
+    fn tenant(&self) -> Result<&'a Tenant, LayerError> {
+        self.tenant
+            .ok_or_else(|| LayerError::Backend(format!("{} has no organization", self.name)))
+    }
 }
 
 impl StorageLayer {
@@ -62,258 +143,280 @@ impl StorageLayer {
         )
     }
 
+    /// Whether the org id names a principal the guard exempts (the operator's own or one in
+    /// `guardExemptUsers`): such an orgId is refused in every mode and never cleaned up.
+    pub(super) async fn exempt(&self, org: &OrgId) -> Result<bool, LayerError> {
+        Ok(self.exempt_refusal(org).await?.is_some())
+    }
+
+    async fn exempt_refusal(&self, org: &OrgId) -> Result<Option<String>, LayerError> {
+        let operator = self.operator().await?;
+        Ok(diff::exempt_refusal(
+            org.as_str(),
+            &operator.arn,
+            &self.spec.guard_exempt_users,
+        ))
+    }
+
     /// Refuses org ids that collide with a principal the guard exempts.
-    async fn check_not_exempt(&self, org: &OrgId) -> Result<(), LayerError> {
+    pub(super) async fn check_not_exempt(&self, org: &OrgId) -> Result<(), LayerError> {
+        match self.exempt_refusal(org).await? {
+            Some(why) => Err(LayerError::Refused(why)),
+            None => Ok(()),
+        }
+    }
+
+    // ---- readers ----
+
+    async fn read_managed_policy(&self, org: &OrgId) -> Result<Option<ManagedPolicy>, LayerError> {
+        let req = self.iam.get_policy().policy_arn(self.policy_arn_guess(org));
+        let Some(out) = call_opt("GetPolicy", NO_SUCH, req.send()).await? else {
+            return Ok(None);
+        };
+        let Some(p) = out.policy() else {
+            return Ok(None);
+        };
+        let arn = p.arn().unwrap_or_default().to_owned();
+        let version = p.default_version_id().unwrap_or("v1");
+        let req = self.iam.get_policy_version().policy_arn(&arn);
+        let v = call("GetPolicyVersion", req.version_id(version).send()).await?;
+        let document = v
+            .policy_version()
+            .and_then(|v| v.document())
+            .map(|d| decode("GetPolicyVersion", d))
+            .transpose()?;
+        Ok(Some(ManagedPolicy { arn, document }))
+    }
+
+    /// The organization's user, its tags, policies and keys, and its managed policy.
+    pub(super) async fn read_user(&self, org: &OrgId) -> Result<UserState, LayerError> {
         let name = principal_name(org);
-        let operator = if self.spec.mode == StorageMode::User {
-            self.operator().await?.user.clone()
+        let policy = self.read_managed_policy(org).await?;
+        let iam = &self.iam;
+        if call_opt("GetUser", NO_SUCH, iam.get_user().user_name(&name).send())
+            .await?
+            .is_none()
+        {
+            return Ok(UserState {
+                policy,
+                ..UserState::default()
+            });
+        }
+        let tags = call("ListUserTags", iam.list_user_tags().user_name(&name).send()).await?;
+        let attached = iam.list_attached_user_policies().user_name(&name);
+        let attached = call("ListAttachedUserPolicies", attached.send()).await?;
+        let inline = call(
+            "ListUserPolicies",
+            iam.list_user_policies().user_name(&name).send(),
+        );
+        let keys = call(
+            "ListAccessKeys",
+            iam.list_access_keys().user_name(&name).send(),
+        )
+        .await?;
+        Ok(UserState {
+            exists: true,
+            tags: tags_of(tags.tags()),
+            policy,
+            attached: attached_list(attached.attached_policies()),
+            inline: inline.await?.policy_names().to_vec(),
+            keys: keys
+                .access_key_metadata()
+                .iter()
+                .filter_map(|k| k.access_key_id().map(str::to_owned))
+                .collect(),
+        })
+    }
+
+    /// A role, its tags, trust policy and policies.
+    async fn read_role(&self, name: &str) -> Result<RoleState, LayerError> {
+        let iam = &self.iam;
+        let Some(out) = call_opt("GetRole", NO_SUCH, iam.get_role().role_name(name).send()).await?
+        else {
+            return Ok(RoleState::default());
+        };
+        let role = out
+            .role()
+            .ok_or_else(|| LayerError::Backend("GetRole returned no role".to_owned()))?;
+        let tags = call("ListRoleTags", iam.list_role_tags().role_name(name).send()).await?;
+        let inline = call(
+            "ListRolePolicies",
+            iam.list_role_policies().role_name(name).send(),
+        );
+        let inline = inline.await?.policy_names().to_vec();
+        let policy = if inline.iter().any(|p| p == ROLE_POLICY_NAME) {
+            let req = iam.get_role_policy().role_name(name);
+            let out = call("GetRolePolicy", req.policy_name(ROLE_POLICY_NAME).send()).await?;
+            Some(decode("GetRolePolicy", out.policy_document())?)
         } else {
             None
         };
-        if self.spec.guard_exempt_users.contains(&name)
-            || operator.as_deref() == Some(name.as_str())
-        {
-            return Err(LayerError::Refused(format!(
-                "orgId {org} names an IAM user the bucket guard exempts (the operator or guardExemptUsers)"
-            )));
+        let attached = iam.list_attached_role_policies().role_name(name);
+        let attached = call("ListAttachedRolePolicies", attached.send()).await?;
+        Ok(RoleState {
+            exists: true,
+            arn: Some(role.arn().to_owned()),
+            tags: tags_of(tags.tags()),
+            trust: role
+                .assume_role_policy_document()
+                .map(|d| decode("GetRole", d))
+                .transpose()?,
+            inline,
+            policy,
+            attached: attached_list(attached.attached_policies()),
+        })
+    }
+
+    // ---- appliers ----
+
+    /// Carries out one action of the diff on IAM. Deletions of what is already gone succeed.
+    async fn apply(&self, run: &mut Run<'_>, action: &Action) -> Result<(), LayerError> {
+        let (iam, name) = (&self.iam, run.name);
+        match action {
+            Action::CreateUser => {
+                let req = iam.create_user().user_name(name).path(&self.spec.iam_path);
+                call("CreateUser", req.send()).await?;
+                // Servers that drop tags on CreateUser keep them from TagUser.
+                let tagged = self.tag_principal(run.tenant()?).await;
+                if tagged.is_err() {
+                    // An untagged user would be refused as foreign next pass: undo the creation.
+                    let _ = gone!("DeleteUser", iam.delete_user().user_name(name));
+                }
+                tagged
+            }
+            Action::DeleteUser => gone!("DeleteUser", iam.delete_user().user_name(name)),
+            Action::CreatePolicy => {
+                let org = &run.tenant()?.org_id;
+                run.policy_arn = Some(self.create_policy(org, &run.policy).await?);
+                Ok(())
+            }
+            Action::DeletePolicy { arn } => {
+                self.delete_old_policy_versions(arn).await?;
+                gone!("DeletePolicy", iam.delete_policy().policy_arn(arn))
+            }
+            Action::DetachUserPolicy { arn } => {
+                let req = iam.detach_user_policy().user_name(name);
+                gone!("DetachUserPolicy", req.policy_arn(arn))
+            }
+            Action::RestorePolicy { arn } => self.replace_policy_version(arn, &run.policy).await,
+            Action::DeleteUserInline { name: p } => {
+                gone!(
+                    "DeleteUserPolicy",
+                    iam.delete_user_policy().user_name(name).policy_name(p)
+                )
+            }
+            Action::AttachPolicy => {
+                let guess = self.policy_arn_guess(&run.tenant()?.org_id);
+                let arn = run.policy_arn.clone().unwrap_or(guess);
+                let req = iam.attach_user_policy().user_name(name).policy_arn(arn);
+                call("AttachUserPolicy", req.send()).await.map(drop)
+            }
+            Action::DeleteKey { id } => {
+                let req = iam.delete_access_key().access_key_id(id);
+                gone!("DeleteAccessKey", req.user_name(name))
+            }
+            Action::IssueKey => self.issue_key(run).await,
+            Action::CreateRole => {
+                let tags = run.tenant.map(owner_tags).transpose()?;
+                let req = iam.create_role().role_name(name).path(&self.spec.iam_path);
+                let req = req.assume_role_policy_document(run.trust.to_json());
+                let out = call("CreateRole", req.set_tags(tags).send()).await?;
+                let role = out
+                    .role()
+                    .ok_or_else(|| LayerError::Backend("CreateRole returned no role".to_owned()))?;
+                run.role_arn = Some(role.arn().to_owned());
+                Ok(())
+            }
+            Action::DeleteRole => gone!("DeleteRole", iam.delete_role().role_name(name)),
+            Action::UpdateTrust => {
+                let req = iam.update_assume_role_policy().role_name(name);
+                let req = req.policy_document(run.trust.to_json());
+                call("UpdateAssumeRolePolicy", req.send()).await.map(drop)
+            }
+            Action::DetachRolePolicy { arn } => {
+                gone!(
+                    "DetachRolePolicy",
+                    iam.detach_role_policy().role_name(name).policy_arn(arn)
+                )
+            }
+            Action::PutRolePolicy => {
+                let req = iam
+                    .put_role_policy()
+                    .role_name(name)
+                    .policy_name(ROLE_POLICY_NAME);
+                call(
+                    "PutRolePolicy",
+                    req.policy_document(run.policy.to_json()).send(),
+                )
+                .await
+                .map(drop)
+            }
+            Action::DeleteRoleInline { name: p } => {
+                gone!(
+                    "DeleteRolePolicy",
+                    iam.delete_role_policy().role_name(name).policy_name(p)
+                )
+            }
+        }
+    }
+
+    /// Issues an access key and writes it into the run's credentials.
+    async fn issue_key(&self, run: &mut Run<'_>) -> Result<(), LayerError> {
+        let req = self.iam.create_access_key().user_name(run.name);
+        let out = call("CreateAccessKey", req.send()).await?;
+        let key = out
+            .access_key()
+            .ok_or_else(|| LayerError::Backend("CreateAccessKey returned no key".to_owned()))?;
+        let creds = run
+            .creds
+            .as_deref_mut()
+            .ok_or_else(|| LayerError::Backend("no credentials to write a key into".to_owned()))?;
+        creds.set(KEY_ACCESS_KEY_ID, key.access_key_id());
+        creds.set(KEY_SECRET_ACCESS_KEY, key.secret_access_key());
+        Ok(())
+    }
+
+    /// Records the tenant's orgId and owner UID on its user or role.
+    async fn tag_principal(&self, tenant: &Tenant) -> Result<(), LayerError> {
+        let name = principal_name(&tenant.org_id);
+        let tags = Some(owner_tags(tenant)?);
+        if self.spec.mode == StorageMode::Role {
+            let req = self.iam.tag_role().role_name(name).set_tags(tags);
+            call("TagRole", req.send()).await?;
+        } else {
+            let req = self.iam.tag_user().user_name(name).set_tags(tags);
+            call("TagUser", req.send()).await?;
         }
         Ok(())
     }
 
-    async fn read_user(&self, org: &OrgId) -> Result<UserState, LayerError> {
-        let name = principal_name(org);
-        let mut st = UserState::default();
-        match self.iam.get_user().user_name(&name).send().await {
-            Ok(_) => st.exists = true,
-            Err(e) => {
-                let err = api_error("GetUser", &e);
-                if err.is("NoSuchEntity") {
-                    return Ok(st);
-                }
-                return Err(err.into_layer());
-            }
-        }
-        let tags = self
-            .iam
-            .list_user_tags()
-            .user_name(&name)
-            .send()
-            .await
-            .map_err(|e| api_error("ListUserTags", &e).into_layer())?;
-        st.tag = tags
-            .tags()
-            .iter()
-            .find(|t| t.key() == ORG_TAG)
-            .map(|t| t.value().to_owned());
-        match self
-            .iam
-            .get_policy()
-            .policy_arn(self.policy_arn_guess(org))
-            .send()
-            .await
-        {
-            Ok(out) => {
-                if let Some(p) = out.policy() {
-                    let arn = p.arn().unwrap_or_default().to_owned();
-                    let version = p.default_version_id().unwrap_or("v1").to_owned();
-                    let v = self
-                        .iam
-                        .get_policy_version()
-                        .policy_arn(&arn)
-                        .version_id(version)
-                        .send()
-                        .await
-                        .map_err(|e| api_error("GetPolicyVersion", &e).into_layer())?;
-                    if let Some(doc) = v.policy_version().and_then(|v| v.document()) {
-                        st.policy_doc = Some(decode("GetPolicyVersion", doc)?);
-                    }
-                    st.policy_arn = Some(arn);
-                }
-            }
-            Err(e) => {
-                let err = api_error("GetPolicy", &e);
-                if !err.is("NoSuchEntity") {
-                    return Err(err.into_layer());
-                }
-            }
-        }
-        let attached = self
-            .iam
-            .list_attached_user_policies()
-            .user_name(&name)
-            .send()
-            .await
-            .map_err(|e| api_error("ListAttachedUserPolicies", &e).into_layer())?;
-        st.attached = attached
-            .attached_policies()
-            .iter()
-            .map(|p| {
-                (
-                    p.policy_name().unwrap_or_default().to_owned(),
-                    p.policy_arn().unwrap_or_default().to_owned(),
-                )
-            })
-            .collect();
-        let inline = self
-            .iam
-            .list_user_policies()
-            .user_name(&name)
-            .send()
-            .await
-            .map_err(|e| api_error("ListUserPolicies", &e).into_layer())?;
-        st.inline = inline.policy_names().to_vec();
-        let keys = self
-            .iam
-            .list_access_keys()
-            .user_name(&name)
-            .send()
-            .await
-            .map_err(|e| api_error("ListAccessKeys", &e).into_layer())?;
-        st.keys = keys
-            .access_key_metadata()
-            .iter()
-            .filter_map(|k| k.access_key_id().map(str::to_owned))
-            .collect();
-        Ok(st)
-    }
-
-    /// `user` mode: the IAM user, its managed policy (nothing else attached), and one access key.
-    pub(super) async fn ensure_user(
-        &self,
-        tenant: &Tenant,
-        creds: &mut Credentials,
-    ) -> Result<Vec<Repair>, LayerError> {
-        let org = &tenant.org_id;
-        self.check_not_exempt(org).await?;
-        let name = principal_name(org);
-        let planned = policy::org_policy(&self.spec.bucket, &self.prefix(org));
-        let mut repairs = Vec::new();
-        let st = self.read_user(org).await?;
-        let fresh = !st.exists;
-        if fresh {
-            self.iam
-                .create_user()
-                .user_name(&name)
-                .path(&self.spec.iam_path)
-                .send()
-                .await
-                .map_err(|e| api_error("CreateUser", &e).into_layer())?;
-        } else if st.tag.as_deref() != Some(org.as_str()) {
-            // Adopt only a bare user (a crash between CreateUser and TagUser); never someone else's.
-            let bare = st.tag.is_none()
-                && st.keys.is_empty()
-                && st.attached.is_empty()
-                && st.inline.is_empty();
-            if !bare {
-                return Err(LayerError::Refused(format!(
-                    "IAM user {name} exists and is not managed by bulkhead for orgId {org}"
-                )));
-            }
-        }
-        if st.tag.as_deref() != Some(org.as_str()) {
-            // Servers that drop tags on CreateUser keep them from TagUser.
-            self.iam
-                .tag_user()
-                .user_name(&name)
-                .tags(tag(ORG_TAG, org.as_str())?)
-                .send()
-                .await
-                .map_err(|e| api_error("TagUser", &e).into_layer())?;
-        }
-
-        let arn = match (&st.policy_arn, &st.policy_doc) {
-            (Some(arn), Some(doc)) if same_document(doc, &planned.to_value()) => arn.clone(),
-            (Some(arn), _) => {
-                self.replace_policy_version(arn, &planned).await?;
-                repairs.push(Repair(format!(
-                    "IAM policy {} differed from the plan (widened or edited); restored",
-                    policy_name(org)
-                )));
-                arn.clone()
-            }
-            (None, _) => self.create_policy(org, &planned).await?,
+    /// Takes over a principal recorded as another Organization's, when the claim says so.
+    async fn adopt(&self, tenant: &Tenant, claim: &Claim) -> Result<Vec<Repair>, LayerError> {
+        let Claim::Adopt(old) = claim else {
+            return Ok(Vec::new());
         };
-        let ours = policy_name(org);
-        if !st.attached.iter().any(|(n, _)| *n == ours) {
-            self.iam
-                .attach_user_policy()
-                .user_name(&name)
-                .policy_arn(&arn)
-                .send()
-                .await
-                .map_err(|e| api_error("AttachUserPolicy", &e).into_layer())?;
-            if !fresh {
-                repairs.push(Repair(format!(
-                    "IAM policy {ours} was detached from user {name}; attached again"
-                )));
-            }
-        }
-        for (other, other_arn) in st.attached.iter().filter(|(n, _)| *n != ours) {
-            self.iam
-                .detach_user_policy()
-                .user_name(&name)
-                .policy_arn(other_arn)
-                .send()
-                .await
-                .map_err(|e| api_error("DetachUserPolicy", &e).into_layer())?;
-            repairs.push(Repair(format!(
-                "policy {other} attached to user {name} widened its access; detached"
-            )));
-        }
-        for inline in &st.inline {
-            self.iam
-                .delete_user_policy()
-                .user_name(&name)
-                .policy_name(inline)
-                .send()
-                .await
-                .map_err(|e| api_error("DeleteUserPolicy", &e).into_layer())?;
-            repairs.push(Repair(format!(
-                "inline policy {inline} on user {name} widened its access; deleted"
-            )));
-        }
-        repairs.extend(self.ensure_access_key(tenant, creds, &st.keys).await?);
-        creds.remove(KEY_ROLE_ARN);
-        Ok(repairs)
+        self.tag_principal(tenant).await?;
+        let name = principal_name(&tenant.org_id);
+        Ok(vec![Repair(format!(
+            "IAM principal {name} taken over from Organization UID {old}; its old credentials are replaced"
+        ))])
     }
 
     async fn create_policy(&self, org: &OrgId, doc: &PolicyDocument) -> Result<String, LayerError> {
-        let created = self
-            .iam
-            .create_policy()
-            .policy_name(policy_name(org))
-            .path(&self.spec.iam_path)
-            .policy_document(doc.to_json())
-            .send()
-            .await;
-        let out = match created {
-            Ok(out) => out,
-            Err(e) => {
-                let err = api_error("CreatePolicy", &e);
-                if !err.is("EntityAlreadyExists") {
-                    return Err(err.into_layer());
-                }
-                // Left over without its user: take it over and make its content ours.
-                let existing = self
-                    .iam
-                    .get_policy()
-                    .policy_arn(self.policy_arn_guess(org))
-                    .send()
-                    .await
-                    .map_err(|e| api_error("GetPolicy", &e).into_layer())?;
-                let arn = existing
-                    .policy()
-                    .and_then(|p| p.arn())
-                    .map(str::to_owned)
-                    .ok_or_else(|| LayerError::Backend("GetPolicy returned no ARN".to_owned()))?;
-                self.replace_policy_version(&arn, doc).await?;
-                return Ok(arn);
-            }
-        };
-        out.policy()
-            .and_then(|p| p.arn())
-            .map(str::to_owned)
-            .ok_or_else(|| LayerError::Backend("CreatePolicy returned no ARN".to_owned()))
+        let req = self.iam.create_policy().policy_name(policy_name(org));
+        let req = req.path(&self.spec.iam_path).policy_document(doc.to_json());
+        let created = call_opt("CreatePolicy", "EntityAlreadyExists", req.send()).await?;
+        if let Some(out) = created {
+            return out
+                .policy()
+                .and_then(|p| p.arn())
+                .map(str::to_owned)
+                .ok_or_else(|| LayerError::Backend("CreatePolicy returned no ARN".to_owned()));
+        }
+        // Left over without its user: take it over and make its content ours.
+        let arn = self.policy_arn_guess(org);
+        self.replace_policy_version(&arn, doc).await?;
+        Ok(arn)
     }
 
     /// Makes `doc` the policy's default version, making room first (IAM keeps at most five).
@@ -323,171 +426,118 @@ impl StorageLayer {
         doc: &PolicyDocument,
     ) -> Result<(), LayerError> {
         self.delete_old_policy_versions(arn).await?;
-        self.iam
-            .create_policy_version()
-            .policy_arn(arn)
-            .policy_document(doc.to_json())
-            .set_as_default(true)
-            .send()
-            .await
-            .map_err(|e| api_error("CreatePolicyVersion", &e).into_layer())?;
+        let req = self.iam.create_policy_version().policy_arn(arn);
+        let req = req.policy_document(doc.to_json()).set_as_default(true);
+        call("CreatePolicyVersion", req.send()).await?;
         Ok(())
     }
 
     async fn delete_old_policy_versions(&self, arn: &str) -> Result<(), LayerError> {
-        let versions = self
-            .iam
-            .list_policy_versions()
-            .policy_arn(arn)
-            .send()
-            .await
-            .map_err(|e| api_error("ListPolicyVersions", &e).into_layer())?;
+        let req = self.iam.list_policy_versions().policy_arn(arn);
+        let versions = call("ListPolicyVersions", req.send()).await?;
         for v in versions
             .versions()
             .iter()
             .filter(|v| !v.is_default_version())
         {
             if let Some(id) = v.version_id() {
-                self.iam
-                    .delete_policy_version()
-                    .policy_arn(arn)
-                    .version_id(id)
-                    .send()
-                    .await
-                    .map_err(|e| api_error("DeletePolicyVersion", &e).into_layer())?;
+                let req = self.iam.delete_policy_version().policy_arn(arn);
+                call_opt("DeletePolicyVersion", NO_SUCH, req.version_id(id).send()).await?;
             }
         }
         Ok(())
     }
 
-    /// Keeps the access key the Secret holds, unless it is gone or rotation is asked for; then
-    /// issues a new one. Every other key of the user is deleted, so an old key stops working.
-    async fn ensure_access_key(
+    // ---- ensure ----
+
+    /// Reads the organization's principal and decides whether this Organization may have it.
+    pub(super) async fn claim_principal(
+        &self,
+        tenant: &Tenant,
+    ) -> Result<PrincipalWork, LayerError> {
+        let org = &tenant.org_id;
+        let name = principal_name(org);
+        match self.spec.mode {
+            StorageMode::User => {
+                let st = self.read_user(org).await?;
+                let record = diff::principal_record(st.exists, &st.tags, org.as_str());
+                let claim = claim_principal_of(&format!("IAM user {name}"), tenant, &record)?;
+                Ok(PrincipalWork::User(st, claim))
+            }
+            StorageMode::Role => {
+                let st = self.read_role(&name).await?;
+                let record = diff::principal_record(st.exists, &st.tags, org.as_str());
+                let claim = claim_principal_of(&format!("IAM role {name}"), tenant, &record)?;
+                Ok(PrincipalWork::Role(st, claim))
+            }
+            StorageMode::Abac => Ok(PrincipalWork::Shared),
+        }
+    }
+
+    /// Brings the claimed principal to the plan and writes its credentials.
+    pub(super) async fn converge_principal(
         &self,
         tenant: &Tenant,
         creds: &mut Credentials,
-        existing: &[String],
+        work: PrincipalWork,
     ) -> Result<Vec<Repair>, LayerError> {
-        let name = principal_name(&tenant.org_id);
-        let mut repairs = Vec::new();
-        let current = creds.get(KEY_ACCESS_KEY_ID).filter(|_| {
-            creds
-                .get(KEY_SECRET_ACCESS_KEY)
-                .is_some_and(|s| !s.is_empty())
-        });
-        let kept = current
-            .filter(|id| existing.iter().any(|k| k == id))
-            .map(str::to_owned);
-        if current.is_some() && kept.is_none() {
-            repairs.push(Repair(format!(
-                "access key of user {name} was deleted; a new one was issued"
-            )));
-        }
-        let keep = match kept {
-            Some(id) if !tenant.rotate => id,
-            _ => {
-                // IAM allows two keys per user: make room before creating.
-                for old in existing {
-                    self.delete_access_key(&name, old).await?;
-                }
-                let out = self
-                    .iam
-                    .create_access_key()
-                    .user_name(&name)
-                    .send()
-                    .await
-                    .map_err(|e| api_error("CreateAccessKey", &e).into_layer())?;
-                let key = out.access_key().ok_or_else(|| {
-                    LayerError::Backend("CreateAccessKey returned no key".to_owned())
-                })?;
-                creds.set(KEY_ACCESS_KEY_ID, key.access_key_id());
-                creds.set(KEY_SECRET_ACCESS_KEY, key.secret_access_key());
-                if tenant.rotate && !existing.is_empty() {
-                    repairs.push(Repair(format!("access key of user {name} rotated")));
-                }
-                return Ok(repairs);
+        match work {
+            PrincipalWork::User(st, claim) => self.converge_user(tenant, creds, st, claim).await,
+            PrincipalWork::Role(st, claim) => {
+                self.converge_org_role(tenant, creds, st, claim).await
             }
+            PrincipalWork::Shared => {
+                let arn = self.shared_role_arn().await?;
+                creds.remove(KEY_ACCESS_KEY_ID);
+                creds.remove(KEY_SECRET_ACCESS_KEY);
+                creds.set(KEY_ROLE_ARN, arn);
+                creds.set(KEY_SESSION_TAG, tenant.org_id.as_str());
+                Ok(Vec::new())
+            }
+        }
+    }
+
+    /// `user` mode: the IAM user, its managed policy (nothing else attached), and one access key.
+    async fn converge_user(
+        &self,
+        tenant: &Tenant,
+        creds: &mut Credentials,
+        st: UserState,
+        claim: Claim,
+    ) -> Result<Vec<Repair>, LayerError> {
+        let org = &tenant.org_id;
+        let name = principal_name(org);
+        let mut repairs = self.adopt(tenant, &claim).await?;
+        let planned = policy::org_policy(&self.spec.bucket, &self.prefix(org));
+        let document = planned.to_value();
+        let held = creds
+            .get(KEY_ACCESS_KEY_ID)
+            .filter(|_| {
+                creds
+                    .get(KEY_SECRET_ACCESS_KEY)
+                    .is_some_and(|s| !s.is_empty())
+            })
+            .map(str::to_owned);
+        let pname = policy_name(org);
+        let plan = UserPlan {
+            name: &name,
+            policy_name: &pname,
+            document: &document,
+            held_key: held.as_deref(),
+            // A principal taken over keeps no key its earlier owner held.
+            rotate: tenant.rotate || matches!(claim, Claim::Adopt(_)),
         };
-        for stray in existing.iter().filter(|k| **k != keep) {
-            self.delete_access_key(&name, stray).await?;
-            repairs.push(Repair(format!(
-                "an access key of user {name} not held by the credentials Secret was deleted"
-            )));
+        let steps = diff::user_diff(&plan, &st);
+        creds.remove(KEY_ROLE_ARN);
+        let mut run = Run::new(&name, Some(tenant));
+        run.policy = planned;
+        run.policy_arn = st.policy.as_ref().map(|p| p.arn.clone());
+        run.creds = Some(creds);
+        for step in &steps {
+            self.apply(&mut run, &step.action).await?;
+            repairs.extend(step.repair.clone().map(Repair));
         }
         Ok(repairs)
-    }
-
-    async fn delete_access_key(&self, user: &str, id: &str) -> Result<(), LayerError> {
-        match self
-            .iam
-            .delete_access_key()
-            .user_name(user)
-            .access_key_id(id)
-            .send()
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) => {
-                let err = api_error("DeleteAccessKey", &e);
-                if err.is("NoSuchEntity") {
-                    Ok(())
-                } else {
-                    Err(err.into_layer())
-                }
-            }
-        }
-    }
-
-    /// Removes the organization's user, keys and policies. Missing pieces are fine.
-    pub(super) async fn delete_user(&self, org: &OrgId) -> Result<(), LayerError> {
-        let name = principal_name(org);
-        let st = self.read_user(org).await?;
-        if st.exists {
-            if st.tag.as_deref().is_some_and(|t| t != org.as_str()) {
-                return Err(LayerError::Refused(format!(
-                    "IAM user {name} belongs to another organization; left alone"
-                )));
-            }
-            for key in &st.keys {
-                self.delete_access_key(&name, key).await?;
-            }
-            for (_, arn) in &st.attached {
-                self.iam
-                    .detach_user_policy()
-                    .user_name(&name)
-                    .policy_arn(arn)
-                    .send()
-                    .await
-                    .map_err(|e| api_error("DetachUserPolicy", &e).into_layer())?;
-            }
-            for inline in &st.inline {
-                self.iam
-                    .delete_user_policy()
-                    .user_name(&name)
-                    .policy_name(inline)
-                    .send()
-                    .await
-                    .map_err(|e| api_error("DeleteUserPolicy", &e).into_layer())?;
-            }
-        }
-        if let Some(arn) = &st.policy_arn {
-            self.delete_old_policy_versions(arn).await?;
-            if let Err(e) = self.iam.delete_policy().policy_arn(arn).send().await {
-                let err = api_error("DeletePolicy", &e);
-                if !err.is("NoSuchEntity") {
-                    return Err(err.into_layer());
-                }
-            }
-        }
-        if st.exists
-            && let Err(e) = self.iam.delete_user().user_name(&name).send().await
-        {
-            let err = api_error("DeleteUser", &e);
-            if !err.is("NoSuchEntity") {
-                return Err(err.into_layer());
-            }
-        }
-        Ok(())
     }
 
     /// The principal the operator's probes act as, for trust policies.
@@ -505,194 +555,55 @@ impl StorageLayer {
         )
     }
 
-    /// Creates or repairs a role: trust policy, `org_id` tag (when given), the one inline policy,
-    /// nothing attached. Returns the role ARN and the repairs.
+    fn shared_trust(&self, operator: &str) -> PolicyDocument {
+        let mut trusted = self.spec.abac_trusted_principals.clone();
+        trusted.push(operator.to_owned());
+        policy::abac_trust_policy(&trusted)
+    }
+
+    /// Brings a role to the plan: trust policy, the one inline policy, nothing attached. Returns
+    /// the role ARN and the repairs.
     async fn converge_role(
         &self,
-        name: &str,
-        trust: &PolicyDocument,
-        permissions: &PolicyDocument,
-        org_tag: Option<&str>,
+        run: &mut Run<'_>,
+        st: &RoleState,
     ) -> Result<(String, Vec<Repair>), LayerError> {
+        let (trust, permissions) = (run.trust.to_value(), run.policy.to_value());
+        let plan = RolePlan {
+            name: run.name,
+            policy_name: ROLE_POLICY_NAME,
+            trust: &trust,
+            permissions: &permissions,
+        };
         let mut repairs = Vec::new();
-        let arn = match self.iam.get_role().role_name(name).send().await {
-            Ok(out) => {
-                let role = out
-                    .role()
-                    .ok_or_else(|| LayerError::Backend("GetRole returned no role".to_owned()))?;
-                let trust_now = role
-                    .assume_role_policy_document()
-                    .map(|d| decode("GetRole", d))
-                    .transpose()?;
-                if !trust_now.is_some_and(|t| same_document(&t, &trust.to_value())) {
-                    self.iam
-                        .update_assume_role_policy()
-                        .role_name(name)
-                        .policy_document(trust.to_json())
-                        .send()
-                        .await
-                        .map_err(|e| api_error("UpdateAssumeRolePolicy", &e).into_layer())?;
-                    repairs.push(Repair(format!(
-                        "trust policy of role {name} differed from the plan; restored"
-                    )));
-                }
-                if let Some(org) = org_tag {
-                    let tags = self
-                        .iam
-                        .list_role_tags()
-                        .role_name(name)
-                        .send()
-                        .await
-                        .map_err(|e| api_error("ListRoleTags", &e).into_layer())?;
-                    let tagged = tags
-                        .tags()
-                        .iter()
-                        .find(|t| t.key() == ORG_TAG)
-                        .map(|t| t.value().to_owned());
-                    match tagged.as_deref() {
-                        Some(t) if t == org => {}
-                        Some(_) => {
-                            return Err(LayerError::Refused(format!(
-                                "IAM role {name} is tagged for another organization"
-                            )));
-                        }
-                        None => {
-                            self.iam
-                                .tag_role()
-                                .role_name(name)
-                                .tags(tag(ORG_TAG, org)?)
-                                .send()
-                                .await
-                                .map_err(|e| api_error("TagRole", &e).into_layer())?;
-                            repairs.push(Repair(format!(
-                                "tag {ORG_TAG} of role {name} was missing; restored"
-                            )));
-                        }
-                    }
-                }
-                role.arn().to_owned()
-            }
-            Err(e) => {
-                let err = api_error("GetRole", &e);
-                if !err.is("NoSuchEntity") {
-                    return Err(err.into_layer());
-                }
-                let mut req = self
-                    .iam
-                    .create_role()
-                    .role_name(name)
-                    .path(&self.spec.iam_path)
-                    .assume_role_policy_document(trust.to_json());
-                if let Some(org) = org_tag {
-                    req = req.tags(tag(ORG_TAG, org)?);
-                }
-                let out = req
-                    .send()
-                    .await
-                    .map_err(|e| api_error("CreateRole", &e).into_layer())?;
-                out.role()
-                    .map(|r| r.arn().to_owned())
-                    .ok_or_else(|| LayerError::Backend("CreateRole returned no role".to_owned()))?
-            }
-        };
-        let inline = self
-            .iam
-            .list_role_policies()
-            .role_name(name)
-            .send()
-            .await
-            .map_err(|e| api_error("ListRolePolicies", &e).into_layer())?;
-        let mut has_ours = false;
-        for p in inline.policy_names() {
-            if p == ROLE_POLICY_NAME {
-                has_ours = true;
-                continue;
-            }
-            self.iam
-                .delete_role_policy()
-                .role_name(name)
-                .policy_name(p)
-                .send()
-                .await
-                .map_err(|e| api_error("DeleteRolePolicy", &e).into_layer())?;
-            repairs.push(Repair(format!(
-                "inline policy {p} on role {name} widened its access; deleted"
-            )));
+        for step in diff::role_diff(&plan, st) {
+            self.apply(run, &step.action).await?;
+            repairs.extend(step.repair.map(Repair));
         }
-        let current = if has_ours {
-            let out = self
-                .iam
-                .get_role_policy()
-                .role_name(name)
-                .policy_name(ROLE_POLICY_NAME)
-                .send()
-                .await
-                .map_err(|e| api_error("GetRolePolicy", &e).into_layer())?;
-            Some(decode("GetRolePolicy", out.policy_document())?)
-        } else {
-            None
-        };
-        if !current
-            .as_ref()
-            .is_some_and(|c| same_document(c, &permissions.to_value()))
-        {
-            self.iam
-                .put_role_policy()
-                .role_name(name)
-                .policy_name(ROLE_POLICY_NAME)
-                .policy_document(permissions.to_json())
-                .send()
-                .await
-                .map_err(|e| api_error("PutRolePolicy", &e).into_layer())?;
-            if current.is_some() {
-                repairs.push(Repair(format!(
-                    "policy of role {name} differed from the plan (widened or edited); restored"
-                )));
-            }
-        }
-        let attached = self
-            .iam
-            .list_attached_role_policies()
-            .role_name(name)
-            .send()
-            .await
-            .map_err(|e| api_error("ListAttachedRolePolicies", &e).into_layer())?;
-        for p in attached.attached_policies() {
-            if let Some(arn) = p.policy_arn() {
-                self.iam
-                    .detach_role_policy()
-                    .role_name(name)
-                    .policy_arn(arn)
-                    .send()
-                    .await
-                    .map_err(|e| api_error("DetachRolePolicy", &e).into_layer())?;
-                repairs.push(Repair(format!(
-                    "policy {} attached to role {name} widened its access; detached",
-                    p.policy_name().unwrap_or(arn)
-                )));
-            }
-        }
+        let arn = run
+            .role_arn
+            .clone()
+            .ok_or_else(|| LayerError::Backend(format!("role {} has no ARN", run.name)))?;
         Ok((arn, repairs))
     }
 
     /// `role` mode: the organization's role; the Secret gets its ARN (no long-lived key).
-    pub(super) async fn ensure_role(
+    async fn converge_org_role(
         &self,
         tenant: &Tenant,
         creds: &mut Credentials,
+        st: RoleState,
+        claim: Claim,
     ) -> Result<Vec<Repair>, LayerError> {
-        let org = &tenant.org_id;
+        let mut repairs = self.adopt(tenant, &claim).await?;
+        let (org, name) = (&tenant.org_id, principal_name(&tenant.org_id));
         let operator = self.operator_principal().await?;
         let trust = self.role_trust(tenant, &operator);
         let permissions = policy::org_policy(&self.spec.bucket, &self.prefix(org));
-        let (arn, repairs) = self
-            .converge_role(
-                &principal_name(org),
-                &trust,
-                &permissions,
-                Some(org.as_str()),
-            )
-            .await?;
+        let mut run = Run::new(&name, Some(tenant));
+        (run.trust, run.policy, run.role_arn) = (trust, permissions, st.arn.clone());
+        let (arn, more) = self.converge_role(&mut run, &st).await?;
+        repairs.extend(more);
         creds.remove(KEY_ACCESS_KEY_ID);
         creds.remove(KEY_SECRET_ACCESS_KEY);
         creds.remove(KEY_SESSION_TAG);
@@ -700,95 +611,67 @@ impl StorageLayer {
         Ok(repairs)
     }
 
-    fn shared_trust(&self, operator: &str) -> PolicyDocument {
-        let mut trusted = self.spec.abac_trusted_principals.clone();
-        trusted.push(operator.to_owned());
-        policy::abac_trust_policy(&trusted)
-    }
-
     /// `abac` mode, platform level: the one shared tenant role.
     pub(super) async fn ensure_shared_role(&self) -> Result<Vec<Repair>, LayerError> {
         let operator = self.operator_principal().await?;
+        let trust = self.shared_trust(&operator);
         let permissions = policy::abac_policy(&self.spec.bucket, &self.spec.prefix_template);
-        let (_, repairs) = self
-            .converge_role(
-                &self.spec.shared_role_name,
-                &self.shared_trust(&operator),
-                &permissions,
-                None,
-            )
-            .await?;
-        Ok(repairs)
+        let name = &self.spec.shared_role_name;
+        let st = self.read_role(name).await?;
+        let mut run = Run::new(name, None);
+        (run.trust, run.policy, run.role_arn) = (trust, permissions, st.arn.clone());
+        Ok(self.converge_role(&mut run, &st).await?.1)
     }
 
     pub(super) async fn shared_role_arn(&self) -> Result<String, LayerError> {
-        let out = self
-            .iam
-            .get_role()
-            .role_name(&self.spec.shared_role_name)
-            .send()
-            .await
-            .map_err(|e| api_error("GetRole", &e).into_layer())?;
+        let req = self.iam.get_role().role_name(&self.spec.shared_role_name);
+        let out = call("GetRole", req.send()).await?;
         out.role()
             .map(|r| r.arn().to_owned())
             .ok_or_else(|| LayerError::Backend("GetRole returned no role".to_owned()))
     }
 
-    pub(super) async fn delete_role(&self, org: &OrgId) -> Result<(), LayerError> {
+    // ---- removal ----
+
+    /// Removes the organization's user or role with its keys and policies, when this
+    /// Organization owns it; anything else (absent, untagged, another owner's) is left alone.
+    pub(super) async fn remove_principal(
+        &self,
+        tenant: &Tenant,
+    ) -> Result<Vec<Repair>, LayerError> {
+        let org = &tenant.org_id;
         let name = principal_name(org);
-        match self.iam.get_role().role_name(&name).send().await {
-            Ok(_) => {}
-            Err(e) => {
-                let err = api_error("GetRole", &e);
-                return if err.is("NoSuchEntity") {
-                    Ok(())
-                } else {
-                    Err(err.into_layer())
-                };
+        let (record, actions, what) = match self.spec.mode {
+            StorageMode::User => {
+                let st = self.read_user(org).await?;
+                let keys = st.keys.len();
+                (
+                    diff::principal_record(st.exists, &st.tags, org.as_str()),
+                    diff::user_removal(&st),
+                    format!("IAM user {name}, its policy and {keys} access key(s) removed"),
+                )
             }
-        }
-        let inline = self
-            .iam
-            .list_role_policies()
-            .role_name(&name)
-            .send()
-            .await
-            .map_err(|e| api_error("ListRolePolicies", &e).into_layer())?;
-        for p in inline.policy_names() {
-            self.iam
-                .delete_role_policy()
-                .role_name(&name)
-                .policy_name(p)
-                .send()
-                .await
-                .map_err(|e| api_error("DeleteRolePolicy", &e).into_layer())?;
-        }
-        let attached = self
-            .iam
-            .list_attached_role_policies()
-            .role_name(&name)
-            .send()
-            .await
-            .map_err(|e| api_error("ListAttachedRolePolicies", &e).into_layer())?;
-        for p in attached.attached_policies() {
-            if let Some(arn) = p.policy_arn() {
-                self.iam
-                    .detach_role_policy()
-                    .role_name(&name)
-                    .policy_arn(arn)
-                    .send()
-                    .await
-                    .map_err(|e| api_error("DetachRolePolicy", &e).into_layer())?;
+            StorageMode::Role => {
+                let st = self.read_role(&name).await?;
+                (
+                    diff::principal_record(st.exists, &st.tags, org.as_str()),
+                    diff::role_removal(&st),
+                    format!("IAM role {name} and its policies removed"),
+                )
             }
+            StorageMode::Abac => return Ok(Vec::new()),
+        };
+        if !diff::removable(&record, &tenant.owner.uid) {
+            return Ok(Vec::new());
         }
-        if let Err(e) = self.iam.delete_role().role_name(&name).send().await {
-            let err = api_error("DeleteRole", &e);
-            if !err.is("NoSuchEntity") {
-                return Err(err.into_layer());
-            }
+        let mut run = Run::new(&name, Some(tenant));
+        for action in actions {
+            self.apply(&mut run, &action).await?;
         }
-        Ok(())
+        Ok(vec![Repair(what)])
     }
+
+    // ---- audit ----
 
     /// Read-only audit of the organization's IAM objects against the plan.
     pub(super) async fn audit_org(
@@ -798,172 +681,74 @@ impl StorageLayer {
     ) -> Result<Vec<String>, LayerError> {
         let org = &tenant.org_id;
         let name = principal_name(org);
-        let mut findings = Vec::new();
+        let uid = &tenant.owner.uid;
+        let operator = self.operator_principal().await?;
         match self.spec.mode {
             StorageMode::User => {
                 let st = self.read_user(org).await?;
-                if !st.exists {
-                    findings.push(format!("IAM user {name} is missing"));
-                    return Ok(findings);
-                }
-                let planned = policy::org_policy(&self.spec.bucket, &self.prefix(org)).to_value();
-                match &st.policy_doc {
-                    None => findings.push(format!("IAM policy {} is missing", policy_name(org))),
-                    Some(doc) if !same_document(doc, &planned) => findings.push(format!(
-                        "IAM policy {} differs from the plan (widened or edited)",
-                        policy_name(org)
-                    )),
-                    Some(_) => {}
-                }
-                let ours = policy_name(org);
-                if !st.attached.iter().any(|(n, _)| *n == ours) {
-                    findings.push(format!("IAM policy {ours} is not attached to user {name}"));
-                }
-                for (other, _) in st.attached.iter().filter(|(n, _)| *n != ours) {
-                    findings.push(format!(
-                        "policy {other} is attached to user {name} and widens its access"
-                    ));
-                }
-                for inline in &st.inline {
-                    findings.push(format!(
-                        "inline policy {inline} on user {name} widens its access"
-                    ));
-                }
-                match creds.get(KEY_ACCESS_KEY_ID) {
-                    Some(id) if st.keys.iter().any(|k| k == id) => {}
-                    Some(_) => findings.push(format!(
-                        "the access key in the credentials Secret no longer exists for user {name}"
-                    )),
-                    None => findings.push("the credentials Secret holds no access key".to_owned()),
-                }
-                if st.keys.len() > 1 {
-                    findings.push(format!("user {name} has {} access keys; only the one in the credentials Secret should exist", st.keys.len()));
-                }
+                let record = diff::principal_record(st.exists, &st.tags, org.as_str());
+                let document = policy::org_policy(&self.spec.bucket, &self.prefix(org)).to_value();
+                let pname = policy_name(org);
+                let plan = UserPlan {
+                    name: &name,
+                    policy_name: &pname,
+                    document: &document,
+                    held_key: creds.get(KEY_ACCESS_KEY_ID),
+                    rotate: false,
+                };
+                let what = format!("IAM user {name}");
+                let mut findings: Vec<String> =
+                    diff::ownership_finding(&what, org.as_str(), &record, uid)
+                        .into_iter()
+                        .collect();
+                findings.extend(diff::findings(&diff::user_diff(&plan, &st)));
+                Ok(findings)
             }
             StorageMode::Role => {
-                let operator = self.operator_principal().await?;
+                let st = self.read_role(&name).await?;
+                let record = diff::principal_record(st.exists, &st.tags, org.as_str());
                 let trust = self.role_trust(tenant, &operator);
                 let permissions = policy::org_policy(&self.spec.bucket, &self.prefix(org));
-                findings.extend(
-                    self.audit_role(&name, &trust, &permissions, Some(org.as_str()))
-                        .await?,
-                );
+                let what = format!("IAM role {name}");
+                let mut findings: Vec<String> =
+                    diff::ownership_finding(&what, org.as_str(), &record, uid)
+                        .into_iter()
+                        .collect();
+                findings.extend(self.role_findings(&name, &st, &trust, &permissions));
+                Ok(findings)
             }
             StorageMode::Abac => {
-                let operator = self.operator_principal().await?;
+                let name = &self.spec.shared_role_name;
+                let st = self.read_role(name).await?;
                 let permissions =
                     policy::abac_policy(&self.spec.bucket, &self.spec.prefix_template);
-                findings.extend(
-                    self.audit_role(
-                        &self.spec.shared_role_name,
-                        &self.shared_trust(&operator),
-                        &permissions,
-                        None,
-                    )
-                    .await?,
-                );
+                let trust = self.shared_trust(&operator);
+                let mut findings = self.role_findings(name, &st, &trust, &permissions);
                 if creds.get(KEY_SESSION_TAG) != Some(org.as_str()) {
                     findings.push(format!(
                         "the credentials Secret's {KEY_SESSION_TAG} is not {org}"
                     ));
                 }
+                Ok(findings)
             }
         }
-        Ok(findings)
     }
 
-    async fn audit_role(
+    fn role_findings(
         &self,
         name: &str,
+        st: &RoleState,
         trust: &PolicyDocument,
         permissions: &PolicyDocument,
-        org_tag: Option<&str>,
-    ) -> Result<Vec<String>, LayerError> {
-        let mut findings = Vec::new();
-        let role = match self.iam.get_role().role_name(name).send().await {
-            Ok(out) => out.role().cloned(),
-            Err(e) => {
-                let err = api_error("GetRole", &e);
-                if err.is("NoSuchEntity") {
-                    return Ok(vec![format!("IAM role {name} is missing")]);
-                }
-                return Err(err.into_layer());
-            }
+    ) -> Vec<String> {
+        let (trust, permissions) = (trust.to_value(), permissions.to_value());
+        let plan = RolePlan {
+            name,
+            policy_name: ROLE_POLICY_NAME,
+            trust: &trust,
+            permissions: &permissions,
         };
-        let trust_now = role
-            .as_ref()
-            .and_then(|r| r.assume_role_policy_document())
-            .map(|d| decode("GetRole", d))
-            .transpose()?;
-        if !trust_now.is_some_and(|t| same_document(&t, &trust.to_value())) {
-            findings.push(format!("trust policy of role {name} differs from the plan"));
-        }
-        if let Some(org) = org_tag {
-            let tags = self
-                .iam
-                .list_role_tags()
-                .role_name(name)
-                .send()
-                .await
-                .map_err(|e| api_error("ListRoleTags", &e).into_layer())?;
-            if !tags
-                .tags()
-                .iter()
-                .any(|t| t.key() == ORG_TAG && t.value() == org)
-            {
-                findings.push(format!("role {name} is not tagged {ORG_TAG}={org}"));
-            }
-        }
-        let inline = self
-            .iam
-            .list_role_policies()
-            .role_name(name)
-            .send()
-            .await
-            .map_err(|e| api_error("ListRolePolicies", &e).into_layer())?;
-        for p in inline
-            .policy_names()
-            .iter()
-            .filter(|p| *p != ROLE_POLICY_NAME)
-        {
-            findings.push(format!(
-                "inline policy {p} on role {name} widens its access"
-            ));
-        }
-        if inline.policy_names().iter().any(|p| p == ROLE_POLICY_NAME) {
-            let out = self
-                .iam
-                .get_role_policy()
-                .role_name(name)
-                .policy_name(ROLE_POLICY_NAME)
-                .send()
-                .await
-                .map_err(|e| api_error("GetRolePolicy", &e).into_layer())?;
-            if !same_document(
-                &decode("GetRolePolicy", out.policy_document())?,
-                &permissions.to_value(),
-            ) {
-                findings.push(format!(
-                    "policy of role {name} differs from the plan (widened or edited)"
-                ));
-            }
-        } else {
-            findings.push(format!("role {name} has no policy {ROLE_POLICY_NAME}"));
-        }
-        let attached = self
-            .iam
-            .list_attached_role_policies()
-            .role_name(name)
-            .send()
-            .await
-            .map_err(|e| api_error("ListAttachedRolePolicies", &e).into_layer())?;
-        for p in attached.attached_policies() {
-            findings.push(format!(
-                "policy {} is attached to role {name} and widens its access",
-                p.policy_name().unwrap_or("?")
-            ));
-        }
-        Ok(findings)
+        diff::findings(&diff::role_diff(&plan, st))
     }
 
     /// An S3 client acting as the organization, from its credentials Secret: its access key, or a

@@ -2,7 +2,9 @@
 //! granted by IAM (a user, a role, or one shared tag-scoped role per mode) and fenced by one Deny
 //! statement in the bucket policy whose size does not depend on the number of organizations.
 
+pub mod diff;
 mod iam;
+mod owner;
 pub mod policy;
 mod probe;
 
@@ -11,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::config::{BehaviorVersion, Credentials as AwsCredentials, Region};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
@@ -33,6 +36,18 @@ pub const KEY_ACCESS_KEY_ID: &str = "AWS_ACCESS_KEY_ID";
 pub const KEY_SECRET_ACCESS_KEY: &str = "AWS_SECRET_ACCESS_KEY";
 pub const KEY_ROLE_ARN: &str = "AWS_ROLE_ARN";
 pub const KEY_SESSION_TAG: &str = "S3_SESSION_TAG_ORG_ID";
+/// Every Secret key this layer writes.
+pub const CREDENTIAL_KEYS: [&str; 9] = [
+    KEY_BUCKET,
+    KEY_PREFIX,
+    KEY_ENDPOINT,
+    KEY_REGION,
+    KEY_FORCE_PATH_STYLE,
+    KEY_ACCESS_KEY_ID,
+    KEY_SECRET_ACCESS_KEY,
+    KEY_ROLE_ARN,
+    KEY_SESSION_TAG,
+];
 
 /// Name of the canary object under every organization's prefix (and the sentinel's).
 pub const CANARY_KEY: &str = "bulkhead-canary";
@@ -90,6 +105,22 @@ struct Operator {
     user: Option<String>,
 }
 
+/// Builds an IAM or STS client: the two crates share one builder API but no types.
+macro_rules! query_client {
+    ($sdk:ident, $conn:expr, $creds:expr) => {{
+        let mut b = $sdk::config::Builder::new()
+            .behavior_version($sdk::config::BehaviorVersion::latest())
+            .region($sdk::config::Region::new($conn.region.clone()))
+            .credentials_provider($creds)
+            .timeout_config(Self::timeouts())
+            .interceptor($conn.calls.clone());
+        if let Some(ep) = &$conn.iam_endpoint {
+            b = b.endpoint_url(ep);
+        }
+        $sdk::Client::from_conf(b.build())
+    }};
+}
+
 /// Endpoint, region and addressing of the S3 and IAM servers, shared by admin and tenant clients.
 #[derive(Clone, Debug)]
 struct Connection {
@@ -129,29 +160,11 @@ impl Connection {
     }
 
     fn iam(&self, creds: AwsCredentials) -> aws_sdk_iam::Client {
-        let mut b = aws_sdk_iam::config::Builder::new()
-            .behavior_version(aws_sdk_iam::config::BehaviorVersion::latest())
-            .region(aws_sdk_iam::config::Region::new(self.region.clone()))
-            .credentials_provider(creds)
-            .timeout_config(Self::timeouts())
-            .interceptor(self.calls.clone());
-        if let Some(ep) = &self.iam_endpoint {
-            b = b.endpoint_url(ep);
-        }
-        aws_sdk_iam::Client::from_conf(b.build())
+        query_client!(aws_sdk_iam, self, creds)
     }
 
     fn sts(&self, creds: AwsCredentials) -> aws_sdk_sts::Client {
-        let mut b = aws_sdk_sts::config::Builder::new()
-            .behavior_version(aws_sdk_sts::config::BehaviorVersion::latest())
-            .region(aws_sdk_sts::config::Region::new(self.region.clone()))
-            .credentials_provider(creds)
-            .timeout_config(Self::timeouts())
-            .interceptor(self.calls.clone());
-        if let Some(ep) = &self.iam_endpoint {
-            b = b.endpoint_url(ep);
-        }
-        aws_sdk_sts::Client::from_conf(b.build())
+        query_client!(aws_sdk_sts, self, creds)
     }
 }
 
@@ -197,6 +210,13 @@ pub fn validate(spec: &StoragePlatform) -> Result<(), LayerError> {
         )));
     }
     policy::validate_prefix_template(&spec.prefix_template).map_err(LayerError::Config)?;
+    if spec.prefix_template.starts_with(owner::OWNER_MARKERS) {
+        return Err(LayerError::Config(format!(
+            "prefixTemplate {:?} may not start with {}, where owner records live",
+            spec.prefix_template,
+            owner::OWNER_MARKERS
+        )));
+    }
     if !(spec.iam_path.starts_with('/') && spec.iam_path.ends_with('/'))
         || spec
             .iam_path
@@ -289,12 +309,7 @@ impl StorageLayer {
     async fn operator(&self) -> Result<&Operator, LayerError> {
         self.operator
             .get_or_try_init(|| async {
-                let out = self
-                    .sts
-                    .get_caller_identity()
-                    .send()
-                    .await
-                    .map_err(|e| api_error("GetCallerIdentity", &e).into_layer())?;
+                let out = call("GetCallerIdentity", self.sts.get_caller_identity().send()).await?;
                 let arn = out.arn().unwrap_or_default().to_owned();
                 let user = arn
                     .split_once(":user/")
@@ -332,23 +347,9 @@ impl StorageLayer {
 
     /// The bucket policy text, `None` when the bucket has none.
     async fn bucket_policy_text(&self) -> Result<Option<String>, LayerError> {
-        match self
-            .s3
-            .get_bucket_policy()
-            .bucket(&self.spec.bucket)
-            .send()
-            .await
-        {
-            Ok(out) => Ok(out.policy().map(str::to_owned)),
-            Err(e) => {
-                let err = api_error("GetBucketPolicy", &e);
-                if err.code.as_deref() == Some("NoSuchBucketPolicy") {
-                    Ok(None)
-                } else {
-                    Err(err.into_layer())
-                }
-            }
-        }
+        let req = self.s3.get_bucket_policy().bucket(&self.spec.bucket).send();
+        let out = call_opt("GetBucketPolicy", "NoSuchBucketPolicy", req).await?;
+        Ok(out.and_then(|o| o.policy().map(str::to_owned)))
     }
 
     /// State of the guard and the policy's size in bytes.
@@ -418,13 +419,8 @@ impl StorageLayer {
         let Some(text) = write else {
             return Ok(Vec::new());
         };
-        self.s3
-            .put_bucket_policy()
-            .bucket(&self.spec.bucket)
-            .policy(text)
-            .send()
-            .await
-            .map_err(|e| api_error("PutBucketPolicy", &e).into_layer())?;
+        let req = self.s3.put_bucket_policy().bucket(&self.spec.bucket);
+        call("PutBucketPolicy", req.policy(text).send()).await?;
         let what = match state {
             GuardState::Missing => "bucket-policy guard statement was missing; installed",
             _ => "bucket-policy guard statement was edited; restored",
@@ -436,14 +432,13 @@ impl StorageLayer {
         let body = format!(
             "bulkhead canary of {org}; any other organization must be refused access to it\n"
         );
-        self.s3
-            .put_object()
-            .bucket(&self.spec.bucket)
-            .key(self.canary_key(org))
-            .body(ByteStream::from(body.into_bytes()))
-            .send()
-            .await
-            .map_err(|e| api_error("PutObject canary", &e).into_layer())?;
+        let req = self.s3.put_object().bucket(&self.spec.bucket);
+        let req = req.key(self.canary_key(org));
+        call(
+            "PutObject canary",
+            req.body(ByteStream::from(body.into_bytes())).send(),
+        )
+        .await?;
         Ok(())
     }
 
@@ -459,6 +454,23 @@ impl StorageLayer {
         }
     }
 
+    /// One page of the objects under `prefix`, from its start.
+    async fn list_prefix(
+        &self,
+        prefix: &str,
+        max: i32,
+    ) -> Result<aws_sdk_s3::operation::list_objects_v2::ListObjectsV2Output, LayerError> {
+        let req = self.s3.list_objects_v2().bucket(&self.spec.bucket);
+        call("ListObjectsV2", req.prefix(prefix).max_keys(max).send()).await
+    }
+
+    /// Deletes one object (absent is fine: S3 answers success).
+    async fn delete_object(&self, op: &'static str, key: &str) -> Result<(), LayerError> {
+        let req = self.s3.delete_object().bucket(&self.spec.bucket);
+        call(op, req.key(key).send()).await?;
+        Ok(())
+    }
+
     /// Deletes every object under an organization's prefix: listed page by page, deleted in
     /// batches of at most 1,000 keys. Returns the number of objects deleted.
     pub async fn delete_prefix(&self, org: &OrgId) -> Result<u64, LayerError> {
@@ -467,15 +479,7 @@ impl StorageLayer {
         let mut deleted = 0u64;
         for _ in 0..MAX_PAGES {
             // Always list from the start: the previous page is gone.
-            let page = self
-                .s3
-                .list_objects_v2()
-                .bucket(&self.spec.bucket)
-                .prefix(&prefix)
-                .max_keys(1000)
-                .send()
-                .await
-                .map_err(|e| api_error("ListObjectsV2", &e).into_layer())?;
+            let page = self.list_prefix(&prefix, 1000).await?;
             let keys: Vec<String> = page
                 .contents()
                 .iter()
@@ -499,14 +503,8 @@ impl StorageLayer {
                     .quiet(true)
                     .build()
                     .map_err(|e| LayerError::Backend(format!("DeleteObjects request: {e}")))?;
-                let out = self
-                    .s3
-                    .delete_objects()
-                    .bucket(&self.spec.bucket)
-                    .delete(delete)
-                    .send()
-                    .await
-                    .map_err(|e| api_error("DeleteObjects", &e).into_layer())?;
+                let req = self.s3.delete_objects().bucket(&self.spec.bucket);
+                let out = call("DeleteObjects", req.delete(delete).send()).await?;
                 if let Some(err) = out.errors().first() {
                     return Err(LayerError::Backend(format!(
                         "DeleteObjects under {prefix}: {} object(s) not deleted, first: {} {}",
@@ -545,18 +543,12 @@ impl Layer for StorageLayer {
         tenant: &Tenant,
         creds: &mut Credentials,
     ) -> Result<Vec<Repair>, LayerError> {
-        let repairs = match self.spec.mode {
-            StorageMode::User => self.ensure_user(tenant, creds).await?,
-            StorageMode::Role => self.ensure_role(tenant, creds).await?,
-            StorageMode::Abac => {
-                let arn = self.shared_role_arn().await?;
-                creds.remove(KEY_ACCESS_KEY_ID);
-                creds.remove(KEY_SECRET_ACCESS_KEY);
-                creds.set(KEY_ROLE_ARN, arn);
-                creds.set(KEY_SESSION_TAG, tenant.org_id.as_str());
-                Vec::new()
-            }
-        };
+        self.check_not_exempt(&tenant.org_id).await?;
+        // Every refusal is decided before anything is written.
+        let data = self.claim_prefix(tenant).await?;
+        let principal = self.claim_principal(tenant).await?;
+        let mut repairs = self.record_prefix_owner(tenant, &data).await?;
+        repairs.extend(self.converge_principal(tenant, creds, principal).await?);
         self.write_location(tenant, creds);
         self.put_canary(&tenant.org_id).await?;
         Ok(repairs)
@@ -577,23 +569,39 @@ impl Layer for StorageLayer {
     }
 
     async fn cleanup(&self, tenant: &Tenant) -> Result<(), LayerError> {
-        if tenant.deletion_policy == crate::api::DeletionPolicy::Delete {
+        if self.exempt(&tenant.org_id).await? {
+            return Ok(());
+        }
+        let owned = self.owns_prefix(tenant).await?;
+        if owned && tenant.deletion_policy == crate::api::DeletionPolicy::Delete {
             self.delete_prefix(&tenant.org_id).await?;
-        } else {
+        } else if owned {
             // Keep the organization's objects; only the operator's canary goes.
-            self.s3
-                .delete_object()
-                .bucket(&self.spec.bucket)
-                .key(self.canary_key(&tenant.org_id))
-                .send()
-                .await
-                .map_err(|e| api_error("DeleteObject canary", &e).into_layer())?;
+            let key = self.canary_key(&tenant.org_id);
+            self.delete_object("DeleteObject canary", &key).await?;
         }
-        match self.spec.mode {
-            StorageMode::User => self.delete_user(&tenant.org_id).await,
-            StorageMode::Role => self.delete_role(&tenant.org_id).await,
-            StorageMode::Abac => Ok(()),
+        self.remove_principal(tenant).await?;
+        // Last, so that a cleanup cut short is retried as the owner; Retain keeps the record.
+        if owned && tenant.deletion_policy == crate::api::DeletionPolicy::Delete {
+            self.forget_prefix_owner(&tenant.org_id).await?;
         }
+        Ok(())
+    }
+
+    async fn retire(
+        &self,
+        tenant: &Tenant,
+        creds: &mut Credentials,
+    ) -> Result<Vec<Repair>, LayerError> {
+        let repairs = if self.exempt(&tenant.org_id).await? {
+            Vec::new()
+        } else {
+            self.remove_principal(tenant).await?
+        };
+        for key in CREDENTIAL_KEYS {
+            creds.remove(key);
+        }
+        Ok(repairs)
     }
 
     fn identity(&self, org: &OrgId) -> Option<String> {
@@ -662,10 +670,40 @@ impl ApiError {
     }
 }
 
-pub(crate) fn api_error<E>(
+/// Sends one SDK request; its failure becomes a [`LayerError`] naming `op`.
+pub(crate) async fn call<T, E>(
     op: &'static str,
-    e: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
-) -> ApiError
+    req: impl std::future::Future<Output = Result<T, SdkError<E, HttpResponse>>>,
+) -> Result<T, LayerError>
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    req.await.map_err(|e| api_error(op, &e).into_layer())
+}
+
+/// Like [`call`], with the error code `absent` meaning "not there": `None`.
+pub(crate) async fn call_opt<T, E>(
+    op: &'static str,
+    absent: &str,
+    req: impl std::future::Future<Output = Result<T, SdkError<E, HttpResponse>>>,
+) -> Result<Option<T>, LayerError>
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    match req.await {
+        Ok(out) => Ok(Some(out)),
+        Err(e) => {
+            let err = api_error(op, &e);
+            if err.is(absent) {
+                Ok(None)
+            } else {
+                Err(err.into_layer())
+            }
+        }
+    }
+}
+
+pub(crate) fn api_error<E>(op: &'static str, e: &SdkError<E, HttpResponse>) -> ApiError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
 {

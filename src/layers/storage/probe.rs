@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::presigning::PresigningConfig;
 use aws_sdk_s3::primitives::ByteStream;
 
@@ -15,6 +17,23 @@ const OWN_PROBE_KEY: &str = "bulkhead-probe";
 /// Bound on waiting for a freshly issued key to become valid on the server.
 const KEY_PROPAGATION_ATTEMPTS: u32 = 20;
 const KEY_PROPAGATION_STEP: Duration = Duration::from_millis(250);
+
+/// Sends one probe request; its success is described by `what`.
+async fn attempt<T, E>(
+    op: &'static str,
+    req: impl std::future::Future<Output = Result<T, SdkError<E, HttpResponse>>>,
+    what: impl FnOnce(T) -> String,
+) -> Result<String, ApiError>
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    req.await.map(what).map_err(|e| api_error(op, &e))
+}
+
+/// A listing's success, in words.
+fn listed(out: aws_sdk_s3::operation::list_objects_v2::ListObjectsV2Output) -> String {
+    format!("{} object(s) listed", out.contents().len())
+}
 
 /// A cross-tenant attempt's outcome: refused (as isolation requires) or not.
 fn refused(name: String, result: Result<String, ApiError>) -> Probe {
@@ -69,18 +88,19 @@ impl StorageLayer {
             message: String::new(),
             unreachable: false,
         });
-        for attempt in 0..KEY_PROPAGATION_ATTEMPTS {
-            put = c
-                .put_object()
-                .bucket(bucket)
-                .key(&own_key)
-                .body(ByteStream::from(body.clone().into_bytes()))
-                .send()
-                .await
-                .map(|_| "stored".to_owned())
-                .map_err(|e| api_error("PutObject", &e));
+        for round in 0..KEY_PROPAGATION_ATTEMPTS {
+            put = attempt(
+                "PutObject",
+                c.put_object()
+                    .bucket(bucket)
+                    .key(&own_key)
+                    .body(ByteStream::from(body.clone().into_bytes()))
+                    .send(),
+                |_| "stored".to_owned(),
+            )
+            .await;
             let propagating = matches!(&put, Err(e) if e.is("InvalidAccessKeyId") || e.is("InvalidClientTokenId"));
-            if !propagating || attempt + 1 == KEY_PROPAGATION_ATTEMPTS {
+            if !propagating || round + 1 == KEY_PROPAGATION_ATTEMPTS {
                 break;
             }
             tokio::time::sleep(KEY_PROPAGATION_STEP).await;
@@ -134,14 +154,12 @@ impl StorageLayer {
                 }
             });
         probes.push(allowed(format!("LIST {prefix} as {org}"), list));
-        let del = c
-            .delete_object()
-            .bucket(bucket)
-            .key(&own_key)
-            .send()
-            .await
-            .map(|_| "deleted".to_owned())
-            .map_err(|e| api_error("DeleteObject", &e));
+        let del = attempt(
+            "DeleteObject",
+            c.delete_object().bucket(bucket).key(&own_key).send(),
+            |_| "deleted".to_owned(),
+        )
+        .await;
         probes.push(allowed(format!("DELETE {own_key} as {org}"), del));
         // The presigning machinery must work for the own canary, or a refused peer URL proves nothing.
         probes.push(allowed(
@@ -183,36 +201,32 @@ impl StorageLayer {
             }
             Err(e) => refused(lb_name, Err(api_error("ListBuckets", &e))),
         });
-        let whole = c
-            .list_objects_v2()
-            .bucket(bucket)
-            .send()
-            .await
-            .map(|o| format!("{} object(s) listed", o.contents().len()))
-            .map_err(|e| api_error("ListObjectsV2", &e));
+        let whole = attempt(
+            "ListObjectsV2",
+            c.list_objects_v2().bucket(bucket).send(),
+            |o| format!("{} object(s) listed", o.contents().len()),
+        )
+        .await;
         probes.push(refused(
             format!("LIST whole bucket {bucket} as {org}"),
             whole,
         ));
-        let gbp = c
-            .get_bucket_policy()
-            .bucket(bucket)
-            .send()
-            .await
-            .map(|_| "policy read".to_owned())
-            .map_err(|e| api_error("GetBucketPolicy", &e));
+        let gbp = attempt(
+            "GetBucketPolicy",
+            c.get_bucket_policy().bucket(bucket).send(),
+            |_| "policy read".to_owned(),
+        )
+        .await;
         probes.push(refused(format!("GetBucketPolicy {bucket} as {org}"), gbp));
         // Write back exactly the current policy, so that even a wrongful success changes nothing.
         match self.bucket_policy_text().await {
             Ok(Some(current)) => {
-                let pbp = c
-                    .put_bucket_policy()
-                    .bucket(bucket)
-                    .policy(current)
-                    .send()
-                    .await
-                    .map(|_| "policy written".to_owned())
-                    .map_err(|e| api_error("PutBucketPolicy", &e));
+                let pbp = attempt(
+                    "PutBucketPolicy",
+                    c.put_bucket_policy().bucket(bucket).policy(current).send(),
+                    |_| "policy written".to_owned(),
+                )
+                .await;
                 probes.push(refused(format!("PutBucketPolicy {bucket} as {org}"), pbp));
             }
             Ok(None) => probes.push(Probe::new(
@@ -235,59 +249,33 @@ impl StorageLayer {
         let peer_prefix = self.prefix(peer);
         // A key nobody owns, so a wrongful PUT or DELETE never touches the peer's data.
         let stray = format!("{peer_prefix}bulkhead-probe-from-{org}");
-        let mut probes = Vec::new();
-        let get = c
-            .get_object()
-            .bucket(bucket)
-            .key(&canary)
-            .send()
-            .await
-            .map(|_| "canary read".to_owned())
-            .map_err(|e| api_error("GetObject", &e));
-        probes.push(refused(format!("GET {canary} as {org}"), get));
-        let put = c
-            .put_object()
-            .bucket(bucket)
-            .key(&stray)
+        let get = c.get_object().bucket(bucket).key(&canary).send();
+        let get = attempt("GetObject", get, |_| "canary read".to_owned()).await;
+        let put = c.put_object().bucket(bucket).key(&stray);
+        let put = put
             .body(ByteStream::from_static(b"cross-tenant write"))
-            .send()
-            .await
-            .map(|_| "object written".to_owned())
-            .map_err(|e| api_error("PutObject", &e));
+            .send();
+        let put = attempt("PutObject", put, |_| "object written".to_owned()).await;
         if put.is_ok() {
             // Remove the wrongful write again; the failed probe already records it.
-            let _ = self
-                .s3
-                .delete_object()
-                .bucket(bucket)
-                .key(&stray)
-                .send()
-                .await;
+            let _ = self.delete_object("DeleteObject stray", &stray).await;
         }
-        probes.push(refused(format!("PUT {stray} as {org}"), put));
-        let del = c
-            .delete_object()
-            .bucket(bucket)
-            .key(&stray)
-            .send()
-            .await
-            .map(|_| "delete accepted".to_owned())
-            .map_err(|e| api_error("DeleteObject", &e));
-        probes.push(refused(format!("DELETE {stray} as {org}"), del));
+        let del = c.delete_object().bucket(bucket).key(&stray).send();
+        let del = attempt("DeleteObject", del, |_| "delete accepted".to_owned()).await;
         let list = c
             .list_objects_v2()
             .bucket(bucket)
             .prefix(&peer_prefix)
-            .send()
-            .await
-            .map(|o| format!("{} object(s) listed", o.contents().len()))
-            .map_err(|e| api_error("ListObjectsV2", &e));
-        probes.push(refused(format!("LIST {peer_prefix} as {org}"), list));
-        probes.push(refused(
-            format!("presigned GET {canary} as {org}"),
-            self.fetch_presigned(c, &canary).await,
-        ));
-        probes
+            .send();
+        let list = attempt("ListObjectsV2", list, listed).await;
+        let presigned = self.fetch_presigned(c, &canary).await;
+        vec![
+            refused(format!("GET {canary} as {org}"), get),
+            refused(format!("PUT {stray} as {org}"), put),
+            refused(format!("DELETE {stray} as {org}"), del),
+            refused(format!("LIST {peer_prefix} as {org}"), list),
+            refused(format!("presigned GET {canary} as {org}"), presigned),
+        ]
     }
 
     /// Presigns a GET with the organization's credentials and fetches it over plain HTTP.

@@ -1,0 +1,190 @@
+//! Who owns an organization's prefix. The record is an object `.bulkhead/owners/{orgId}` in the
+//! shared bucket, written by the admin only: no tenant policy grants it and the bucket guard
+//! denies it to every tenant. It outlives the IAM principal, so retained data stays owned by the
+//! Organization that wrote it until another one adopts it explicitly.
+
+use aws_sdk_s3::primitives::ByteStream;
+use serde::{Deserialize, Serialize};
+
+use super::diff::{self, Claim};
+use super::{StorageLayer, call, call_opt};
+use crate::layers::{LayerError, Repair, Tenant};
+use crate::tenant::OrgId;
+
+/// Key prefix of the owner records; prefix templates may not start with it.
+pub const OWNER_MARKERS: &str = ".bulkhead/owners/";
+
+/// The owner record's content.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+struct OwnerRecord {
+    org_id: String,
+    owner_uid: String,
+}
+
+/// The query prefix and first `start-after` key for looking under `prefix` (which ends with '/')
+/// with no '/' in the query: everything the query matches before the prefix starts `{base}.`.
+pub fn listing_window(prefix: &str) -> (&str, String) {
+    let base = prefix.strip_suffix('/').unwrap_or(prefix);
+    (base, format!("{base}."))
+}
+
+/// What one listed key says: under the prefix (`Some(true)`), past it (`Some(false)`), or before
+/// it, so the listing goes on (`None`).
+pub fn key_verdict(prefix: &str, key: &str) -> Option<bool> {
+    if key.starts_with(prefix) {
+        Some(true)
+    } else if key.as_bytes() > prefix.as_bytes() {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+impl StorageLayer {
+    /// Key of the organization's owner record.
+    pub fn owner_record_key(&self, org: &OrgId) -> String {
+        format!("{OWNER_MARKERS}{}", org.as_str())
+    }
+
+    /// The UID recorded as owning the organization's prefix, if any.
+    pub async fn prefix_owner(&self, org: &OrgId) -> Result<Option<String>, LayerError> {
+        let req = self.s3.get_object().bucket(&self.spec.bucket);
+        let got = call_opt(
+            "GetObject owner record",
+            "NoSuchKey",
+            req.key(self.owner_record_key(org)).send(),
+        )
+        .await?;
+        let Some(out) = got else {
+            return Ok(None);
+        };
+        let bytes = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| LayerError::Backend(format!("GetObject owner record: {e}")))?;
+        let record: OwnerRecord = serde_json::from_slice(&bytes.into_bytes()).map_err(|e| {
+            LayerError::Backend(format!(
+                "owner record of {org} is not readable, so nothing is assumed: {e}"
+            ))
+        })?;
+        Ok(Some(record.owner_uid))
+    }
+
+    async fn prefix_record(&self, org: &OrgId) -> Result<diff::Record, LayerError> {
+        let owner = self.prefix_owner(org).await?;
+        let has_objects = match owner {
+            Some(_) => false,
+            None => self.any_object_under(&self.prefix(org)).await?,
+        };
+        Ok(diff::prefix_record(owner.as_deref(), has_objects))
+    }
+
+    /// Whether any object lies under `prefix`. The trailing '/' stays out of the query, which
+    /// some S3 servers (moto) cannot sign; keys listed before the prefix are skipped.
+    async fn any_object_under(&self, prefix: &str) -> Result<bool, LayerError> {
+        const MAX_PAGES: usize = 1000;
+        let (query, mut cursor) = listing_window(prefix);
+        for _ in 0..MAX_PAGES {
+            let req = self.s3.list_objects_v2().bucket(&self.spec.bucket);
+            let req = req.prefix(query).start_after(&cursor).max_keys(100);
+            let page = call("ListObjectsV2", req.send()).await?;
+            let keys: Vec<&str> = page.contents().iter().filter_map(|o| o.key()).collect();
+            for key in &keys {
+                if let Some(found) = key_verdict(prefix, key) {
+                    return Ok(found);
+                }
+            }
+            match keys.last() {
+                Some(last) if page.is_truncated() == Some(true) => cursor = (*last).to_owned(),
+                _ => return Ok(false),
+            }
+        }
+        Err(LayerError::Backend(format!(
+            "more than {MAX_PAGES} pages of keys sort right before {prefix}"
+        )))
+    }
+
+    /// Decides, without writing, whether the tenant may use its prefix.
+    pub(super) async fn claim_prefix(&self, tenant: &Tenant) -> Result<Claim, LayerError> {
+        let org = &tenant.org_id;
+        let record = self.prefix_record(org).await?;
+        let what = format!("the data under {}", self.prefix(org));
+        diff::claim(
+            &what,
+            org.as_str(),
+            &record,
+            &tenant.owner.uid,
+            tenant.adopt_from.as_deref(),
+        )
+        .map_err(LayerError::Refused)
+    }
+
+    /// Records the tenant as the prefix's owner when it was created or adopted.
+    pub(super) async fn record_prefix_owner(
+        &self,
+        tenant: &Tenant,
+        claim: &Claim,
+    ) -> Result<Vec<Repair>, LayerError> {
+        if *claim == Claim::Ours {
+            return Ok(Vec::new());
+        }
+        let record = OwnerRecord {
+            org_id: tenant.org_id.to_string(),
+            owner_uid: tenant.owner.uid.clone(),
+        };
+        let body = serde_json::to_vec(&record)
+            .map_err(|e| LayerError::Backend(format!("owner record: {e}")))?;
+        let req = self.s3.put_object().bucket(&self.spec.bucket);
+        let req = req.key(self.owner_record_key(&tenant.org_id));
+        call(
+            "PutObject owner record",
+            req.body(ByteStream::from(body)).send(),
+        )
+        .await?;
+        Ok(match claim {
+            Claim::Adopt(old) => vec![Repair(format!(
+                "re-attached retained data of Organization UID {old}"
+            ))],
+            _ => Vec::new(),
+        })
+    }
+
+    /// Whether the tenant's Organization owns its prefix (only then may cleanup touch it).
+    pub(super) async fn owns_prefix(&self, tenant: &Tenant) -> Result<bool, LayerError> {
+        let owner = self.prefix_owner(&tenant.org_id).await?;
+        Ok(owner.is_some_and(|o| diff::removable(&diff::Record::Owned(o), &tenant.owner.uid)))
+    }
+
+    pub(super) async fn forget_prefix_owner(&self, org: &OrgId) -> Result<(), LayerError> {
+        self.delete_object("DeleteObject owner record", &self.owner_record_key(org))
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_listing_window_starts_right_before_the_prefix() {
+        let (query, after) = listing_window("acme/");
+        assert_eq!((query, after.as_str()), ("acme", "acme."));
+        assert_eq!(listing_window("tenants/acme/").0, "tenants/acme");
+        // Keys the query matches that sort before the start are never under the prefix.
+        for before in ["acme", "acme-2/x", "acme-", "acme!"] {
+            assert!(before.as_bytes() <= after.as_bytes(), "{before}");
+        }
+    }
+
+    #[test]
+    fn listed_keys_say_under_past_or_go_on() {
+        assert_eq!(key_verdict("acme/", "acme/x"), Some(true));
+        assert_eq!(key_verdict("acme/", "acme/"), Some(true));
+        assert_eq!(key_verdict("acme/", "acme0/x"), Some(false));
+        assert_eq!(key_verdict("acme/", "acmez"), Some(false));
+        assert_eq!(key_verdict("acme/", "acme.txt"), None);
+        assert_eq!(key_verdict("acme/", "acme.\u{e9}"), None);
+    }
+}
