@@ -167,7 +167,7 @@ pub async fn reconcile(
     if status
         .database
         .as_ref()
-        .is_some_and(|db| db.findings.iter().any(|f| !f.starts_with("warning: ")))
+        .is_some_and(|db| db.breaches > 0)
     {
         all_ok = false;
     }

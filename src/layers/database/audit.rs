@@ -274,12 +274,30 @@ pub fn audit(s: &Settings, cat: &Catalog) -> AuditReport {
             "the tenant group role is mapped to an organization",
         ));
     }
+    let governed_schema = |schema: &str| s.schemas.iter().any(|x| x.as_str() == schema);
+    let create_finding = |schema: &str, who: &str| {
+        let what = if governed_schema(schema) {
+            "this governed schema (they would own, and could unprotect, new tables, or plant functions and operators that shadow others')"
+        } else {
+            "the operator's schema (they could plant objects beside the role mapping or the identity function)"
+        };
+        Finding::breach(
+            format!("schema {schema}"),
+            format!("tenants can CREATE in {what}, through {who}"),
+        )
+    };
+    for schema in &cat.public_schema_create {
+        f.push(create_finding(schema, "PUBLIC"));
+    }
     for schema in &cat.group_schema_create {
-        if s.schemas.iter().any(|x| x.as_str() == schema) {
-            f.push(Finding::breach(
-                format!("schema {schema}"),
-                "tenants can CREATE in this governed schema (they would own, and could unprotect, new tables)",
-            ));
+        if !cat.public_schema_create.contains(schema) {
+            f.push(create_finding(schema, &format!("group role {g}")));
+        }
+    }
+    for (schema, role) in &cat.tenant_schema_create {
+        if !cat.public_schema_create.contains(schema) && !cat.group_schema_create.contains(schema)
+        {
+            f.push(create_finding(schema, &format!("tenant role {role}")));
         }
     }
 
@@ -471,6 +489,16 @@ pub fn audit(s: &Settings, cat: &Catalog) -> AuditReport {
             f.push(Finding::warning(
                 &subject,
                 format!("tenant role is not a member of {g}"),
+            ));
+        }
+        let drift = plan::bounds_drift(s, r, cat.server_version);
+        if r.can_login && !drift.is_empty() {
+            f.push(Finding::breach(
+                &subject,
+                format!(
+                    "tenant role lacks its bounds, so its sessions can stall other organizations: {}",
+                    drift.join(", ")
+                ),
             ));
         }
     }
@@ -773,8 +801,16 @@ mod tests {
                 org_id: Some("acme".into()),
                 can_login: true,
                 in_group: true,
+                conn_limit: 20,
+                config: s
+                    .limits
+                    .role_settings(150_000)
+                    .into_iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect(),
                 ..Default::default()
             }],
+            server_version: 150_000,
             ..Default::default()
         }
     }
@@ -873,6 +909,41 @@ mod tests {
                 "can CREATE",
                 Box::new(|c| {
                     c.group_schema_create.insert("public".into());
+                }),
+            ),
+            (
+                "can CREATE in the operator's schema, through tenant role",
+                Box::new(|c| {
+                    c.tenant_schema_create
+                        .push(("bulkhead".into(), "bulkhead_org_acme".into()));
+                }),
+            ),
+            (
+                "through PUBLIC",
+                Box::new(|c| {
+                    c.public_schema_create.insert("public".into());
+                }),
+            ),
+            (
+                "lacks its bounds",
+                Box::new(|c| c.tenant_roles[0].config.clear()),
+            ),
+            (
+                "CONNECTION LIMIT -1 instead of 20",
+                Box::new(|c| c.tenant_roles[0].conn_limit = -1),
+            ),
+            (
+                "statement_timeout is 0 instead of 30000",
+                Box::new(|c| c.tenant_roles[0].config[0] = "statement_timeout=0".into()),
+            ),
+            (
+                "permissive policy \"acme_only\" widens access",
+                Box::new(|c| {
+                    let mut p = c.relations[0].policies[0].clone();
+                    p.name = "acme_only".into();
+                    p.roles = vec!["bulkhead_org_acme".into()];
+                    p.using = Some("true".into());
+                    c.relations[0].policies.push(p);
                 }),
             ),
             (
