@@ -1226,7 +1226,7 @@ async fn restrictive_policies_for_a_tenant_are_left_alone() {
     let a = p.layer.role_of(&p.a.org_id);
     admin
         .batch_execute(&format!(
-            "CREATE POLICY acme_narrow ON members AS RESTRICTIVE TO \"{a}\" USING (email IS NOT NULL);
+            "CREATE POLICY acme_narrow ON members AS RESTRICTIVE TO \"{a}\" USING (org_id IS NOT NULL);
              CREATE POLICY acme_wide ON members TO \"{a}\" USING (true)"
         ))
         .await

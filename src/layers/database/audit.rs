@@ -912,7 +912,7 @@ mod tests {
                 }),
             ),
             (
-                "can CREATE in the operator's schema, through tenant role",
+                "tenants can CREATE in the operator's schema",
                 Box::new(|c| {
                     c.tenant_schema_create
                         .push(("bulkhead".into(), "bulkhead_org_acme".into()));

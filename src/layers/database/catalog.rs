@@ -219,7 +219,8 @@ SELECT n.nspname::pg_catalog.text, c.relname::pg_catalog.text, c.relkind::pg_cat
              JOIN pg_catalog.pg_namespace sn ON sn.oid OPERATOR(pg_catalog.=) sq.relnamespace
              WHERE dp.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass AND dp.refobjid OPERATOR(pg_catalog.=) c.oid
                AND dp.deptype OPERATOR(pg_catalog.=) ANY (ARRAY['a', 'i']::"char"[])
-               AND NOT COALESCE(pg_catalog.has_sequence_privilege(g.oid, sq.oid, 'USAGE'), true)
+               AND NOT COALESCE(CASE WHEN sq.relkind OPERATOR(pg_catalog.=) 'S'::"char"
+                                     THEN pg_catalog.has_sequence_privilege(g.oid, sq.oid, 'USAGE') END, true)
              ORDER BY sq.oid)
 FROM pg_catalog.pg_class c
 JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
@@ -756,6 +757,87 @@ pub(crate) fn parse_array(text: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Names that may stand before `(` unqualified: syntax, not functions or operators.
+    const SYNTAX: &[&str] = &[
+        "ARRAY", "EXISTS", "COALESCE", "ROW", "ANY", "OPERATOR", "AND", "OR", "NOT", "ON", "WHERE",
+        "FROM", "AS", "SELECT", "THEN", "ELSE", "WHEN", "JOIN", "QUALIFIED_OPERATOR",
+    ];
+
+    /// Every operator is `OPERATOR(pg_catalog.x)` and every function `pg_catalog.f(...)`; no
+    /// `IN (...)` or `IS DISTINCT FROM`, which look `=` up on the search_path.
+    fn assert_qualified(sql: &str) {
+        let mut text = String::new();
+        let mut in_lit = false;
+        for c in sql.chars() {
+            if c == '\'' {
+                in_lit = !in_lit;
+            } else if !in_lit {
+                text.push(c);
+            }
+        }
+        let mut rest = text.replace("=>", " ");
+        while let Some(at) = rest.find("OPERATOR(pg_catalog.") {
+            let close = at + rest[at..].find(')').expect("closed");
+            rest.replace_range(at..=close, " QUALIFIED_OPERATOR ");
+        }
+        for bad in ["=", "<", ">", "!", " IN (", "DISTINCT FROM", "||"] {
+            assert!(!rest.contains(bad), "{bad:?} in {sql}");
+        }
+        let chars: Vec<char> = rest.chars().collect();
+        let mut i = 0;
+        while i < chars.len() {
+            if chars[i].is_alphabetic() || chars[i] == '_' {
+                let start = i;
+                while i < chars.len()
+                    && (chars[i].is_alphanumeric() || chars[i] == '_' || chars[i] == '.')
+                {
+                    i += 1;
+                }
+                let word: String = chars[start..i].iter().collect();
+                let mut j = i;
+                while j < chars.len() && chars[j] == ' ' {
+                    j += 1;
+                }
+                if chars.get(j) == Some(&'(') {
+                    assert!(
+                        word.starts_with("pg_catalog.")
+                            || SYNTAX.iter().any(|k| k.eq_ignore_ascii_case(&word)),
+                        "unqualified call {word}( in {sql}"
+                    );
+                }
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    #[test]
+    fn catalog_queries_are_schema_qualified() {
+        for sql in [
+            RELATIONS_SQL,
+            SCHEMAS_SQL,
+            GROUP_SQL,
+            FUNCTION_SQL,
+            DEFINER_SQL,
+            super::super::reaper::REAP_SQL,
+            &role_columns("\"bulkhead\".\"tenant_roles\""),
+        ] {
+            assert_qualified(sql);
+        }
+        for bad in [
+            "SELECT x FROM pg_catalog.unnest(a) x WHERE x = 1",
+            "SELECT x FROM unnest(a) x",
+            "SELECT 1 WHERE a IN (SELECT b FROM t)",
+            "SELECT a IS DISTINCT FROM b",
+            "SELECT a <> b",
+        ] {
+            assert!(
+                std::panic::catch_unwind(|| assert_qualified(bad)).is_err(),
+                "{bad}"
+            );
+        }
+    }
 
     #[test]
     fn records_and_arrays_parse() {

@@ -637,14 +637,27 @@ async fn take_lock(
     Ok(())
 }
 
+/// The OID of a role, if it exists. Sessions are ended by OID: once a role is dropped, its
+/// surviving sessions no longer show its name.
+async fn role_oid(c: &impl GenericClient, role: &str) -> Result<Option<u32>, LayerError> {
+    Ok(c.query_opt(
+        "SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) $1::pg_catalog.name",
+        &[&role],
+    )
+    .await
+    .map_err(backend)?
+    .map(|r| r.get(0)))
+}
+
 /// Ends every session of a login role (other than the caller's); returns how many.
-async fn end_sessions(c: &impl GenericClient, role: &str) -> Result<u64, LayerError> {
+async fn end_sessions(c: &impl GenericClient, oid: Option<u32>) -> Result<u64, LayerError> {
+    let Some(oid) = oid else { return Ok(0) };
     let rows = c
         .query(
             "SELECT pg_catalog.pg_terminate_backend(a.pid) FROM pg_catalog.pg_stat_activity a
-             WHERE a.usename OPERATOR(pg_catalog.=) $1::pg_catalog.name
+             WHERE a.usesysid OPERATOR(pg_catalog.=) $1::pg_catalog.oid
                AND a.pid OPERATOR(pg_catalog.<>) pg_catalog.pg_backend_pid()",
-            &[&role],
+            &[&oid],
         )
         .await
         .map_err(backend)?;
@@ -869,7 +882,7 @@ impl Layer for DatabaseLayer {
         tx.commit().await.map_err(backend)?;
         if set_password && existing.is_some() {
             // The old password is gone; so are the sessions it opened.
-            let ended = end_sessions(&*client, &role).await?;
+            let ended = end_sessions(&*client, role_oid(&*client, &role).await?).await?;
             if ended > 0 {
                 tracing::info!(role = %role, sessions = ended, "ended the sessions of the replaced credential");
             }
@@ -950,14 +963,8 @@ impl Layer for DatabaseLayer {
         take_lock(&tx, s, &format!("org:{org}"))
             .await
             .map_err(backend)?;
-        let exists: bool = tx
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) $1::pg_catalog.name)",
-                &[&role],
-            )
-            .await
-            .map_err(backend)?
-            .get(0);
+        let oid = role_oid(&tx, &role).await?;
+        let exists = oid.is_some();
         if exists {
             tx.execute(&format!("ALTER ROLE {} NOLOGIN", quote_ident(&role)), &[])
                 .await
@@ -991,7 +998,7 @@ impl Layer for DatabaseLayer {
         }
         tx.commit().await.map_err(backend)?;
         // Sessions opened before NOLOGIN would keep working; end them.
-        end_sessions(&*client, &role).await?;
+        end_sessions(&*client, oid).await?;
         self.invalidate_audit().await;
         Ok(())
     }
@@ -1017,8 +1024,8 @@ impl Layer for DatabaseLayer {
             owner::claim(&recorded, &tenant.owner.uid, tenant.adopt_from.as_deref()),
             Claim::Owned | Claim::Adopt { .. }
         );
-        let exists = catalog::read_role(&tx, s, &role).await?.is_some();
-        if !owned || !exists {
+        let oid = role_oid(&tx, &role).await?;
+        if !owned || oid.is_none() {
             tx.rollback().await.map_err(backend)?;
             return Ok(Vec::new());
         }
@@ -1044,7 +1051,7 @@ impl Layer for DatabaseLayer {
             }
         };
         tx.commit().await.map_err(backend)?;
-        end_sessions(&*client, &role).await?;
+        end_sessions(&*client, oid).await?;
         self.invalidate_audit().await;
         Ok(vec![Repair(if dropped {
             format!("dropped login role {role} (the database layer is off); its rows are kept")
