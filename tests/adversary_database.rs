@@ -40,7 +40,9 @@ fn with_db(url: &str, db: &str) -> String {
         Some((b, q)) => (b, format!("?{q}")),
         None => (url, String::new()),
     };
-    let (server, _) = base.rsplit_once('/').expect("admin URL has a database path");
+    let (server, _) = base
+        .rsplit_once('/')
+        .expect("admin URL has a database path");
     format!("{server}/{db}{query}")
 }
 
@@ -192,7 +194,9 @@ impl Pair {
 }
 
 fn code(e: &tokio_postgres::Error) -> String {
-    e.code().map(|c| c.code().to_owned()).unwrap_or_else(|| e.to_string())
+    e.code()
+        .map(|c| c.code().to_owned())
+        .unwrap_or_else(|| e.to_string())
 }
 
 /// The advisory-lock key the operator used to wait on (sha256 of a public string).
@@ -240,8 +244,14 @@ async fn a_tenant_cannot_take_or_stall_the_operators_locks() {
     let started = Instant::now();
     let passes = async {
         p.layer.prepare().await.expect("prepare");
-        p.layer.ensure(&p.b, &mut p.cb).await.expect("ensure victim");
-        p.layer.ensure(&p.a, &mut p.ca).await.expect("ensure attacker");
+        p.layer
+            .ensure(&p.b, &mut p.cb)
+            .await
+            .expect("ensure victim");
+        p.layer
+            .ensure(&p.a, &mut p.ca)
+            .await
+            .expect("ensure attacker");
     };
     tokio::time::timeout(Duration::from_secs(30), passes)
         .await
@@ -297,15 +307,16 @@ async fn a_table_lock_blocks_other_tenants_only_for_the_bound() {
     let documented = bound_hold + reaper::INTERVAL + Duration::from_secs(1);
     for one_long_sleep in [false, true] {
         let attacker = p.attacker().await;
-        let hold = Duration::from_secs(40);
-        let attack = tokio::spawn(hold_table_lock(attacker, one_long_sleep, hold));
-        // Let the lock be taken before the victim asks.
-        tokio::time::sleep(Duration::from_millis(300)).await;
         let victim = p.victim().await;
+        // The victim waits as long as it takes, so the wait measures the block itself.
         victim
             .batch_execute("SET statement_timeout = 0; SET lock_timeout = 0")
             .await
             .unwrap();
+        let hold = Duration::from_secs(40);
+        let attack = tokio::spawn(hold_table_lock(attacker, one_long_sleep, hold));
+        // Let the lock be taken before the victim asks.
+        tokio::time::sleep(Duration::from_millis(300)).await;
         let started = Instant::now();
         let n: i64 = tokio::time::timeout(
             hold + Duration::from_secs(10),
@@ -324,7 +335,9 @@ async fn a_table_lock_blocks_other_tenants_only_for_the_bound() {
         };
         attempt_row(
             &format!("tenant: LOCK TABLE projects IN ACCESS EXCLUSIVE MODE, then {how}"),
-            &format!("other tenants blocked < {documented:?} (lockHoldSeconds + reaper interval + 1 s)"),
+            &format!(
+                "other tenants blocked < {documented:?} (lockHoldSeconds + reaper interval + 1 s)"
+            ),
             &format!(
                 "victim's SELECT blocked {:.2} s; attacker's session ended: {ended}",
                 blocked.as_secs_f64()
@@ -337,7 +350,7 @@ async fn a_table_lock_blocks_other_tenants_only_for_the_bound() {
             "blocked {blocked:?}, documented bound {documented:?}"
         );
         assert!(
-            blocked + Duration::from_millis(800) >= bound_hold,
+            blocked + Duration::from_secs(1) >= bound_hold,
             "the lock was really held ({blocked:?}); otherwise the test proves nothing"
         );
     }
@@ -366,12 +379,17 @@ async fn the_operator_gives_up_on_a_held_table_lock_instead_of_hanging() {
     let err = res.expect_err("the canary insert waits on the lock");
     attempt_row(
         "tenant holds ACCESS EXCLUSIVE on projects while the operator plants canaries",
-        &format!("the pass gives up after the admin lock_timeout ({ADMIN_LOCK_TIMEOUT:?}), transient"),
+        &format!(
+            "the pass gives up after the admin lock_timeout ({ADMIN_LOCK_TIMEOUT:?}), transient"
+        ),
         &format!("{:?} after {:.2} s: {err}", err.class(), took.as_secs_f64()),
     );
     assert_eq!(err.class(), ErrorClass::Transient);
     assert!(err.to_string().contains("gave up after waiting"), "{err}");
-    assert!(took < ADMIN_LOCK_TIMEOUT + Duration::from_secs(3), "{took:?}");
+    assert!(
+        took < ADMIN_LOCK_TIMEOUT + Duration::from_secs(3),
+        "{took:?}"
+    );
     tx.rollback().await.unwrap();
     // Once the lock is gone the pass succeeds.
     p.layer.ensure(&newcomer, &mut creds).await.expect("ensure");
@@ -411,8 +429,16 @@ async fn connection_exhaustion_stops_at_the_tenants_own_limit() {
         "both connect",
         &format!(
             "victim: {}, admin: {}",
-            if victim.is_ok() { "connected" } else { "refused" },
-            if admin.is_ok() { "connected" } else { "refused" }
+            if victim.is_ok() {
+                "connected"
+            } else {
+                "refused"
+            },
+            if admin.is_ok() {
+                "connected"
+            } else {
+                "refused"
+            }
         ),
     );
     victim
@@ -458,7 +484,10 @@ async fn a_tenant_cannot_plant_objects_the_operator_would_run() {
         "CREATE FUNCTION bulkhead.f() RETURNS int LANGUAGE sql AS 'SELECT 1'",
         "CREATE FUNCTION auth.f() RETURNS int LANGUAGE sql AS 'SELECT 1'",
     ] {
-        let err = c.batch_execute(sql).await.expect_err("no CREATE for tenants");
+        let err = c
+            .batch_execute(sql)
+            .await
+            .expect_err("no CREATE for tenants");
         attempt_row(
             &format!("tenant: {}", &sql[..sql.find('(').unwrap_or(sql.len())]),
             "permission denied (42501)",
@@ -531,14 +560,23 @@ async fn a_connection_opened_before_rotation_is_dead_after_it() {
     p.a.rotate = true;
     p.layer.ensure(&p.a, &mut p.ca).await.expect("rotate");
     p.a.rotate = false;
-    let used = old.query_one("SELECT count(*) FROM public.projects", &[]).await;
+    let used = old
+        .query_one("SELECT count(*) FROM public.projects", &[])
+        .await;
     let relogin = try_connect(&old_url).await;
     attempt_row(
         "tenant keeps using a connection opened with the old password after rotation",
         "the session is ended",
         &match &used {
             Ok(_) => "query answered".to_owned(),
-            Err(e) => format!("error: {}", if e.is_closed() { "connection closed".to_owned() } else { code(e) }),
+            Err(e) => format!(
+                "error: {}",
+                if e.is_closed() {
+                    "connection closed".to_owned()
+                } else {
+                    code(e)
+                }
+            ),
         },
     );
     attempt_row(
@@ -552,7 +590,10 @@ async fn a_connection_opened_before_rotation_is_dead_after_it() {
     assert!(used.is_err(), "the old session still works");
     assert!(relogin.is_err(), "the old password still works");
     let fresh = p.attacker().await;
-    fresh.query_one("SELECT 1", &[]).await.expect("new password works");
+    fresh
+        .query_one("SELECT 1", &[])
+        .await
+        .expect("new password works");
     drop(fresh);
     p.finish().await;
 }

@@ -1287,7 +1287,12 @@ async fn canaries_are_never_written_through_a_tenant_owned_table() {
     )
     .await
     .expect("the owner may add triggers");
-    let newcomer = tenant(&p.db.org("newcomer"), "Newcomer", &[], DeletionPolicy::Delete);
+    let newcomer = tenant(
+        &p.db.org("newcomer"),
+        "Newcomer",
+        &[],
+        DeletionPolicy::Delete,
+    );
     let mut creds = Credentials::default();
     p.layer.ensure(&newcomer, &mut creds).await.unwrap();
     let fired: i64 = admin
@@ -1315,7 +1320,10 @@ async fn a_claimant_with_another_uid_is_refused_and_removes_nothing() {
     let layer = db.layer(json!({})).await;
     layer.prepare().await.unwrap();
     let org = db.org("owned");
-    let a = owned_by(tenant(&org, "Owner", &[], DeletionPolicy::Delete), "uid-owner");
+    let a = owned_by(
+        tenant(&org, "Owner", &[], DeletionPolicy::Delete),
+        "uid-owner",
+    );
     let mut ca = Credentials::default();
     layer.ensure(&a, &mut ca).await.unwrap();
     let admin = db.admin().await;
@@ -1334,7 +1342,10 @@ async fn a_claimant_with_another_uid_is_refused_and_removes_nothing() {
         msg.contains(org.as_str()) && msg.contains("uid-owner") && msg.contains("adopt-from"),
         "{msg}"
     );
-    assert!(cs.get(KEY_PASSWORD).is_none(), "no credentials for the squatter");
+    assert!(
+        cs.get(KEY_PASSWORD).is_none(),
+        "no credentials for the squatter"
+    );
 
     // Deleting the claimant (policy Delete) leaves the owner's rows, role and mapping.
     layer.cleanup(&squatter).await.expect("cleanup");
@@ -1348,7 +1359,10 @@ async fn a_claimant_with_another_uid_is_refused_and_removes_nothing() {
         .unwrap()
         .get(0);
     assert_eq!(owner.as_deref(), Some("uid-owner"));
-    assert_holds(&layer.verify(&a, &ca).await.unwrap(), "the owner after the squatter left");
+    assert_holds(
+        &layer.verify(&a, &ca).await.unwrap(),
+        "the owner after the squatter left",
+    );
     drop(layer);
     db.finish().await;
 }
@@ -1392,7 +1406,10 @@ async fn retained_data_is_inherited_only_through_adopt_from() {
             .any(|r| r.0 == "re-attached retained data of Organization UID uid-old"),
         "{repairs:?}"
     );
-    assert_holds(&layer.verify(&adopting, &c_new).await.unwrap(), "after adoption");
+    assert_holds(
+        &layer.verify(&adopting, &c_new).await.unwrap(),
+        "after adoption",
+    );
     let c = connect(c_new.get(KEY_URL).unwrap()).await;
     let seen: i64 = c
         .query_one("SELECT count(*) FROM projects", &[])
@@ -1456,12 +1473,21 @@ async fn retire_removes_the_login_and_the_credentials_and_keeps_rows() {
     for key in [KEY_URL, KEY_USER, KEY_PASSWORD] {
         assert!(p.ca.get(key).is_none(), "{key} left in the credentials");
     }
-    assert!(session.query_one("SELECT 1", &[]).await.is_err(), "session ended");
-    assert!(tokio_postgres::connect(&url, NoTls).await.is_err(), "login gone");
+    assert!(
+        session.query_one("SELECT 1", &[]).await.is_err(),
+        "session ended"
+    );
+    assert!(
+        tokio_postgres::connect(&url, NoTls).await.is_err(),
+        "login gone"
+    );
     assert_eq!(count_rows(&admin, "messages", &p.a.org_id).await, rows);
     let role = p.layer.role_of(&p.a.org_id);
     let exists: bool = admin
-        .query_one("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)", &[&role])
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)",
+            &[&role],
+        )
         .await
         .unwrap()
         .get(0);
@@ -1471,7 +1497,10 @@ async fn retire_removes_the_login_and_the_credentials_and_keeps_rows() {
     let mut cb = p.cb.clone();
     let other = owned_by(p.b.clone(), "uid-someone-else");
     assert!(p.layer.retire(&other, &mut cb).await.unwrap().is_empty());
-    assert_holds(&p.layer.verify(&p.b, &p.cb).await.unwrap(), "beta untouched");
+    assert_holds(
+        &p.layer.verify(&p.b, &p.cb).await.unwrap(),
+        "beta untouched",
+    );
     // Switched back on, the organization gets a new login over its kept rows.
     p.layer.ensure(&p.a, &mut p.ca).await.unwrap();
     assert_holds(&p.verify_a().await, "after switching the layer back on");

@@ -137,10 +137,13 @@ pub struct DatabasePlatform {
 }
 
 /// Per-login-role bounds: timeouts, connection slots, and how long a table lock may be held.
+/// The timeouts are the role's defaults, which a session may change for itself; the hard bounds
+/// are `connectionLimit` and `lockHoldSeconds`, which no tenant session can lift.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TenantLimits {
-    /// `statement_timeout` of each organization's login role, in seconds.
+    /// `statement_timeout` of each organization's login role, in seconds (a default for its
+    /// sessions).
     #[serde(default = "default_statement_timeout")]
     #[schemars(range(min = 1, max = 86400))]
     #[schemars(extend("format" = "int64"))]

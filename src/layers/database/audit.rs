@@ -295,8 +295,7 @@ pub fn audit(s: &Settings, cat: &Catalog) -> AuditReport {
         }
     }
     for (schema, role) in &cat.tenant_schema_create {
-        if !cat.public_schema_create.contains(schema) && !cat.group_schema_create.contains(schema)
-        {
+        if !cat.public_schema_create.contains(schema) && !cat.group_schema_create.contains(schema) {
             f.push(create_finding(schema, &format!("tenant role {role}")));
         }
     }

@@ -5,8 +5,8 @@ use std::collections::BTreeSet;
 use tokio_postgres::GenericClient;
 use tokio_postgres::error::SqlState;
 
-use super::ident::QualifiedName;
 use super::expr;
+use super::ident::QualifiedName;
 use super::settings::{POLICY, SHARED_READ_POLICY, Settings};
 use crate::layers::LayerError;
 
@@ -383,7 +383,11 @@ pub async fn read(client: &impl GenericClient, s: &Settings) -> Result<Catalog, 
     if let Some(row) = client
         .query_opt(
             FUNCTION_SQL,
-            &[&s.identity_function.schema.as_str(), &s.identity_function.name.as_str(), &group],
+            &[
+                &s.identity_function.schema.as_str(),
+                &s.identity_function.name.as_str(),
+                &group,
+            ],
         )
         .await
         .map_err(db)?
@@ -401,7 +405,11 @@ pub async fn read(client: &impl GenericClient, s: &Settings) -> Result<Catalog, 
         cat.group_can_execute_function = row.get(6);
     }
 
-    let extra = vec![s.mapping.to_string(), s.registry.to_string(), s.locks.to_string()];
+    let extra = vec![
+        s.mapping.to_string(),
+        s.registry.to_string(),
+        s.locks.to_string(),
+    ];
     let rows = client
         .query(
             RELATIONS_SQL,
@@ -760,8 +768,25 @@ mod tests {
 
     /// Names that may stand before `(` unqualified: syntax, not functions or operators.
     const SYNTAX: &[&str] = &[
-        "ARRAY", "EXISTS", "COALESCE", "ROW", "ANY", "OPERATOR", "AND", "OR", "NOT", "ON", "WHERE",
-        "FROM", "AS", "SELECT", "THEN", "ELSE", "WHEN", "JOIN", "QUALIFIED_OPERATOR",
+        "ARRAY",
+        "EXISTS",
+        "COALESCE",
+        "ROW",
+        "ANY",
+        "OPERATOR",
+        "AND",
+        "OR",
+        "NOT",
+        "ON",
+        "WHERE",
+        "FROM",
+        "AS",
+        "SELECT",
+        "THEN",
+        "ELSE",
+        "WHEN",
+        "JOIN",
+        "QUALIFIED_OPERATOR",
     ];
 
     /// Every operator is `OPERATOR(pg_catalog.x)` and every function `pg_catalog.f(...)`; no

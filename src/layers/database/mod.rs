@@ -1179,7 +1179,9 @@ mod tests {
             o,
             "-c search_path=pg_catalog,pg_temp -c lock_timeout=5000 -c statement_timeout=120000"
         );
-        assert!(admin_options(Some("-c work_mem=64MB")).starts_with("-c work_mem=64MB -c search_path"));
+        assert!(
+            admin_options(Some("-c work_mem=64MB")).starts_with("-c work_mem=64MB -c search_path")
+        );
         let c = parse_admin_url("postgres://admin:pw@127.0.0.1:5433/app").unwrap();
         assert_eq!(c.get_options(), Some(o.as_str()));
     }

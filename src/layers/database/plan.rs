@@ -160,11 +160,17 @@ pub fn bootstrap(s: &Settings, cat: &Catalog) -> Plan {
     }
 
     for schema in &cat.public_schema_create {
-        p.push(format!("REVOKE CREATE ON SCHEMA {} FROM PUBLIC", quote_ident(schema)));
+        p.push(format!(
+            "REVOKE CREATE ON SCHEMA {} FROM PUBLIC",
+            quote_ident(schema)
+        ));
         p.repair(format!("schema {schema}: revoked CREATE from PUBLIC"));
     }
     for schema in &cat.group_schema_create {
-        p.push(format!("REVOKE CREATE ON SCHEMA {} FROM {g}", quote_ident(schema)));
+        p.push(format!(
+            "REVOKE CREATE ON SCHEMA {} FROM {g}",
+            quote_ident(schema)
+        ));
         if !cat.public_schema_create.contains(schema) {
             p.repair(format!(
                 "schema {schema}: revoked CREATE from group role {}",
@@ -173,14 +179,15 @@ pub fn bootstrap(s: &Settings, cat: &Catalog) -> Plan {
         }
     }
     for (schema, role) in &cat.tenant_schema_create {
-        if !cat.public_schema_create.contains(schema) && !cat.group_schema_create.contains(schema)
-        {
+        if !cat.public_schema_create.contains(schema) && !cat.group_schema_create.contains(schema) {
             p.push(format!(
                 "REVOKE CREATE ON SCHEMA {} FROM {}",
                 quote_ident(schema),
                 quote_ident(role)
             ));
-            p.repair(format!("schema {schema}: revoked CREATE from tenant role {role}"));
+            p.repair(format!(
+                "schema {schema}: revoked CREATE from tenant role {role}"
+            ));
         }
     }
     match &cat.locks {
@@ -601,9 +608,10 @@ pub fn bounds_drift(s: &Settings, st: &RoleState, server_version: i32) -> Vec<St
         let prefix = format!("{name}=");
         match st.config.iter().find(|c| c.starts_with(&prefix)) {
             None => out.push(format!("{name} not set")),
-            Some(c) if c[prefix.len()..] != value => {
-                out.push(format!("{name} is {} instead of {value}", &c[prefix.len()..]))
-            }
+            Some(c) if c[prefix.len()..] != value => out.push(format!(
+                "{name} is {} instead of {value}",
+                &c[prefix.len()..]
+            )),
             Some(_) => {}
         }
     }
@@ -1032,8 +1040,10 @@ mod tests {
         let mut cat = Catalog::default();
         cat.public_schema_create.insert("public".into());
         cat.group_schema_create.insert("public".into());
-        cat.tenant_schema_create.push(("public".into(), "bulkhead_org_acme".into()));
-        cat.tenant_schema_create.push(("auth".into(), "bulkhead_org_acme".into()));
+        cat.tenant_schema_create
+            .push(("public".into(), "bulkhead_org_acme".into()));
+        cat.tenant_schema_create
+            .push(("auth".into(), "bulkhead_org_acme".into()));
         let p = bootstrap(&s, &cat);
         let sql = p.statements.join(";\n");
         assert!(sql.contains("REVOKE CREATE ON SCHEMA \"public\" FROM PUBLIC"));

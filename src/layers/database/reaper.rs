@@ -42,8 +42,8 @@ WHERE l.locktype OPERATOR(pg_catalog.=) 'relation'::pg_catalog.text AND l.grante
   AND n.nspname OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.name[])
   AND a.usesysid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT m.member FROM pg_catalog.pg_auth_members m
                                                    WHERE m.roleid OPERATOR(pg_catalog.=) g.oid))
-  AND a.xact_start OPERATOR(pg_catalog.<) pg_catalog.clock_timestamp()
-      OPERATOR(pg_catalog.-) pg_catalog.make_interval(secs => $4::pg_catalog.float8)
+  AND a.xact_start OPERATOR(pg_catalog.<) (pg_catalog.clock_timestamp()
+      OPERATOR(pg_catalog.-) pg_catalog.make_interval(secs => $4::pg_catalog.float8))
 "#;
 
 /// One lock the reaper ended.
@@ -127,7 +127,7 @@ pub fn spawn(config: Config, s: &Settings) -> tokio::task::AbortHandle {
                     }
                 }
                 Err(e) => {
-                    tracing::debug!(error = %super::describe(&e), "lock reaper query failed");
+                    tracing::warn!(error = %super::describe(&e), "lock reaper query failed");
                     client = None;
                 }
             }

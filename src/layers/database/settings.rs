@@ -57,7 +57,11 @@ impl Limits {
             )));
         }
         Ok(Self {
-            statement_timeout_ms: millis(l.statement_timeout_seconds, "statementTimeoutSeconds", 86_400)?,
+            statement_timeout_ms: millis(
+                l.statement_timeout_seconds,
+                "statementTimeoutSeconds",
+                86_400,
+            )?,
             idle_in_transaction_timeout_ms: millis(
                 l.idle_in_transaction_timeout_seconds,
                 "idleInTransactionTimeoutSeconds",
@@ -86,7 +90,10 @@ impl Limits {
             ("lock_timeout", self.lock_timeout_ms.to_string()),
         ];
         if server_version >= 170_000 {
-            out.push(("transaction_timeout", self.transaction_timeout_ms.to_string()));
+            out.push((
+                "transaction_timeout",
+                self.transaction_timeout_ms.to_string(),
+            ));
         }
         out
     }
