@@ -132,8 +132,10 @@ impl TestDb {
 fn tenant(org: &OrgId, peers: &[&OrgId]) -> Tenant {
     let mut all = vec![OrgId::sentinel()];
     all.extend(peers.iter().map(|p| (*p).clone()));
-    let mut owner = k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference::default();
-    owner.uid = format!("uid-{org}");
+    let owner = k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+        uid: format!("uid-{org}"),
+        ..Default::default()
+    };
     Tenant {
         name: org.as_str().to_owned(),
         org_id: org.clone(),
