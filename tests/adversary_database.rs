@@ -360,6 +360,29 @@ async fn a_table_lock_blocks_other_tenants_only_for_the_bound() {
 }
 
 #[tokio::test]
+async fn ordinary_long_transactions_are_left_alone() {
+    // The bound is about table locks: a tenant's long write transaction on its own rows, or a
+    // long read, holds only ROW EXCLUSIVE / ACCESS SHARE and is never ended.
+    let p = pair(json!({"lockHoldSeconds": 1})).await;
+    let mut c = p.attacker().await;
+    let tx = c.transaction().await.unwrap();
+    tx.execute("UPDATE public.projects SET name = 'mine'", &[])
+        .await
+        .unwrap();
+    tx.batch_execute("SELECT count(*) FROM public.messages; SELECT pg_sleep(3)")
+        .await
+        .expect("not ended");
+    tx.commit().await.expect("commits");
+    attempt_row(
+        "tenant: a 3 s write transaction on its own rows (lockHoldSeconds: 1)",
+        "left alone",
+        "committed",
+    );
+    drop(c);
+    p.finish().await;
+}
+
+#[tokio::test]
 async fn the_operator_gives_up_on_a_held_table_lock_instead_of_hanging() {
     // A long lock-hold bound, so the operator's own lock timeout is what ends its wait.
     let p = pair(json!({"lockHoldSeconds": 60})).await;

@@ -501,6 +501,17 @@ pub fn audit(s: &Settings, cat: &Catalog) -> AuditReport {
             ));
         }
     }
+    let logins = cat.tenant_roles.iter().filter(|r| r.can_login).count();
+    let limit = usize::try_from(s.limits.connection_limit).unwrap_or(0);
+    let shared = usize::try_from(cat.shared_connections).unwrap_or(0);
+    if shared > 0 && logins.saturating_mul(limit) > shared {
+        f.push(Finding::warning(
+            format!("role {g}"),
+            format!(
+                "{logins} organizations × connectionLimit {limit} exceed the {shared} connection slots left after the superuser reserve: together they can still fill the server"
+            ),
+        ));
+    }
     f.sort_by(|a, b| {
         (a.severity, &a.subject, &a.message).cmp(&(b.severity, &b.subject, &b.message))
     });
@@ -959,6 +970,23 @@ mod tests {
             let found = breach_of(mutate);
             assert!(found.iter().any(|f| f.contains(want)), "{want}: {found:?}");
         }
+    }
+
+    #[test]
+    fn connection_limits_that_overbook_the_server_are_a_warning() {
+        let mut cat = good_catalog();
+        cat.shared_connections = 100;
+        assert!(audit(&settings(), &cat).findings.is_empty());
+        cat.shared_connections = 19;
+        let r = audit(&settings(), &cat);
+        assert_eq!(r.breaches().count(), 0);
+        assert!(
+            r.findings[0]
+                .message
+                .contains("1 organizations × connectionLimit 20 exceed the 19"),
+            "{:?}",
+            r.findings
+        );
     }
 
     #[test]

@@ -140,6 +140,8 @@ pub struct Catalog {
     pub public_schema_create: BTreeSet<String>,
     /// `server_version_num`.
     pub server_version: i32,
+    /// `max_connections` minus `superuser_reserved_connections`: the slots roles share.
+    pub shared_connections: i32,
     pub group: Option<RoleState>,
     /// The group appears in the mapping table.
     pub group_mapped: bool,
@@ -326,13 +328,16 @@ pub async fn read(client: &impl GenericClient, s: &Settings) -> Result<Catalog, 
     let row = client
         .query_one(
             "SELECT pg_catalog.session_user()::pg_catalog.text,
-                    pg_catalog.current_setting('server_version_num')::pg_catalog.int4",
+                    pg_catalog.current_setting('server_version_num')::pg_catalog.int4,
+                    pg_catalog.int4mi(pg_catalog.current_setting('max_connections')::pg_catalog.int4,
+                                      pg_catalog.current_setting('superuser_reserved_connections')::pg_catalog.int4)",
             &[],
         )
         .await
         .map_err(db)?;
     cat.reader = row.get(0);
     cat.server_version = row.get(1);
+    cat.shared_connections = row.get(2);
 
     let wanted: Vec<String> = s
         .schema_names()
