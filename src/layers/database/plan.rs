@@ -502,6 +502,13 @@ pub fn govern_table(s: &Settings, t: &TableState) -> Plan {
         fixed.push("revoked TRUNCATE/TRIGGER/REFERENCES from tenants".into());
     }
     if !t.indexed && s.create_indexes && t.kind == "r" {
+        // An earlier build that gave up (a lock timeout) leaves an invalid index of this name,
+        // which IF NOT EXISTS would keep forever; no valid one exists, or `indexed` would be set.
+        p.concurrent.push(format!(
+            "DROP INDEX CONCURRENTLY IF EXISTS {}.{}",
+            quote_ident(&t.schema),
+            quote_ident(&index_name(t))
+        ));
         p.concurrent.push(format!(
             "CREATE INDEX CONCURRENTLY IF NOT EXISTS {} ON {tbl} ({})",
             quote_ident(&index_name(t)),
@@ -854,12 +861,17 @@ mod tests {
         t.indexed = false;
         let p = govern_table(&s, &t);
         assert!(p.statements.is_empty());
-        assert_eq!(p.concurrent.len(), 1);
+        assert_eq!(p.concurrent.len(), 2);
         assert!(
             p.concurrent[0]
+                .starts_with("DROP INDEX CONCURRENTLY IF EXISTS \"public\".\"bulkhead_org_idx_"),
+            "an invalid leftover of a failed build is dropped first"
+        );
+        assert!(
+            p.concurrent[1]
                 .starts_with("CREATE INDEX CONCURRENTLY IF NOT EXISTS \"bulkhead_org_idx_")
         );
-        assert!(p.concurrent[0].ends_with("ON \"public\".\"messages\" (\"org_id\")"));
+        assert!(p.concurrent[1].ends_with("ON \"public\".\"messages\" (\"org_id\")"));
     }
 
     #[test]
