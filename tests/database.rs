@@ -1162,3 +1162,350 @@ async fn bad_configuration_changes_nothing() {
     assert_eq!(n, 1);
     db.finish().await;
 }
+
+fn owned_by(mut t: Tenant, uid: &str) -> Tenant {
+    t.owner.uid = uid.to_owned();
+    t
+}
+
+async fn count_rows(admin: &Client, table: &str, org: &OrgId) -> i64 {
+    admin
+        .query_one(
+            &format!("SELECT count(*) FROM {table} WHERE org_id = $1"),
+            &[&org.as_str()],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn tenant_role_bounds_are_set_and_drift_is_found_and_repaired() {
+    let p = pair(json!({})).await;
+    let c = p.tenant_client().await;
+    let row = c
+        .query_one(
+            "SELECT current_setting('statement_timeout'), current_setting('idle_in_transaction_session_timeout'),
+                    current_setting('lock_timeout'), (SELECT rolconnlimit FROM pg_roles WHERE rolname = current_user)",
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: (String, String, String, i32) = (row.get(0), row.get(1), row.get(2), row.get(3));
+    assert_eq!(
+        got,
+        ("30s".into(), "1min".into(), "10s".into(), 20),
+        "a tenant session starts with the platform's bounds"
+    );
+    drop(c);
+    let Pair { db, layer, .. } = p;
+    drop(layer);
+    db.finish().await;
+    break_and_repair(
+        "ALTER ROLE \"{A}\" RESET statement_timeout; ALTER ROLE \"{A}\" CONNECTION LIMIT -1",
+        "lacks its bounds",
+        true,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn permissive_policy_naming_one_tenant_role_is_found_and_dropped() {
+    break_and_repair(
+        "CREATE POLICY acme_sees_all ON members TO \"{A}\" USING (true)",
+        "permissive policy \"acme_sees_all\" widens access",
+        false,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn restrictive_policies_for_a_tenant_are_left_alone() {
+    let p = pair(json!({})).await;
+    let admin = p.db.admin().await;
+    let a = p.layer.role_of(&p.a.org_id);
+    admin
+        .batch_execute(&format!(
+            "CREATE POLICY acme_narrow ON members AS RESTRICTIVE TO \"{a}\" USING (org_id IS NOT NULL);
+             CREATE POLICY acme_wide ON members TO \"{a}\" USING (true)"
+        ))
+        .await
+        .unwrap();
+    let repairs = p.layer.prepare().await.unwrap();
+    assert!(
+        repairs.iter().any(|r| r.0.contains("acme_wide")),
+        "{repairs:?}"
+    );
+    let left: Vec<String> = admin
+        .query(
+            "SELECT polname::text FROM pg_policy WHERE polrelid = 'members'::regclass ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(left, vec!["acme_narrow", "bulkhead_isolation"]);
+    assert_holds(&p.verify_a().await, "with a restrictive policy");
+    let Pair { db, layer, .. } = p;
+    drop(layer);
+    db.finish().await;
+}
+
+#[tokio::test]
+async fn canaries_are_never_written_through_a_tenant_owned_table() {
+    let p = pair(json!({})).await;
+    let admin = p.db.admin().await;
+    let a = p.layer.role_of(&p.a.org_id);
+    admin
+        .batch_execute(&format!(
+            "CREATE TABLE public.fired (who text);
+             GRANT INSERT ON public.fired TO PUBLIC;
+             ALTER TABLE audit_logs OWNER TO \"{a}\""
+        ))
+        .await
+        .unwrap();
+    // As the owner, the tenant attaches a trigger that would run as whoever inserts.
+    let c = p.tenant_client().await;
+    c.batch_execute(
+        "CREATE FUNCTION public.spy() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN INSERT INTO public.fired VALUES (current_user::text); RETURN NEW; END $$;
+         CREATE TRIGGER spy BEFORE INSERT ON audit_logs FOR EACH ROW EXECUTE FUNCTION public.spy()",
+    )
+    .await
+    .expect_err("tenants cannot create functions in a governed schema");
+    admin
+        .batch_execute(
+            "CREATE FUNCTION public.spy() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN INSERT INTO public.fired VALUES (current_user::text); RETURN NEW; END $$",
+        )
+        .await
+        .unwrap();
+    c.batch_execute(
+        "CREATE TRIGGER spy BEFORE INSERT ON audit_logs FOR EACH ROW EXECUTE FUNCTION public.spy()",
+    )
+    .await
+    .expect("the owner may add triggers");
+    let newcomer = tenant(
+        &p.db.org("newcomer"),
+        "Newcomer",
+        &[],
+        DeletionPolicy::Delete,
+    );
+    let mut creds = Credentials::default();
+    p.layer.ensure(&newcomer, &mut creds).await.unwrap();
+    let fired: i64 = admin
+        .query_one("SELECT count(*) FROM public.fired", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(fired, 0, "the tenant's trigger ran as the admin");
+    assert_eq!(count_rows(&admin, "audit_logs", &newcomer.org_id).await, 0);
+    assert!(count_rows(&admin, "messages", &newcomer.org_id).await > 0);
+    assert_breaks(&p.verify_a().await, "owned by tenant role");
+    drop(c);
+    admin
+        .batch_execute("ALTER TABLE audit_logs OWNER TO CURRENT_USER")
+        .await
+        .unwrap();
+    let Pair { db, layer, .. } = p;
+    drop(layer);
+    db.finish().await;
+}
+
+#[tokio::test]
+async fn a_claimant_with_another_uid_is_refused_and_removes_nothing() {
+    let db = TestDb::new().await;
+    let layer = db.layer(json!({})).await;
+    layer.prepare().await.unwrap();
+    let org = db.org("owned");
+    let a = owned_by(
+        tenant(&org, "Owner", &[], DeletionPolicy::Delete),
+        "uid-owner",
+    );
+    let mut ca = Credentials::default();
+    layer.ensure(&a, &mut ca).await.unwrap();
+    let admin = db.admin().await;
+    let before = count_rows(&admin, "messages", &org).await;
+    assert!(before > 0);
+
+    let squatter = owned_by(
+        tenant(&org, "Squatter", &[], DeletionPolicy::Delete),
+        "uid-squatter",
+    );
+    let mut cs = Credentials::default();
+    let err = layer.ensure(&squatter, &mut cs).await.unwrap_err();
+    assert_eq!(err.class(), bulkhead::layers::ErrorClass::Refused);
+    let msg = err.to_string();
+    assert!(
+        msg.contains(org.as_str()) && msg.contains("uid-owner") && msg.contains("adopt-from"),
+        "{msg}"
+    );
+    assert!(
+        cs.get(KEY_PASSWORD).is_none(),
+        "no credentials for the squatter"
+    );
+
+    // Deleting the claimant (policy Delete) leaves the owner's rows, role and mapping.
+    layer.cleanup(&squatter).await.expect("cleanup");
+    assert_eq!(count_rows(&admin, "messages", &org).await, before);
+    let owner: Option<String> = admin
+        .query_one(
+            "SELECT owner_uid FROM bulkhead.tenant_roles WHERE org_id = $1",
+            &[&org.as_str()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(owner.as_deref(), Some("uid-owner"));
+    assert_holds(
+        &layer.verify(&a, &ca).await.unwrap(),
+        "the owner after the squatter left",
+    );
+    drop(layer);
+    db.finish().await;
+}
+
+#[tokio::test]
+async fn retained_data_is_inherited_only_through_adopt_from() {
+    let db = TestDb::new().await;
+    let layer = db.layer(json!({})).await;
+    layer.prepare().await.unwrap();
+    let org = db.org("kept");
+    let old = owned_by(tenant(&org, "Old", &[], DeletionPolicy::Retain), "uid-old");
+    let mut c_old = Credentials::default();
+    layer.ensure(&old, &mut c_old).await.unwrap();
+    let admin = db.admin().await;
+    admin
+        .execute(
+            "INSERT INTO projects (org_id, name) VALUES ($1, 'the old one''s project')",
+            &[&org.as_str()],
+        )
+        .await
+        .unwrap();
+    layer.cleanup(&old).await.unwrap();
+    let kept = count_rows(&admin, "projects", &org).await;
+    assert_eq!(kept, 2, "canary and the project are retained");
+
+    let new = owned_by(tenant(&org, "New", &[], DeletionPolicy::Delete), "uid-new");
+    let mut c_new = Credentials::default();
+    let err = layer.ensure(&new, &mut c_new).await.unwrap_err();
+    assert_eq!(err.class(), bulkhead::layers::ErrorClass::Refused, "{err}");
+    assert!(err.to_string().contains("uid-old"), "{err}");
+    // A new Organization deleted before adopting removes nothing.
+    layer.cleanup(&new).await.unwrap();
+    assert_eq!(count_rows(&admin, "projects", &org).await, kept);
+
+    let mut adopting = new.clone();
+    adopting.adopt_from = Some("uid-old".into());
+    let repairs = layer.ensure(&adopting, &mut c_new).await.unwrap();
+    assert!(
+        repairs
+            .iter()
+            .any(|r| r.0 == "re-attached retained data of Organization UID uid-old"),
+        "{repairs:?}"
+    );
+    assert_holds(
+        &layer.verify(&adopting, &c_new).await.unwrap(),
+        "after adoption",
+    );
+    let c = connect(c_new.get(KEY_URL).unwrap()).await;
+    let seen: i64 = c
+        .query_one("SELECT count(*) FROM projects", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(seen, kept, "the adopted rows are the new owner's");
+    drop(c);
+    // From now on the old UID owns nothing: its late cleanup removes nothing.
+    let mut late = old.clone();
+    late.deletion_policy = DeletionPolicy::Delete;
+    layer.cleanup(&late).await.unwrap();
+    assert_eq!(count_rows(&admin, "projects", &org).await, kept);
+    // The new owner passes without adopting again.
+    let repairs = layer.ensure(&new, &mut c_new).await.unwrap();
+    assert!(repairs.is_empty(), "{repairs:?}");
+    drop(layer);
+    db.finish().await;
+}
+
+#[tokio::test]
+async fn state_without_a_recorded_owner_needs_adopt_from_legacy() {
+    let p = pair(json!({})).await;
+    let admin = p.db.admin().await;
+    admin
+        .execute(
+            "UPDATE bulkhead.tenant_roles SET owner_uid = NULL WHERE org_id = $1",
+            &[&p.a.org_id.as_str()],
+        )
+        .await
+        .unwrap();
+    let mut ca = p.ca.clone();
+    let err = p.layer.ensure(&p.a, &mut ca).await.unwrap_err();
+    assert_eq!(err.class(), bulkhead::layers::ErrorClass::Refused);
+    assert!(err.to_string().contains("adopt-from: legacy"), "{err}");
+    let mut legacy = p.a.clone();
+    legacy.adopt_from = Some("legacy".into());
+    let repairs = p.layer.ensure(&legacy, &mut ca).await.unwrap();
+    assert!(
+        repairs
+            .iter()
+            .any(|r| r.0 == "re-attached retained data of Organization UID legacy"),
+        "{repairs:?}"
+    );
+    assert!(p.layer.ensure(&p.a, &mut ca).await.unwrap().is_empty());
+    let Pair { db, layer, .. } = p;
+    drop(layer);
+    db.finish().await;
+}
+
+#[tokio::test]
+async fn retire_removes_the_login_and_the_credentials_and_keeps_rows() {
+    let mut p = pair(json!({})).await;
+    let admin = p.db.admin().await;
+    let url = p.ca.get(KEY_URL).unwrap().to_owned();
+    let session = p.tenant_client().await;
+    let rows = count_rows(&admin, "messages", &p.a.org_id).await;
+    let repairs = p.layer.retire(&p.a, &mut p.ca).await.unwrap();
+    assert_eq!(repairs.len(), 1, "{repairs:?}");
+    assert!(repairs[0].0.contains("dropped login role"), "{repairs:?}");
+    for key in [KEY_URL, KEY_USER, KEY_PASSWORD] {
+        assert!(p.ca.get(key).is_none(), "{key} left in the credentials");
+    }
+    assert!(
+        session.query_one("SELECT 1", &[]).await.is_err(),
+        "session ended"
+    );
+    assert!(
+        tokio_postgres::connect(&url, NoTls).await.is_err(),
+        "login gone"
+    );
+    assert_eq!(count_rows(&admin, "messages", &p.a.org_id).await, rows);
+    let role = p.layer.role_of(&p.a.org_id);
+    let exists: bool = admin
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)",
+            &[&role],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!exists);
+    // Idempotent; and someone else's retire removes nothing.
+    assert!(p.layer.retire(&p.a, &mut p.ca).await.unwrap().is_empty());
+    let mut cb = p.cb.clone();
+    let other = owned_by(p.b.clone(), "uid-someone-else");
+    assert!(p.layer.retire(&other, &mut cb).await.unwrap().is_empty());
+    assert_holds(
+        &p.layer.verify(&p.b, &p.cb).await.unwrap(),
+        "beta untouched",
+    );
+    // Switched back on, the organization gets a new login over its kept rows.
+    p.layer.ensure(&p.a, &mut p.ca).await.unwrap();
+    assert_holds(&p.verify_a().await, "after switching the layer back on");
+    drop(session);
+    let Pair { db, layer, .. } = p;
+    drop(layer);
+    db.finish().await;
+}

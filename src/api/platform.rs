@@ -130,6 +130,85 @@ pub struct DatabasePlatform {
     /// Float-array column of `embeddingsTable` that the similarity probe ranks by.
     #[serde(default = "default_embedding_column")]
     pub embedding_column: String,
+    /// Bounds on what one organization's sessions can do to the others, set on every
+    /// organization's login role and checked by the audit.
+    #[serde(default)]
+    pub tenant_limits: TenantLimits,
+}
+
+/// Per-login-role bounds: timeouts, connection slots, and how long a table lock may be held.
+/// The timeouts are the role's defaults, which a session may change for itself; the hard bounds
+/// are `connectionLimit` and `lockHoldSeconds`, which no tenant session can lift.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TenantLimits {
+    /// `statement_timeout` of each organization's login role, in seconds (a default for its
+    /// sessions).
+    #[serde(default = "default_statement_timeout")]
+    #[schemars(range(min = 1, max = 86400))]
+    #[schemars(extend("format" = "int64"))]
+    pub statement_timeout_seconds: u32,
+    /// `idle_in_transaction_session_timeout` of each login role, in seconds: an idle open
+    /// transaction (and the locks it holds) ends after this long.
+    #[serde(default = "default_idle_in_transaction_timeout")]
+    #[schemars(range(min = 1, max = 86400))]
+    #[schemars(extend("format" = "int64"))]
+    pub idle_in_transaction_timeout_seconds: u32,
+    /// `lock_timeout` of each login role, in seconds: how long a tenant statement waits for a lock.
+    #[serde(default = "default_tenant_lock_timeout")]
+    #[schemars(range(min = 1, max = 86400))]
+    #[schemars(extend("format" = "int64"))]
+    pub lock_timeout_seconds: u32,
+    /// `transaction_timeout` of each login role, in seconds; applied on PostgreSQL 17 and later
+    /// only (older servers lack the setting; the lock-hold bound covers them).
+    #[serde(default = "default_transaction_timeout")]
+    #[schemars(range(min = 1, max = 86400))]
+    #[schemars(extend("format" = "int64"))]
+    pub transaction_timeout_seconds: u32,
+    /// `CONNECTION LIMIT` of each login role: one organization cannot take every slot.
+    #[serde(default = "default_connection_limit")]
+    #[schemars(range(min = 1, max = 10000))]
+    #[schemars(extend("format" = "int64"))]
+    pub connection_limit: u32,
+    /// Longest time, in seconds, an organization's transaction may hold a table lock stronger
+    /// than ROW EXCLUSIVE (e.g. `LOCK TABLE ... IN ACCESS EXCLUSIVE MODE`) on a relation of a
+    /// governed schema before the operator ends its session. Checked every second.
+    #[serde(default = "default_lock_hold")]
+    #[schemars(range(min = 1, max = 3600))]
+    #[schemars(extend("format" = "int64"))]
+    pub lock_hold_seconds: u32,
+}
+
+impl Default for TenantLimits {
+    fn default() -> Self {
+        Self {
+            statement_timeout_seconds: default_statement_timeout(),
+            idle_in_transaction_timeout_seconds: default_idle_in_transaction_timeout(),
+            lock_timeout_seconds: default_tenant_lock_timeout(),
+            transaction_timeout_seconds: default_transaction_timeout(),
+            connection_limit: default_connection_limit(),
+            lock_hold_seconds: default_lock_hold(),
+        }
+    }
+}
+
+fn default_statement_timeout() -> u32 {
+    30
+}
+fn default_idle_in_transaction_timeout() -> u32 {
+    60
+}
+fn default_tenant_lock_timeout() -> u32 {
+    10
+}
+fn default_transaction_timeout() -> u32 {
+    300
+}
+fn default_connection_limit() -> u32 {
+    20
+}
+fn default_lock_hold() -> u32 {
+    5
 }
 
 fn default_role_prefix() -> String {
@@ -483,9 +562,13 @@ pub struct DatabaseAudit {
     /// Tables with the tenant column.
     #[schemars(extend("format" = "int64"))]
     pub tables_found: u32,
-    /// Findings, in words.
+    /// Findings, in words; warnings start with `warning: `.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub findings: Vec<String>,
+    /// How many findings are breaches (isolation does not hold); the rest are warnings.
+    #[serde(default)]
+    #[schemars(extend("format" = "int64"))]
+    pub breaches: u32,
 }
 
 /// State of the bucket-policy guard.

@@ -163,11 +163,7 @@ pub async fn reconcile(
         }
     }
     // Breaches make the platform unready; warnings (a missing index, an unlisted shared table) do not.
-    if status
-        .database
-        .as_ref()
-        .is_some_and(|db| db.findings.iter().any(|f| !f.starts_with("warning: ")))
-    {
+    if status.database.as_ref().is_some_and(|db| db.breaches > 0) {
         all_ok = false;
     }
     fresh.insert(

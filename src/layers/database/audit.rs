@@ -274,12 +274,29 @@ pub fn audit(s: &Settings, cat: &Catalog) -> AuditReport {
             "the tenant group role is mapped to an organization",
         ));
     }
+    let governed_schema = |schema: &str| s.schemas.iter().any(|x| x.as_str() == schema);
+    let create_finding = |schema: &str, who: &str| {
+        let what = if governed_schema(schema) {
+            "this governed schema (they would own, and could unprotect, new tables, or plant functions and operators that shadow others')"
+        } else {
+            "the operator's schema (they could plant objects beside the role mapping or the identity function)"
+        };
+        Finding::breach(
+            format!("schema {schema}"),
+            format!("tenants can CREATE in {what}, through {who}"),
+        )
+    };
+    for schema in &cat.public_schema_create {
+        f.push(create_finding(schema, "PUBLIC"));
+    }
     for schema in &cat.group_schema_create {
-        if s.schemas.iter().any(|x| x.as_str() == schema) {
-            f.push(Finding::breach(
-                format!("schema {schema}"),
-                "tenants can CREATE in this governed schema (they would own, and could unprotect, new tables)",
-            ));
+        if !cat.public_schema_create.contains(schema) {
+            f.push(create_finding(schema, &format!("group role {g}")));
+        }
+    }
+    for (schema, role) in &cat.tenant_schema_create {
+        if !cat.public_schema_create.contains(schema) && !cat.group_schema_create.contains(schema) {
+            f.push(create_finding(schema, &format!("tenant role {role}")));
         }
     }
 
@@ -473,6 +490,27 @@ pub fn audit(s: &Settings, cat: &Catalog) -> AuditReport {
                 format!("tenant role is not a member of {g}"),
             ));
         }
+        let drift = plan::bounds_drift(s, r, cat.server_version);
+        if r.can_login && !drift.is_empty() {
+            f.push(Finding::breach(
+                &subject,
+                format!(
+                    "tenant role lacks its bounds, so its sessions can stall other organizations: {}",
+                    drift.join(", ")
+                ),
+            ));
+        }
+    }
+    let logins = cat.tenant_roles.iter().filter(|r| r.can_login).count();
+    let limit = usize::try_from(s.limits.connection_limit).unwrap_or(0);
+    let shared = usize::try_from(cat.shared_connections).unwrap_or(0);
+    if shared > 0 && logins.saturating_mul(limit) > shared {
+        f.push(Finding::warning(
+            format!("role {g}"),
+            format!(
+                "{logins} organizations × connectionLimit {limit} exceed the {shared} connection slots left after the superuser reserve: together they can still fill the server"
+            ),
+        ));
     }
     f.sort_by(|a, b| {
         (a.severity, &a.subject, &a.message).cmp(&(b.severity, &b.subject, &b.message))
@@ -773,8 +811,16 @@ mod tests {
                 org_id: Some("acme".into()),
                 can_login: true,
                 in_group: true,
+                conn_limit: 20,
+                config: s
+                    .limits
+                    .role_settings(150_000)
+                    .into_iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect(),
                 ..Default::default()
             }],
+            server_version: 150_000,
             ..Default::default()
         }
     }
@@ -876,6 +922,41 @@ mod tests {
                 }),
             ),
             (
+                "tenants can CREATE in the operator's schema",
+                Box::new(|c| {
+                    c.tenant_schema_create
+                        .push(("bulkhead".into(), "bulkhead_org_acme".into()));
+                }),
+            ),
+            (
+                "through PUBLIC",
+                Box::new(|c| {
+                    c.public_schema_create.insert("public".into());
+                }),
+            ),
+            (
+                "lacks its bounds",
+                Box::new(|c| c.tenant_roles[0].config.clear()),
+            ),
+            (
+                "CONNECTION LIMIT -1 instead of 20",
+                Box::new(|c| c.tenant_roles[0].conn_limit = -1),
+            ),
+            (
+                "statement_timeout is 0 instead of 30000",
+                Box::new(|c| c.tenant_roles[0].config[0] = "statement_timeout=0".into()),
+            ),
+            (
+                "permissive policy \"acme_only\" widens access",
+                Box::new(|c| {
+                    let mut p = c.relations[0].policies[0].clone();
+                    p.name = "acme_only".into();
+                    p.roles = vec!["bulkhead_org_acme".into()];
+                    p.using = Some("true".into());
+                    c.relations[0].policies.push(p);
+                }),
+            ),
+            (
                 "security_invoker",
                 Box::new(|c| {
                     let mut v = good_table("all_messages");
@@ -889,6 +970,23 @@ mod tests {
             let found = breach_of(mutate);
             assert!(found.iter().any(|f| f.contains(want)), "{want}: {found:?}");
         }
+    }
+
+    #[test]
+    fn connection_limits_that_overbook_the_server_are_a_warning() {
+        let mut cat = good_catalog();
+        cat.shared_connections = 100;
+        assert!(audit(&settings(), &cat).findings.is_empty());
+        cat.shared_connections = 19;
+        let r = audit(&settings(), &cat);
+        assert_eq!(r.breaches().count(), 0);
+        assert!(
+            r.findings[0]
+                .message
+                .contains("1 organizations × connectionLimit 20 exceed the 19"),
+            "{:?}",
+            r.findings
+        );
     }
 
     #[test]

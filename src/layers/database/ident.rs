@@ -157,14 +157,6 @@ pub fn role_name(prefix: &str, org: &OrgId) -> String {
     )
 }
 
-/// A stable 64-bit advisory-lock key for a purpose string (e.g. `bulkhead:prepare`).
-pub fn lock_key(purpose: &str) -> i64 {
-    let digest = Sha256::digest(purpose.as_bytes());
-    let mut bytes = [0u8; 8];
-    bytes.copy_from_slice(&digest[..8]);
-    i64::from_be_bytes(bytes)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,11 +254,5 @@ mod tests {
             format!("bulkhead_org_{}", "c".repeat(51))
         );
         assert!(role_name("bulkhead_org_", &over).len() <= 63);
-    }
-
-    #[test]
-    fn lock_keys_are_stable_and_distinct() {
-        assert_eq!(lock_key("bulkhead:prepare"), lock_key("bulkhead:prepare"));
-        assert_ne!(lock_key("bulkhead:prepare"), lock_key("bulkhead:org:acme"));
     }
 }

@@ -6,9 +6,12 @@
 
 pub mod audit;
 pub mod catalog;
+pub mod expr;
 pub mod ident;
+pub mod owner;
 pub mod plan;
 pub mod probe;
+pub mod reaper;
 pub mod settings;
 
 use std::ops::{Deref, DerefMut};
@@ -31,7 +34,8 @@ use crate::api::platform::{DatabaseAudit, DatabasePlatform, IsolationPlatformSta
 use crate::tenant::OrgId;
 use audit::{AuditReport, Severity};
 use catalog::{Catalog, TableState};
-use ident::{lock_key, quote_ident, role_name};
+use ident::{quote_ident, role_name};
+use owner::Claim;
 use settings::Settings;
 
 /// Secret keys this layer writes.
@@ -47,6 +51,12 @@ const DEFAULT_AUDIT_TTL: Duration = Duration::from_secs(15);
 const DELETE_BATCH: i64 = 5_000;
 /// Peers attacked per verification.
 const MAX_PEERS: usize = 4;
+/// How long an admin statement waits for a lock (a tenant's, or another pass's) before the pass
+/// gives up and retries later: no pass can hang, and a DDL waiting in the lock queue blocks
+/// tenants' queries behind it for at most this long.
+pub const ADMIN_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one admin statement may run (index builds lift it for themselves).
+pub const ADMIN_STATEMENT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Characters escaped in URL user info and path segments.
 const URL_COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
@@ -65,10 +75,50 @@ pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
 
 fn backend(e: tokio_postgres::Error) -> LayerError {
     if e.as_db_error().is_none() && e.is_closed() {
-        LayerError::Unreachable(describe(&e))
-    } else {
-        LayerError::Backend(describe(&e))
+        return LayerError::Unreachable(describe(&e));
     }
+    match e.code() {
+        Some(c) if *c == SqlState::LOCK_NOT_AVAILABLE => LayerError::Backend(format!(
+            "gave up after waiting {}s for a lock held by another session; the next pass retries: {}",
+            ADMIN_LOCK_TIMEOUT.as_secs(),
+            describe(&e)
+        )),
+        Some(c) if *c == SqlState::QUERY_CANCELED => LayerError::Backend(format!(
+            "an admin statement ran past its {}s timeout; the next pass retries: {}",
+            ADMIN_STATEMENT_TIMEOUT.as_secs(),
+            describe(&e)
+        )),
+        _ => LayerError::Backend(describe(&e)),
+    }
+}
+
+/// A failed `prepare` attempt that keeps the SQLSTATE, so a race can be told apart by its code.
+struct Attempt {
+    error: LayerError,
+    code: Option<SqlState>,
+}
+
+impl From<LayerError> for Attempt {
+    fn from(error: LayerError) -> Self {
+        Self { error, code: None }
+    }
+}
+
+fn attempt(e: tokio_postgres::Error) -> Attempt {
+    Attempt {
+        code: e.code().cloned(),
+        error: backend(e),
+    }
+}
+
+/// Another database of the cluster (or another replica) created the same cluster-wide role,
+/// schema or table at the same time: the statement failed on the other's object; retry once.
+fn is_race(code: Option<&SqlState>) -> bool {
+    code.is_some_and(|c| {
+        *c == SqlState::DUPLICATE_OBJECT
+            || *c == SqlState::UNIQUE_VIOLATION
+            || *c == SqlState::T_R_SERIALIZATION_FAILURE
+    })
 }
 
 /// A small bounded pool of admin connections; broken ones are dropped and replaced.
@@ -176,6 +226,16 @@ pub struct DatabaseLayer {
     dbname: String,
     audit_ttl: Duration,
     audit_cache: tokio::sync::Mutex<Option<(Instant, Arc<AuditSnapshot>)>>,
+    /// `server_version_num`, which decides the role settings that exist.
+    server_version: i32,
+    /// The lock-hold reaper of this platform; stopped when the layer is dropped.
+    reaper: tokio::task::AbortHandle,
+}
+
+impl Drop for DatabaseLayer {
+    fn drop(&mut self) {
+        self.reaper.abort();
+    }
 }
 
 impl std::fmt::Debug for DatabaseLayer {
@@ -195,7 +255,23 @@ fn parse_admin_url(url: &str) -> Result<Config, LayerError> {
         config.connect_timeout(Duration::from_secs(10));
     }
     config.application_name("bulkhead");
+    config.options(admin_options(config.get_options()));
     Ok(config)
+}
+
+/// Session options of every admin connection, after the URL's own: a search_path holding only
+/// the system catalog (no tenant function or operator can shadow a name the operator uses) and
+/// the admin timeouts.
+fn admin_options(from_url: Option<&str>) -> String {
+    let ours = format!(
+        "-c search_path=pg_catalog,pg_temp -c lock_timeout={} -c statement_timeout={}",
+        ADMIN_LOCK_TIMEOUT.as_millis(),
+        ADMIN_STATEMENT_TIMEOUT.as_millis()
+    );
+    match from_url {
+        Some(o) if !o.trim().is_empty() => format!("{o} {ours}"),
+        _ => ours,
+    }
 }
 
 fn host_port(config: &Config) -> Option<String> {
@@ -236,19 +312,22 @@ impl DatabaseLayer {
         let client = open(&config).await?;
         let row = client
             .query_one(
-                "SELECT rolsuper OR rolbypassrls, rolsuper OR rolcreaterole, current_database()::text
-                 FROM pg_catalog.pg_roles WHERE rolname = current_user",
+                "SELECT r.rolsuper OR r.rolbypassrls, r.rolsuper OR r.rolcreaterole,
+                        pg_catalog.current_database()::pg_catalog.text,
+                        pg_catalog.current_setting('server_version_num')::pg_catalog.int4
+                 FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) CURRENT_USER",
                 &[],
             )
             .await
             .map_err(backend)?;
-        let (bypass, create_role, dbname): (bool, bool, String) =
-            (row.get(0), row.get(1), row.get(2));
+        let (bypass, create_role, dbname, server_version): (bool, bool, String, i32) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
         if !bypass || !create_role {
             return Err(LayerError::Config(
                 "database: the admin role needs BYPASSRLS (or SUPERUSER) and CREATEROLE".into(),
             ));
         }
+        let reaper = reaper::spawn(config.clone(), &settings);
         let pool = AdminPool::new(config);
         if let Ok(mut idle) = pool.idle.lock() {
             idle.push(client);
@@ -260,6 +339,8 @@ impl DatabaseLayer {
             dbname,
             audit_ttl: DEFAULT_AUDIT_TTL,
             audit_cache: tokio::sync::Mutex::new(None),
+            server_version,
+            reaper,
         })
     }
 
@@ -271,6 +352,16 @@ impl DatabaseLayer {
 
     pub fn settings(&self) -> &Settings {
         &self.settings
+    }
+
+    /// `server_version_num` of the server.
+    pub fn server_version(&self) -> i32 {
+        self.server_version
+    }
+
+    /// Findings of the current audit, typed: breaches and warnings stay apart.
+    pub async fn findings(&self) -> Result<Vec<audit::Finding>, LayerError> {
+        Ok(self.audit().await?.report.findings.clone())
     }
 
     /// The login role of an organization.
@@ -311,23 +402,28 @@ impl DatabaseLayer {
         Ok(snapshot.catalog.governable_tables().cloned().collect())
     }
 
-    async fn prepare_once(&self) -> Result<Vec<Repair>, LayerError> {
+    async fn prepare_once(&self) -> Result<Vec<Repair>, Attempt> {
         let s = &self.settings;
         let mut client = self.pool.get().await?;
-        let tx = client.transaction().await.map_err(backend)?;
-        tx.batch_execute("SET LOCAL lock_timeout = '10s'; SET LOCAL statement_timeout = '300s'")
+        let tx = client.transaction().await.map_err(attempt)?;
+        let has_locks: bool = tx
+            .query_one(
+                "SELECT pg_catalog.to_regclass($1) IS NOT NULL",
+                &[&s.locks.to_string()],
+            )
             .await
-            .map_err(backend)?;
-        tx.execute(
-            "SELECT pg_catalog.pg_advisory_xact_lock($1)",
-            &[&lock_key("bulkhead:prepare")],
-        )
-        .await
-        .map_err(backend)?;
+            .map_err(attempt)?
+            .get(0);
+        if !has_locks {
+            for stmt in plan::locks_table(s) {
+                tx.batch_execute(&stmt).await.map_err(attempt)?;
+            }
+        }
+        take_lock(&tx, s, "prepare").await.map_err(attempt)?;
         let cat = catalog::read(&tx, s).await?;
         let boot = plan::bootstrap(s, &cat);
         for stmt in &boot.statements {
-            tx.batch_execute(stmt).await.map_err(backend)?;
+            tx.batch_execute(stmt).await.map_err(attempt)?;
         }
         let cat = if boot.statements.is_empty() {
             cat
@@ -336,15 +432,31 @@ impl DatabaseLayer {
         };
         let gov = plan::govern_tables(s, &cat);
         for stmt in &gov.statements {
-            tx.batch_execute(stmt).await.map_err(backend)?;
+            tx.batch_execute(stmt).await.map_err(attempt)?;
         }
         let sentinel = OrgId::sentinel();
         upsert_registry(&tx, s, &sentinel, "bulkhead sentinel").await?;
         let tables: Vec<TableState> = cat.governable_tables().cloned().collect();
         plant_canaries(&tx, s, &tables, sentinel.as_str()).await?;
-        tx.commit().await.map_err(backend)?;
-        for stmt in &gov.concurrent {
-            client.batch_execute(stmt).await.map_err(backend)?;
+        tx.commit().await.map_err(attempt)?;
+        if !gov.concurrent.is_empty() {
+            // An index build may take long on a big table; it still gives up on a held lock.
+            client
+                .batch_execute("SET statement_timeout = 0")
+                .await
+                .map_err(attempt)?;
+            let built = async {
+                for stmt in &gov.concurrent {
+                    client.batch_execute(stmt).await?;
+                }
+                Ok::<(), tokio_postgres::Error>(())
+            }
+            .await;
+            client
+                .batch_execute("RESET statement_timeout")
+                .await
+                .map_err(attempt)?;
+            built.map_err(attempt)?;
         }
         let mut repairs = boot.repairs;
         repairs.extend(gov.repairs);
@@ -362,7 +474,7 @@ impl DatabaseLayer {
         let mut own_rows_in = Vec::new();
         for t in tables {
             let sql = format!(
-                "SELECT EXISTS (SELECT 1 FROM {}.{} WHERE {} = $1)",
+                "SELECT EXISTS (SELECT 1 FROM {}.{} WHERE {} OPERATOR(pg_catalog.=) $1::pg_catalog.text)",
                 quote_ident(&t.schema),
                 quote_ident(&t.name),
                 s.tenant_column
@@ -394,7 +506,9 @@ impl DatabaseLayer {
         candidates.extend(tables.iter().map(|t| t.owner.clone()));
         let existing: Vec<String> = client
             .query(
-                "SELECT rolname::text FROM pg_catalog.pg_roles WHERE rolname = ANY($1) AND rolname <> $2 ORDER BY 1",
+                "SELECT r.rolname::pg_catalog.text FROM pg_catalog.pg_roles r
+                 WHERE r.rolname OPERATOR(pg_catalog.=) ANY($1::pg_catalog.name[])
+                   AND r.rolname OPERATOR(pg_catalog.<>) $2::pg_catalog.name ORDER BY 1",
                 &[&candidates, &role],
             )
             .await
@@ -486,8 +600,8 @@ async fn upsert_registry(
 ) -> Result<(), LayerError> {
     let sql = format!(
         "INSERT INTO {reg} AS r (id, display_name) VALUES ($1, $2)
-         ON CONFLICT (id) DO UPDATE SET display_name = EXCLUDED.display_name, updated_at = now()
-         WHERE r.display_name IS DISTINCT FROM EXCLUDED.display_name",
+         ON CONFLICT (id) DO UPDATE SET display_name = EXCLUDED.display_name, updated_at = pg_catalog.now()
+         WHERE NOT (r.display_name OPERATOR(pg_catalog.=) EXCLUDED.display_name)",
         reg = s.registry
     );
     c.execute(&sql, &[&org.as_str(), &display])
@@ -496,8 +610,109 @@ async fn upsert_registry(
     Ok(())
 }
 
+/// Takes the operator's lock `name` for the rest of the transaction: a row lock in the
+/// operator's lock table, on which no tenant role has any privilege (advisory locks are open to
+/// every role). Waits at most the admin lock timeout.
+async fn take_lock(
+    tx: &tokio_postgres::Transaction<'_>,
+    s: &Settings,
+    name: &str,
+) -> Result<(), tokio_postgres::Error> {
+    tx.execute(
+        &format!(
+            "INSERT INTO {} (name) VALUES ($1) ON CONFLICT (name) DO NOTHING",
+            s.locks
+        ),
+        &[&name],
+    )
+    .await?;
+    tx.query_one(
+        &format!(
+            "SELECT 1 FROM {} l WHERE l.name OPERATOR(pg_catalog.=) $1::pg_catalog.text FOR UPDATE",
+            s.locks
+        ),
+        &[&name],
+    )
+    .await?;
+    Ok(())
+}
+
+/// The OID of a role, if it exists. Sessions are ended by OID: once a role is dropped, its
+/// surviving sessions no longer show its name.
+async fn role_oid(c: &impl GenericClient, role: &str) -> Result<Option<u32>, LayerError> {
+    Ok(c.query_opt(
+        "SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) $1::pg_catalog.name",
+        &[&role],
+    )
+    .await
+    .map_err(backend)?
+    .map(|r| r.get(0)))
+}
+
+/// Ends every session of a login role (other than the caller's); returns how many.
+async fn end_sessions(c: &impl GenericClient, oid: Option<u32>) -> Result<u64, LayerError> {
+    let Some(oid) = oid else { return Ok(0) };
+    let rows = c
+        .query(
+            "SELECT pg_catalog.pg_terminate_backend(a.pid) FROM pg_catalog.pg_stat_activity a
+             WHERE a.usesysid OPERATOR(pg_catalog.=) $1::pg_catalog.oid
+               AND a.pid OPERATOR(pg_catalog.<>) pg_catalog.pg_backend_pid()",
+            &[&oid],
+        )
+        .await
+        .map_err(backend)?;
+    Ok(rows.len() as u64)
+}
+
+/// What the mapping records about the orgId (and its role name), and whether the role exists.
+async fn recorded_owner(
+    c: &impl GenericClient,
+    s: &Settings,
+    org: &OrgId,
+    role: &str,
+    uid: &str,
+) -> Result<owner::Recorded, LayerError> {
+    let rows = catalog::read_claims(c, s, org.as_str(), role).await?;
+    let role_exists: bool = c
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) $1::pg_catalog.name)",
+            &[&role],
+        )
+        .await
+        .map_err(backend)?
+        .get(0);
+    let owners: Vec<Option<String>> = rows.into_iter().map(|(_, o)| o).collect();
+    Ok(owner::recorded(&owners, role_exists, uid))
+}
+
+/// Whether a relation is owned by a tenant role or the group: its owner would run any trigger
+/// of its own making as the admin, so the operator never writes through it.
+async fn tenant_owned(
+    tx: &tokio_postgres::Transaction<'_>,
+    s: &Settings,
+    t: &TableState,
+) -> Result<bool, LayerError> {
+    Ok(tx
+        .query_one(
+            "SELECT COALESCE(pg_catalog.bool_or(c.relowner OPERATOR(pg_catalog.=) g.oid
+                        OR c.relowner OPERATOR(pg_catalog.=) ANY (ARRAY(
+                             SELECT m.member FROM pg_catalog.pg_auth_members m
+                             WHERE m.roleid OPERATOR(pg_catalog.=) g.oid))), false)
+             FROM pg_catalog.pg_class c
+             JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+             JOIN pg_catalog.pg_roles g ON g.rolname OPERATOR(pg_catalog.=) $3::pg_catalog.name
+             WHERE n.nspname OPERATOR(pg_catalog.=) $1::pg_catalog.name
+               AND c.relname OPERATOR(pg_catalog.=) $2::pg_catalog.name",
+            &[&t.schema, &t.name, &s.group_role.as_str()],
+        )
+        .await
+        .map_err(backend)?
+        .get(0))
+}
+
 /// Inserts one canary row per governed table for `org` where it has no row yet. Tables whose
-/// other columns need values the operator cannot invent are left without a canary.
+/// other columns need values the operator cannot invent are left without a canary, and so are
+/// tables a tenant owns (the audit reports those).
 async fn plant_canaries(
     tx: &tokio_postgres::Transaction<'_>,
     s: &Settings,
@@ -507,9 +722,15 @@ async fn plant_canaries(
     for t in tables {
         let tbl = format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.name));
         let col = &s.tenant_column;
+        if tenant_owned(tx, s, t).await? {
+            tracing::warn!(table = %t.qualified(), "owned by a tenant role; no canary written through it");
+            continue;
+        }
         let exists: bool = tx
             .query_one(
-                &format!("SELECT EXISTS (SELECT 1 FROM {tbl} WHERE {col} = $1)"),
+                &format!(
+                    "SELECT EXISTS (SELECT 1 FROM {tbl} WHERE {col} OPERATOR(pg_catalog.=) $1::pg_catalog.text)"
+                ),
                 &[&org],
             )
             .await
@@ -555,11 +776,6 @@ async fn plant_canaries(
     Ok(())
 }
 
-fn is_race(e: &LayerError) -> bool {
-    // Another database of the cluster created the (cluster-wide) group role at the same time.
-    matches!(e, LayerError::Backend(m) if m.contains("SQLSTATE 42710") || m.contains("SQLSTATE 23505") || m.contains("SQLSTATE 40001"))
-}
-
 #[async_trait]
 impl Layer for DatabaseLayer {
     fn kind(&self) -> LayerKind {
@@ -568,11 +784,11 @@ impl Layer for DatabaseLayer {
 
     async fn prepare(&self) -> Result<Vec<Repair>, LayerError> {
         let out = match self.prepare_once().await {
-            Err(e) if is_race(&e) => self.prepare_once().await,
+            Err(a) if is_race(a.code.as_ref()) => self.prepare_once().await,
             other => other,
         };
         self.invalidate_audit().await;
-        out
+        out.map_err(|a| a.error)
     }
 
     async fn ensure(
@@ -582,17 +798,29 @@ impl Layer for DatabaseLayer {
     ) -> Result<Vec<Repair>, LayerError> {
         let s = &self.settings;
         let org = &tenant.org_id;
+        let uid = tenant.owner.uid.as_str();
         let role = self.role_of(org);
         // Before taking a connection: the audit may need one of its own.
         let cat_tables = self.governed_tables().await?;
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await.map_err(backend)?;
-        tx.execute(
-            "SELECT pg_catalog.pg_advisory_xact_lock($1)",
-            &[&lock_key(&format!("bulkhead:org:{org}"))],
-        )
-        .await
-        .map_err(backend)?;
+        take_lock(&tx, s, &format!("org:{org}"))
+            .await
+            .map_err(backend)?;
+        let mut repairs = Vec::new();
+        let recorded = recorded_owner(&tx, s, org, &role, uid).await?;
+        match owner::claim(&recorded, uid, tenant.adopt_from.as_deref()) {
+            Claim::Foreign { other } => {
+                return Err(LayerError::Refused(owner::refusal(
+                    org.as_str(),
+                    other.as_deref(),
+                )));
+            }
+            Claim::Adopt { from } => repairs.push(Repair(format!(
+                "re-attached retained data of Organization UID {from}"
+            ))),
+            Claim::Free | Claim::Owned => {}
+        }
         let existing = catalog::read_role(&tx, s, &role).await?;
         let kept = creds
             .get(KEY_PASSWORD)
@@ -606,41 +834,59 @@ impl Layer for DatabaseLayer {
         // Only a SCRAM verifier reaches the server, so the plaintext never lands in its logs.
         let verifier =
             set_password.then(|| postgres_protocol::password::scram_sha_256(password.as_bytes()));
-        let mut p = plan::tenant_role(s, &role, existing.as_ref(), verifier.as_deref());
+        let p = plan::tenant_role(
+            s,
+            &role,
+            existing.as_ref(),
+            verifier.as_deref(),
+            self.server_version,
+        );
         for stmt in &p.statements {
             tx.batch_execute(stmt).await.map_err(backend)?;
         }
-        match existing.as_ref().and_then(|r| r.org_id.clone()) {
-            Some(mapped) if mapped == org.as_str() => {}
-            mapped => {
-                let sql = format!(
-                    "DELETE FROM {} WHERE org_id = $1 AND role_name <> $2",
+        repairs.extend(p.repairs);
+        let mapped = existing.as_ref().and_then(|r| r.org_id.clone());
+        let stale = tx
+            .execute(
+                &format!(
+                    "DELETE FROM {} m WHERE m.org_id OPERATOR(pg_catalog.=) $1::pg_catalog.text
+                       AND m.role_name OPERATOR(pg_catalog.<>) $2::pg_catalog.text",
                     s.mapping
-                );
-                let stale = tx
-                    .execute(&sql, &[&org.as_str(), &role])
-                    .await
-                    .map_err(backend)?;
-                let sql = format!(
-                    "INSERT INTO {} (role_name, org_id) VALUES ($1, $2)
-                     ON CONFLICT (role_name) DO UPDATE SET org_id = EXCLUDED.org_id",
-                    s.mapping
-                );
-                tx.execute(&sql, &[&role, &org.as_str()])
-                    .await
-                    .map_err(backend)?;
-                if existing.is_some() || stale > 0 {
-                    let was = mapped
-                        .map(|m| format!("mapped to {m:?}"))
-                        .unwrap_or_else(|| "unmapped".into());
-                    p.repairs
-                        .push(Repair(format!("role {role} was {was}; mapped to {org}")));
-                }
+                ),
+                &[&org.as_str(), &role],
+            )
+            .await
+            .map_err(backend)?;
+        let recorded_uid = existing.as_ref().and_then(|r| r.owner_uid.as_deref());
+        if mapped.as_deref() != Some(org.as_str()) || recorded_uid != Some(uid) || stale > 0 {
+            tx.execute(
+                &format!(
+                    "INSERT INTO {} (role_name, org_id, {owner}) VALUES ($1, $2, $3)
+                     ON CONFLICT (role_name) DO UPDATE SET org_id = EXCLUDED.org_id, {owner} = EXCLUDED.{owner}",
+                    s.mapping,
+                    owner = catalog::OWNER_COLUMN
+                ),
+                &[&role, &org.as_str(), &uid],
+            )
+            .await
+            .map_err(backend)?;
+            if mapped.as_deref() != Some(org.as_str()) && (existing.is_some() || stale > 0) {
+                let was = mapped
+                    .map(|m| format!("mapped to {m:?}"))
+                    .unwrap_or_else(|| "unmapped".into());
+                repairs.push(Repair(format!("role {role} was {was}; mapped to {org}")));
             }
         }
         upsert_registry(&tx, s, org, &tenant.display_name).await?;
         plant_canaries(&tx, s, &cat_tables, org.as_str()).await?;
         tx.commit().await.map_err(backend)?;
+        if set_password && existing.is_some() {
+            // The old password is gone; so are the sessions it opened.
+            let ended = end_sessions(&*client, role_oid(&*client, &role).await?).await?;
+            if ended > 0 {
+                tracing::info!(role = %role, sessions = ended, "ended the sessions of the replaced credential");
+            }
+        }
 
         creds.set(KEY_USER, role.clone());
         creds.set(
@@ -648,7 +894,7 @@ impl Layer for DatabaseLayer {
             tenant_url(&self.tenant_host_port, &self.dbname, &role, &password),
         );
         creds.set(KEY_PASSWORD, password);
-        Ok(p.repairs)
+        Ok(repairs)
     }
 
     async fn verify(
@@ -697,19 +943,28 @@ impl Layer for DatabaseLayer {
         let s = &self.settings;
         let org = &tenant.org_id;
         let role = self.role_of(org);
+        {
+            let client = self.pool.get().await?;
+            let recorded = recorded_owner(&*client, s, org, &role, &tenant.owner.uid).await?;
+            match owner::claim(&recorded, &tenant.owner.uid, tenant.adopt_from.as_deref()) {
+                Claim::Owned | Claim::Adopt { .. } => {}
+                Claim::Free | Claim::Foreign { .. } => {
+                    // Never owned here: another Organization's role, rows and mapping stay.
+                    tracing::info!(org = %org, "cleanup: the database holds nothing this Organization owns");
+                    return Ok(());
+                }
+            }
+        }
         if tenant.deletion_policy == DeletionPolicy::Delete {
             self.delete_rows(org).await?;
         }
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await.map_err(backend)?;
-        let exists: bool = tx
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1)",
-                &[&role],
-            )
+        take_lock(&tx, s, &format!("org:{org}"))
             .await
-            .map_err(backend)?
-            .get(0);
+            .map_err(backend)?;
+        let oid = role_oid(&tx, &role).await?;
+        let exists = oid.is_some();
         if exists {
             tx.execute(&format!("ALTER ROLE {} NOLOGIN", quote_ident(&role)), &[])
                 .await
@@ -723,7 +978,8 @@ impl Layer for DatabaseLayer {
             }
             tx.execute(
                 &format!(
-                    "DELETE FROM {} WHERE role_name = $1 OR org_id = $2",
+                    "DELETE FROM {} m WHERE m.role_name OPERATOR(pg_catalog.=) $1::pg_catalog.text
+                       OR m.org_id OPERATOR(pg_catalog.=) $2::pg_catalog.text",
                     s.mapping
                 ),
                 &[&role, &org.as_str()],
@@ -731,7 +987,10 @@ impl Layer for DatabaseLayer {
             .await
             .map_err(backend)?;
             tx.execute(
-                &format!("DELETE FROM {} WHERE id = $1", s.registry),
+                &format!(
+                    "DELETE FROM {} r WHERE r.id OPERATOR(pg_catalog.=) $1::pg_catalog.text",
+                    s.registry
+                ),
                 &[&org.as_str()],
             )
             .await
@@ -739,15 +998,69 @@ impl Layer for DatabaseLayer {
         }
         tx.commit().await.map_err(backend)?;
         // Sessions opened before NOLOGIN would keep working; end them.
-        client
-            .execute(
-                "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity
-                 WHERE usename = $1 AND pid <> pg_catalog.pg_backend_pid()",
-                &[&role],
-            )
+        end_sessions(&*client, oid).await?;
+        self.invalidate_audit().await;
+        Ok(())
+    }
+
+    async fn retire(
+        &self,
+        tenant: &Tenant,
+        creds: &mut Credentials,
+    ) -> Result<Vec<Repair>, LayerError> {
+        let s = &self.settings;
+        let org = &tenant.org_id;
+        let role = self.role_of(org);
+        for key in [KEY_URL, KEY_USER, KEY_PASSWORD] {
+            creds.remove(key);
+        }
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await.map_err(backend)?;
+        take_lock(&tx, s, &format!("org:{org}"))
             .await
             .map_err(backend)?;
-        Ok(())
+        let recorded = recorded_owner(&tx, s, org, &role, &tenant.owner.uid).await?;
+        let owned = matches!(
+            owner::claim(&recorded, &tenant.owner.uid, tenant.adopt_from.as_deref()),
+            Claim::Owned | Claim::Adopt { .. }
+        );
+        let oid = role_oid(&tx, &role).await?;
+        if !owned || oid.is_none() {
+            tx.rollback().await.map_err(backend)?;
+            return Ok(Vec::new());
+        }
+        let r = quote_ident(&role);
+        tx.batch_execute(&format!("ALTER ROLE {r} NOLOGIN"))
+            .await
+            .map_err(backend)?;
+        // The mapping row stays: it records who owns the retained rows.
+        tx.batch_execute("SAVEPOINT bulkhead_retire")
+            .await
+            .map_err(backend)?;
+        let dropped = match tx.batch_execute(&format!("DROP ROLE {r}")).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(role = %role, error = %describe(&e), "role kept without login");
+                tx.batch_execute(&format!(
+                    "ROLLBACK TO SAVEPOINT bulkhead_retire; REVOKE {} FROM {r}",
+                    s.group_role
+                ))
+                .await
+                .map_err(backend)?;
+                false
+            }
+        };
+        tx.commit().await.map_err(backend)?;
+        end_sessions(&*client, oid).await?;
+        self.invalidate_audit().await;
+        Ok(vec![Repair(if dropped {
+            format!("dropped login role {role} (the database layer is off); its rows are kept")
+        } else {
+            format!(
+                "login role {role} can no longer log in and left {} (it still owns objects); its rows are kept",
+                s.group_role.as_str()
+            )
+        })])
     }
 
     fn identity(&self, org: &OrgId) -> Option<String> {
@@ -772,6 +1085,7 @@ impl Layer for DatabaseLayer {
                     Severity::Warning => format!("warning: {}", f.text()),
                 })
                 .collect(),
+            breaches: u32::try_from(a.breaches().count()).unwrap_or(u32::MAX),
         });
         Ok(())
     }
@@ -845,14 +1159,30 @@ mod tests {
     }
 
     #[test]
-    fn db_error_descriptions_carry_no_statement() {
-        // Only the server's message and code are shown; the statement (which may hold a
-        // verifier) never is. Checked structurally: describe() has no access to the SQL.
-        assert!(is_race(&LayerError::Backend(
-            "role \"x\" already exists (SQLSTATE 42710)".into()
-        )));
-        assert!(!is_race(&LayerError::Backend(
-            "permission denied (SQLSTATE 42501)".into()
-        )));
+    fn races_are_told_by_their_sqlstate() {
+        assert!(is_race(Some(&SqlState::DUPLICATE_OBJECT)));
+        assert!(is_race(Some(&SqlState::UNIQUE_VIOLATION)));
+        assert!(is_race(Some(&SqlState::T_R_SERIALIZATION_FAILURE)));
+        assert!(!is_race(Some(&SqlState::INSUFFICIENT_PRIVILEGE)));
+        assert!(!is_race(None));
+        // A message that merely quotes a race's code is not a race.
+        let a = Attempt::from(LayerError::Backend(
+            "role \"x\" already exists (SQLSTATE 42710)".into(),
+        ));
+        assert!(!is_race(a.code.as_ref()));
+    }
+
+    #[test]
+    fn admin_sessions_pin_the_search_path_and_the_timeouts() {
+        let o = admin_options(None);
+        assert_eq!(
+            o,
+            "-c search_path=pg_catalog,pg_temp -c lock_timeout=5000 -c statement_timeout=120000"
+        );
+        assert!(
+            admin_options(Some("-c work_mem=64MB")).starts_with("-c work_mem=64MB -c search_path")
+        );
+        let c = parse_admin_url("postgres://admin:pw@127.0.0.1:5433/app").unwrap();
+        assert_eq!(c.get_options(), Some(o.as_str()));
     }
 }

@@ -2,9 +2,10 @@
 
 use sha2::{Digest, Sha256};
 
-use super::catalog::{Catalog, PolicyState, RoleState, TableState};
+use super::catalog::{Catalog, OWNER_COLUMN, PolicyState, RoleState, TableState};
+use super::expr::{policy_check, policy_using, shared_read_using};
 use super::ident::{quote_ident, quote_literal};
-use super::settings::{JWT_CLAIMS_SETTING, POLICY, SHARED_READ_POLICY, Settings, SharedRead};
+use super::settings::{JWT_CLAIMS_SETTING, POLICY, SHARED_READ_POLICY, Settings};
 use crate::api::platform::IdentityMode;
 use crate::layers::Repair;
 
@@ -23,6 +24,9 @@ pub struct Plan {
 impl Plan {
     fn push(&mut self, sql: String) {
         self.statements.push(sql);
+    }
+    fn extend(&mut self, sql: Vec<String>) {
+        self.statements.extend(sql);
     }
     fn repair(&mut self, what: String) {
         self.repairs.push(Repair(what));
@@ -86,30 +90,6 @@ pub fn dollar_quote(body: &str) -> String {
         tag.push('_');
     }
     format!("${tag}${body}${tag}$")
-}
-
-/// `USING` of the operator's policy: the identity function wrapped in a sub-select so it runs
-/// once per query, not once per row.
-pub fn policy_using(s: &Settings) -> String {
-    format!("{} = (SELECT {}())", s.tenant_column, s.identity_function)
-}
-
-/// `WITH CHECK` of the operator's policy; shared rows can never be written by a tenant.
-pub fn policy_check(s: &Settings, shared: Option<&SharedRead>) -> String {
-    match shared {
-        None => policy_using(s),
-        Some(sr) => format!(
-            "{} AND {} IS DISTINCT FROM {}",
-            policy_using(s),
-            sr.column,
-            quote_literal(&sr.value)
-        ),
-    }
-}
-
-/// `USING` of the read-only companion policy of an override table.
-pub fn shared_read_using(sr: &SharedRead) -> String {
-    format!("{} = {}", sr.column, quote_literal(&sr.value))
 }
 
 fn table_ref(t: &TableState) -> String {
@@ -179,13 +159,57 @@ pub fn bootstrap(s: &Settings, cat: &Catalog) -> Plan {
         ));
     }
 
+    for schema in &cat.public_schema_create {
+        p.push(format!(
+            "REVOKE CREATE ON SCHEMA {} FROM PUBLIC",
+            quote_ident(schema)
+        ));
+        p.repair(format!("schema {schema}: revoked CREATE from PUBLIC"));
+    }
+    for schema in &cat.group_schema_create {
+        p.push(format!(
+            "REVOKE CREATE ON SCHEMA {} FROM {g}",
+            quote_ident(schema)
+        ));
+        if !cat.public_schema_create.contains(schema) {
+            p.repair(format!(
+                "schema {schema}: revoked CREATE from group role {}",
+                g.as_str()
+            ));
+        }
+    }
+    for (schema, role) in &cat.tenant_schema_create {
+        if !cat.public_schema_create.contains(schema) && !cat.group_schema_create.contains(schema) {
+            p.push(format!(
+                "REVOKE CREATE ON SCHEMA {} FROM {}",
+                quote_ident(schema),
+                quote_ident(role)
+            ));
+            p.repair(format!(
+                "schema {schema}: revoked CREATE from tenant role {role}"
+            ));
+        }
+    }
+    match &cat.locks {
+        None => p.extend(locks_table(s)),
+        Some(t) if t.group != Default::default() => {
+            p.push(format!("REVOKE ALL ON {} FROM PUBLIC", s.locks));
+            p.push(format!("REVOKE ALL ON {} FROM {g}", s.locks));
+            p.repair(format!(
+                "lock table {}: revoked tenant privileges",
+                s.locks.plain()
+            ));
+        }
+        Some(_) => {}
+    }
+
     let mapping = &s.mapping;
     match &cat.mapping {
         None => {
             // The key is collated like `current_user` ("C"), or the lookup cannot use its index.
             p.push(format!(
                 "CREATE TABLE IF NOT EXISTS {mapping} (role_name text COLLATE \"C\" PRIMARY KEY, org_id text NOT NULL UNIQUE, \
-                 created_at timestamptz NOT NULL DEFAULT now())"
+                 created_at timestamptz NOT NULL DEFAULT now(), {OWNER_COLUMN} text)"
             ));
             p.push(format!("ALTER TABLE {mapping} ENABLE ROW LEVEL SECURITY"));
             p.push(format!("ALTER TABLE {mapping} FORCE ROW LEVEL SECURITY"));
@@ -198,6 +222,12 @@ pub fn bootstrap(s: &Settings, cat: &Catalog) -> Plan {
         }
         Some(t) => {
             let mut fixed = Vec::new();
+            if !t.has_column(OWNER_COLUMN) {
+                // Rows from before owners were recorded keep NULL: only `adopt-from: legacy` takes them.
+                p.push(format!(
+                    "ALTER TABLE {mapping} ADD COLUMN IF NOT EXISTS {OWNER_COLUMN} text"
+                ));
+            }
             if !t.rls {
                 p.push(format!("ALTER TABLE {mapping} ENABLE ROW LEVEL SECURITY"));
                 fixed.push("enabled RLS");
@@ -344,6 +374,19 @@ pub fn bootstrap(s: &Settings, cat: &Catalog) -> Plan {
     p
 }
 
+/// The operator's lock table: one row per lock name, locked `FOR UPDATE` by the operator's
+/// passes. No role but its owner has any privilege on it, so no tenant can take or hold one.
+pub fn locks_table(s: &Settings) -> Vec<String> {
+    vec![
+        format!("CREATE SCHEMA IF NOT EXISTS {}", s.operator_schema),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {} (name text COLLATE \"C\" PRIMARY KEY)",
+            s.locks
+        ),
+        format!("REVOKE ALL ON {} FROM PUBLIC", s.locks),
+    ]
+}
+
 /// Whether the operator's policy on a table is exactly as planned.
 pub fn policy_intact(
     policy: &PolicyState,
@@ -459,6 +502,13 @@ pub fn govern_table(s: &Settings, t: &TableState) -> Plan {
         fixed.push("revoked TRUNCATE/TRIGGER/REFERENCES from tenants".into());
     }
     if !t.indexed && s.create_indexes && t.kind == "r" {
+        // An earlier build that gave up (a lock timeout) leaves an invalid index of this name,
+        // which IF NOT EXISTS would keep forever; no valid one exists, or `indexed` would be set.
+        p.concurrent.push(format!(
+            "DROP INDEX CONCURRENTLY IF EXISTS {}.{}",
+            quote_ident(&t.schema),
+            quote_ident(&index_name(t))
+        ));
         p.concurrent.push(format!(
             "CREATE INDEX CONCURRENTLY IF NOT EXISTS {} ON {tbl} ({})",
             quote_ident(&index_name(t)),
@@ -484,24 +534,33 @@ pub fn govern_tables(s: &Settings, cat: &Catalog) -> Plan {
 }
 
 /// Statements for an organization's login role. `verifier` is a SCRAM verifier to store as the
-/// password (never the plaintext); None keeps the current one.
+/// password (never the plaintext); None keeps the current one. The role carries the platform's
+/// bounds (timeouts, connection limit) for a server of `server_version`; every value is an
+/// integer validated by the settings.
 pub fn tenant_role(
     s: &Settings,
     role: &str,
     existing: Option<&RoleState>,
     verifier: Option<&str>,
+    server_version: i32,
 ) -> Plan {
     let mut p = Plan::default();
     let r = quote_ident(role);
     let g = &s.group_role;
     let attrs = "NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE NOREPLICATION INHERIT";
+    let limit = s.limits.connection_limit;
     match existing {
         None => {
             let pw = verifier
                 .map(|v| format!(" PASSWORD {}", quote_literal(v)))
                 .unwrap_or_default();
-            p.push(format!("CREATE ROLE {r} LOGIN {attrs}{pw}"));
+            p.push(format!(
+                "CREATE ROLE {r} LOGIN {attrs} CONNECTION LIMIT {limit}{pw}"
+            ));
             p.push(format!("GRANT {g} TO {r}"));
+            for (name, value) in s.limits.role_settings(server_version) {
+                p.push(format!("ALTER ROLE {r} SET {name} = {value}"));
+            }
         }
         Some(st) => {
             if st.superuser || st.bypass_rls || st.create_role || st.create_db {
@@ -523,16 +582,55 @@ pub fn tenant_role(
                 p.push(format!("REVOKE {} FROM {r}", quote_ident(m)));
                 p.repair(format!("role {role} was a member of role {m}; revoked"));
             }
+            let drift = bounds_drift(s, st, server_version);
+            if !drift.is_empty() {
+                if st.conn_limit != limit {
+                    p.push(format!("ALTER ROLE {r} CONNECTION LIMIT {limit}"));
+                }
+                for (name, value) in s.limits.role_settings(server_version) {
+                    if !st.config.contains(&format!("{name}={value}")) {
+                        p.push(format!("ALTER ROLE {r} SET {name} = {value}"));
+                    }
+                }
+                p.repair(format!(
+                    "role {role}: restored its bounds ({})",
+                    drift.join(", ")
+                ));
+            }
         }
     }
     p
+}
+
+/// The bounds a login role lacks or carries with another value, in words (empty: as planned).
+pub fn bounds_drift(s: &Settings, st: &RoleState, server_version: i32) -> Vec<String> {
+    let mut out = Vec::new();
+    if st.conn_limit != s.limits.connection_limit {
+        out.push(format!(
+            "CONNECTION LIMIT {} instead of {}",
+            st.conn_limit, s.limits.connection_limit
+        ));
+    }
+    for (name, value) in s.limits.role_settings(server_version) {
+        let prefix = format!("{name}=");
+        match st.config.iter().find(|c| c.starts_with(&prefix)) {
+            None => out.push(format!("{name} not set")),
+            Some(c) if c[prefix.len()..] != value => out.push(format!(
+                "{name} is {} instead of {value}",
+                &c[prefix.len()..]
+            )),
+            Some(_) => {}
+        }
+    }
+    out
 }
 
 /// One batch of the deletion of an organization's rows from a table.
 pub fn delete_batch(s: &Settings, t: &TableState, batch: i64) -> String {
     let tbl = table_ref(t);
     format!(
-        "DELETE FROM {tbl} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {tbl} WHERE {} = $1 LIMIT {batch}))",
+        "DELETE FROM {tbl} WHERE ctid OPERATOR(pg_catalog.=) ANY(ARRAY(SELECT ctid FROM {tbl} \
+         WHERE {} OPERATOR(pg_catalog.=) $1::pg_catalog.text LIMIT {batch}))",
         s.tenant_column
     )
 }
@@ -652,24 +750,6 @@ mod tests {
     }
 
     #[test]
-    fn policy_wraps_the_function_in_a_subselect() {
-        let s = settings(json!({}));
-        assert_eq!(
-            policy_using(&s),
-            "\"org_id\" = (SELECT \"auth\".\"org_id\"())"
-        );
-        let s = settings(json!({
-            "overrides": [{"table": "skills", "sharedReadColumn": "scope", "sharedReadValue": "sys'tem"}]
-        }));
-        let sr = s.shared_read("skills").unwrap();
-        assert_eq!(
-            policy_check(&s, Some(sr)),
-            "\"org_id\" = (SELECT \"auth\".\"org_id\"()) AND \"scope\" IS DISTINCT FROM 'sys''tem'"
-        );
-        assert_eq!(shared_read_using(sr), "\"scope\" = 'sys''tem'");
-    }
-
-    #[test]
     fn a_new_table_gets_everything() {
         let s = settings(json!({}));
         let p = govern_table(&s, &table("messages"));
@@ -781,12 +861,17 @@ mod tests {
         t.indexed = false;
         let p = govern_table(&s, &t);
         assert!(p.statements.is_empty());
-        assert_eq!(p.concurrent.len(), 1);
+        assert_eq!(p.concurrent.len(), 2);
         assert!(
             p.concurrent[0]
+                .starts_with("DROP INDEX CONCURRENTLY IF EXISTS \"public\".\"bulkhead_org_idx_"),
+            "an invalid leftover of a failed build is dropped first"
+        );
+        assert!(
+            p.concurrent[1]
                 .starts_with("CREATE INDEX CONCURRENTLY IF NOT EXISTS \"bulkhead_org_idx_")
         );
-        assert!(p.concurrent[0].ends_with("ON \"public\".\"messages\" (\"org_id\")"));
+        assert!(p.concurrent[1].ends_with("ON \"public\".\"messages\" (\"org_id\")"));
     }
 
     #[test]
@@ -871,24 +956,36 @@ mod tests {
             "bulkhead_org_acme",
             None,
             Some("SCRAM-SHA-256$4096:c2FsdA==$a:b"),
+            150_000,
         );
         assert_eq!(
-            p.statements[0],
-            "CREATE ROLE \"bulkhead_org_acme\" LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE NOREPLICATION INHERIT PASSWORD 'SCRAM-SHA-256$4096:c2FsdA==$a:b'"
+            p.statements,
+            vec![
+                "CREATE ROLE \"bulkhead_org_acme\" LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE NOREPLICATION INHERIT CONNECTION LIMIT 20 PASSWORD 'SCRAM-SHA-256$4096:c2FsdA==$a:b'",
+                "GRANT \"bulkhead_tenant\" TO \"bulkhead_org_acme\"",
+                "ALTER ROLE \"bulkhead_org_acme\" SET statement_timeout = 30000",
+                "ALTER ROLE \"bulkhead_org_acme\" SET idle_in_transaction_session_timeout = 60000",
+                "ALTER ROLE \"bulkhead_org_acme\" SET lock_timeout = 10000",
+            ]
         );
-        assert_eq!(
-            p.statements[1],
-            "GRANT \"bulkhead_tenant\" TO \"bulkhead_org_acme\""
-        );
-        let st = RoleState {
+        let bounded = |st: RoleState| RoleState {
+            conn_limit: 20,
+            config: vec![
+                "statement_timeout=30000".into(),
+                "idle_in_transaction_session_timeout=60000".into(),
+                "lock_timeout=10000".into(),
+            ],
+            ..st
+        };
+        let st = bounded(RoleState {
             name: "bulkhead_org_acme".into(),
             bypass_rls: true,
             can_login: true,
             in_group: true,
             other_memberships: vec!["bulkhead_org_peer".into()],
             ..Default::default()
-        };
-        let p = tenant_role(&s, "bulkhead_org_acme", Some(&st), None);
+        });
+        let p = tenant_role(&s, "bulkhead_org_acme", Some(&st), None, 150_000);
         assert_eq!(
             p.statements,
             vec![
@@ -897,13 +994,80 @@ mod tests {
             ]
         );
         assert_eq!(p.repairs.len(), 2);
-        let fine = RoleState {
+        let fine = bounded(RoleState {
             name: "r".into(),
             can_login: true,
             in_group: true,
             ..Default::default()
+        });
+        assert!(tenant_role(&s, "r", Some(&fine), None, 150_000).is_empty());
+        // On PostgreSQL 17 the role also needs transaction_timeout.
+        let p = tenant_role(&s, "r", Some(&fine), None, 170_002);
+        assert_eq!(
+            p.statements,
+            vec!["ALTER ROLE \"r\" SET transaction_timeout = 300000"]
+        );
+    }
+
+    #[test]
+    fn drifted_bounds_are_restored_and_reported() {
+        let s = settings(json!({"tenantLimits": {"connectionLimit": 5}}));
+        let st = RoleState {
+            name: "r".into(),
+            can_login: true,
+            in_group: true,
+            conn_limit: -1,
+            config: vec![
+                "statement_timeout=0".into(),
+                "lock_timeout=10000".into(),
+                "search_path=x".into(),
+            ],
+            ..Default::default()
         };
-        assert!(tenant_role(&s, "r", Some(&fine), None).is_empty());
+        let drift = bounds_drift(&s, &st, 150_000);
+        assert_eq!(
+            drift,
+            vec![
+                "CONNECTION LIMIT -1 instead of 5",
+                "statement_timeout is 0 instead of 30000",
+                "idle_in_transaction_session_timeout not set",
+            ]
+        );
+        let p = tenant_role(&s, "r", Some(&st), None, 150_000);
+        assert_eq!(
+            p.statements,
+            vec![
+                "ALTER ROLE \"r\" CONNECTION LIMIT 5",
+                "ALTER ROLE \"r\" SET statement_timeout = 30000",
+                "ALTER ROLE \"r\" SET idle_in_transaction_session_timeout = 60000",
+            ]
+        );
+        assert_eq!(p.repairs.len(), 1);
+        assert!(p.repairs[0].0.contains("restored its bounds"));
+    }
+
+    #[test]
+    fn prepare_revokes_create_and_keeps_the_lock_table_private() {
+        let s = settings(json!({}));
+        let mut cat = Catalog::default();
+        cat.public_schema_create.insert("public".into());
+        cat.group_schema_create.insert("public".into());
+        cat.tenant_schema_create
+            .push(("public".into(), "bulkhead_org_acme".into()));
+        cat.tenant_schema_create
+            .push(("auth".into(), "bulkhead_org_acme".into()));
+        let p = bootstrap(&s, &cat);
+        let sql = p.statements.join(";\n");
+        assert!(sql.contains("REVOKE CREATE ON SCHEMA \"public\" FROM PUBLIC"));
+        assert!(sql.contains("REVOKE CREATE ON SCHEMA \"public\" FROM \"bulkhead_tenant\""));
+        assert!(sql.contains("REVOKE CREATE ON SCHEMA \"auth\" FROM \"bulkhead_org_acme\""));
+        assert!(sql.contains("CREATE TABLE IF NOT EXISTS \"bulkhead\".\"locks\""));
+        assert!(sql.contains("REVOKE ALL ON \"bulkhead\".\"locks\" FROM PUBLIC"));
+        assert!(
+            sql.contains("owner_uid text"),
+            "the mapping records owners: {sql}"
+        );
+        assert_eq!(p.repairs.len(), 2, "{:?}", p.repairs);
     }
 
     #[test]
@@ -911,7 +1075,7 @@ mod tests {
         let s = settings(json!({}));
         assert_eq!(
             delete_batch(&s, &table("messages"), 500),
-            "DELETE FROM \"public\".\"messages\" WHERE ctid = ANY(ARRAY(SELECT ctid FROM \"public\".\"messages\" WHERE \"org_id\" = $1 LIMIT 500))"
+            "DELETE FROM \"public\".\"messages\" WHERE ctid OPERATOR(pg_catalog.=) ANY(ARRAY(SELECT ctid FROM \"public\".\"messages\" WHERE \"org_id\" OPERATOR(pg_catalog.=) $1::pg_catalog.text LIMIT 500))"
         );
     }
 }

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::ident::{BadIdent, Ident, QualifiedName};
-use crate::api::platform::{DatabasePlatform, IdentityMode};
+use crate::api::platform::{DatabasePlatform, IdentityMode, TenantLimits};
 use crate::layers::LayerError;
 
 /// Name of the operator's policy on every governed table.
@@ -12,6 +12,9 @@ pub const POLICY: &str = "bulkhead_isolation";
 pub const SHARED_READ_POLICY: &str = "bulkhead_shared_read";
 /// Table, in the operator schema, that maps login roles to organizations.
 pub const MAPPING_TABLE: &str = "tenant_roles";
+/// Table, in the operator schema, whose rows the operator locks (`FOR UPDATE`) to serialize its
+/// own passes; tenants hold no privilege on it, so they cannot take or wait on those locks.
+pub const LOCKS_TABLE: &str = "locks";
 /// Setting that PostgREST and Supabase fill with the request's JWT claims.
 pub const JWT_CLAIMS_SETTING: &str = "request.jwt.claims";
 
@@ -20,6 +23,80 @@ pub const JWT_CLAIMS_SETTING: &str = "request.jwt.claims";
 pub struct SharedRead {
     pub column: Ident,
     pub value: String,
+}
+
+/// Bounds set on every organization's login role, in milliseconds (what PostgreSQL stores).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub statement_timeout_ms: u64,
+    pub idle_in_transaction_timeout_ms: u64,
+    pub lock_timeout_ms: u64,
+    /// Applied on PostgreSQL 17 and later only.
+    pub transaction_timeout_ms: u64,
+    pub connection_limit: i32,
+    /// How long a tenant transaction may hold a table lock stronger than ROW EXCLUSIVE.
+    pub lock_hold_ms: u64,
+}
+
+/// A timeout in seconds, validated and converted to milliseconds.
+fn millis(value: u32, field: &str, max: u32) -> Result<u64, LayerError> {
+    if value == 0 || value > max {
+        return Err(LayerError::Config(format!(
+            "database: tenantLimits.{field} must be between 1 and {max} seconds, got {value}"
+        )));
+    }
+    Ok(u64::from(value) * 1000)
+}
+
+impl Limits {
+    pub fn from_spec(l: &TenantLimits) -> Result<Self, LayerError> {
+        if l.connection_limit == 0 || l.connection_limit > 10_000 {
+            return Err(LayerError::Config(format!(
+                "database: tenantLimits.connectionLimit must be between 1 and 10000, got {}",
+                l.connection_limit
+            )));
+        }
+        Ok(Self {
+            statement_timeout_ms: millis(
+                l.statement_timeout_seconds,
+                "statementTimeoutSeconds",
+                86_400,
+            )?,
+            idle_in_transaction_timeout_ms: millis(
+                l.idle_in_transaction_timeout_seconds,
+                "idleInTransactionTimeoutSeconds",
+                86_400,
+            )?,
+            lock_timeout_ms: millis(l.lock_timeout_seconds, "lockTimeoutSeconds", 86_400)?,
+            transaction_timeout_ms: millis(
+                l.transaction_timeout_seconds,
+                "transactionTimeoutSeconds",
+                86_400,
+            )?,
+            connection_limit: i32::try_from(l.connection_limit).unwrap_or(10_000),
+            lock_hold_ms: millis(l.lock_hold_seconds, "lockHoldSeconds", 3_600)?,
+        })
+    }
+
+    /// The `ALTER ROLE ... SET` parameters a login role must carry on a server of this version
+    /// (`server_version_num`), as PostgreSQL stores them in `pg_db_role_setting`.
+    pub fn role_settings(&self, server_version: i32) -> Vec<(&'static str, String)> {
+        let mut out = vec![
+            ("statement_timeout", self.statement_timeout_ms.to_string()),
+            (
+                "idle_in_transaction_session_timeout",
+                self.idle_in_transaction_timeout_ms.to_string(),
+            ),
+            ("lock_timeout", self.lock_timeout_ms.to_string()),
+        ];
+        if server_version >= 170_000 {
+            out.push((
+                "transaction_timeout",
+                self.transaction_timeout_ms.to_string(),
+            ));
+        }
+        out
+    }
 }
 
 /// The database layer's configuration, validated.
@@ -31,6 +108,7 @@ pub struct Settings {
     pub identity_function: QualifiedName,
     pub registry: QualifiedName,
     pub mapping: QualifiedName,
+    pub locks: QualifiedName,
     pub mode: IdentityMode,
     pub setting_name: String,
     pub jwt_claim: String,
@@ -43,6 +121,7 @@ pub struct Settings {
     pub embeddings_table: Ident,
     pub embedding_column: Ident,
     pub tenant_endpoint: Option<String>,
+    pub limits: Limits,
 }
 
 fn cfg(e: BadIdent) -> LayerError {
@@ -167,6 +246,10 @@ impl Settings {
                 operator_schema.clone(),
                 Ident::new(MAPPING_TABLE, "mapping").map_err(cfg)?,
             ),
+            locks: QualifiedName::new(
+                operator_schema.clone(),
+                Ident::new(LOCKS_TABLE, "locks").map_err(cfg)?,
+            ),
             schemas,
             tenant_column: Ident::new(&spec.tenant_column, "tenantColumn").map_err(cfg)?,
             operator_schema,
@@ -182,6 +265,7 @@ impl Settings {
             embeddings_table: Ident::new(&spec.embeddings_table, "embeddingsTable").map_err(cfg)?,
             embedding_column: Ident::new(&spec.embedding_column, "embeddingColumn").map_err(cfg)?,
             tenant_endpoint: spec.tenant_endpoint.clone(),
+            limits: Limits::from_spec(&spec.tenant_limits)?,
         })
     }
 
@@ -220,6 +304,31 @@ mod tests {
         assert_eq!(s.mapping.plain(), "bulkhead.tenant_roles");
         assert_eq!(s.mode, IdentityMode::Role);
         assert_eq!(s.role_prefix, "bulkhead_org_");
+        assert_eq!(s.limits.connection_limit, 20);
+        assert_eq!(s.limits.lock_hold_ms, 5_000);
+    }
+
+    #[test]
+    fn role_settings_are_integers_and_follow_the_server_version() {
+        let s = Settings::from_spec(&spec_from(json!({
+            "tenantLimits": {"statementTimeoutSeconds": 7, "lockTimeoutSeconds": 2}
+        })))
+        .unwrap();
+        let on15 = s.limits.role_settings(150_004);
+        assert_eq!(
+            on15,
+            vec![
+                ("statement_timeout", "7000".to_owned()),
+                ("idle_in_transaction_session_timeout", "60000".to_owned()),
+                ("lock_timeout", "2000".to_owned()),
+            ]
+        );
+        let on17 = s.limits.role_settings(170_000);
+        assert_eq!(on17.len(), 4);
+        assert_eq!(on17[3], ("transaction_timeout", "300000".to_owned()));
+        for (_, v) in on17 {
+            assert!(v.chars().all(|c| c.is_ascii_digit()), "{v}");
+        }
     }
 
     #[test]
@@ -241,6 +350,18 @@ mod tests {
             (json!({"rolePrefix": "Bad-Prefix"}), "rolePrefix"),
             (json!({"groupRole": "bulkhead_org_all"}), "groupRole"),
             (json!({"tenantEndpoint": "nohost"}), "tenantEndpoint"),
+            (
+                json!({"tenantLimits": {"statementTimeoutSeconds": 0}}),
+                "statementTimeoutSeconds",
+            ),
+            (
+                json!({"tenantLimits": {"lockHoldSeconds": 7200}}),
+                "lockHoldSeconds",
+            ),
+            (
+                json!({"tenantLimits": {"connectionLimit": 0}}),
+                "connectionLimit",
+            ),
             (
                 json!({"overrides": [{"table": "skills", "sharedReadColumn": "org_id", "sharedReadValue": "x"}]}),
                 "tenant column",
