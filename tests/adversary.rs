@@ -191,6 +191,13 @@ async fn an_organization_creator_cannot_turn_the_operator_against_a_tenant() {
         .await
         .expect("delete victim");
     common::wait_gone(&orgs, &victim, Duration::from_secs(120)).await;
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    common::wait_gone(
+        &namespaces,
+        &format!("{tag}-{victim}"),
+        Duration::from_secs(120),
+    )
+    .await;
     orgs.create(
         &PostParams::default(),
         &organization(&victim, &fp.name, json!({})),

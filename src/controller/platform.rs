@@ -113,92 +113,14 @@ pub async fn reconcile(
         ..Default::default()
     };
     let mut fresh = Vec::new();
-    let mut all_ok = true;
     for (kind, slot) in &rt.layers {
-        let cond_type = format!("{}Ready", capitalized(kind.name()));
-        let result = match slot {
-            Err(e) => Err((e.reason(), e.to_string())),
-            Ok(layer) => match layer.prepare().await {
-                Err(e) => Err((e.reason(), e.to_string())),
-                Ok(repairs) => {
-                    rt.prepared.lock().await.insert(*kind);
-                    for r in &repairs {
-                        ctx.metrics
-                            .repairs
-                            .get_or_create(&crate::telemetry::LayerLabels {
-                                layer: kind.name().into(),
-                            })
-                            .inc();
-                        ctx.publish_event(
-                            &platform.object_ref(&()),
-                            true,
-                            "DriftRepaired",
-                            &format!("{kind}: {}", r.0),
-                        )
-                        .await;
-                    }
-                    layer
-                        .platform_status(&mut status)
-                        .await
-                        .map_err(|e| (e.reason(), e.to_string()))
-                }
-            },
-        };
-        match result {
-            Ok(()) => fresh.push(Condition::new(
-                cond_type,
-                ConditionStatus::True,
-                "Prepared",
-                format!("{kind} backend set up"),
-            )),
-            Err((reason, message)) => {
-                all_ok = false;
-                fresh.push(Condition::new(
-                    cond_type,
-                    ConditionStatus::False,
-                    reason,
-                    super::status::clip(&message),
-                ));
-            }
-        }
+        let result = prepare_layer(&ctx, &platform, &rt, *kind, slot, &mut status).await;
+        fresh.push(layer_condition(*kind, result));
     }
     // Breaches make the platform unready; warnings (a missing index, an unlisted shared table) do not.
-    if status.database.as_ref().is_some_and(|db| db.breaches > 0) {
-        all_ok = false;
-    }
-    fresh.insert(
-        0,
-        if all_ok {
-            Condition::new(
-                "Ready",
-                ConditionStatus::True,
-                "Prepared",
-                "every configured backend is set up and audited clean",
-            )
-        } else {
-            Condition::new(
-                "Ready",
-                ConditionStatus::False,
-                "LayerNotReady",
-                "a backend failed or has audit findings; see the other conditions",
-            )
-        },
-    );
-    let orgs = ctx.organizations();
-    let ready_anywhere = orgs.iter().filter(|o| is_ready(o)).count();
-    ctx.metrics
-        .organizations_ready
-        .set(i64::try_from(ready_anywhere).unwrap_or(i64::MAX));
-    let mine: Vec<_> = orgs
-        .iter()
-        .filter(|o| o.spec.platform_ref == name)
-        .collect();
-    let ready = mine.iter().filter(|o| is_ready(o)).count();
-    status.organizations = Some(OrganizationCounts {
-        total: u32::try_from(mine.len()).unwrap_or(u32::MAX),
-        ready: u32::try_from(ready).unwrap_or(u32::MAX),
-    });
-
+    let breached = status.database.as_ref().is_some_and(|db| db.breaches > 0);
+    fresh.insert(0, ready_condition(&fresh, breached));
+    status.organizations = Some(organization_counts(&ctx, &name));
     let previous = platform.status.clone().unwrap_or_default();
     status.conditions = merge(
         &previous.conditions,
@@ -212,6 +134,94 @@ pub async fn reconcile(
     Ok(Action::requeue(Duration::from_secs(u64::from(
         platform.spec.verification.interval_seconds,
     ))))
+}
+
+/// Prepares one layer, reports its repairs, and fills its part of the platform's status.
+async fn prepare_layer(
+    ctx: &Context,
+    platform: &IsolationPlatform,
+    rt: &PlatformRuntime,
+    kind: LayerKind,
+    slot: &LayerSlot,
+    status: &mut IsolationPlatformStatus,
+) -> Result<(), (&'static str, String)> {
+    let layer = slot.as_ref().map_err(|e| (e.reason(), e.to_string()))?;
+    let repairs = layer
+        .prepare()
+        .await
+        .map_err(|e| (e.reason(), e.to_string()))?;
+    rt.prepared.lock().await.insert(kind);
+    for r in &repairs {
+        ctx.metrics
+            .repairs
+            .get_or_create(&crate::telemetry::LayerLabels {
+                layer: kind.name().into(),
+            })
+            .inc();
+        let note = format!("{kind}: {}", r.0);
+        ctx.publish_event(&platform.object_ref(&()), true, "DriftRepaired", &note)
+            .await;
+    }
+    layer
+        .platform_status(status)
+        .await
+        .map_err(|e| (e.reason(), e.to_string()))
+}
+
+/// The `<Layer>Ready` condition from a layer's preparation (pure).
+fn layer_condition(kind: LayerKind, result: Result<(), (&'static str, String)>) -> Condition {
+    let cond_type = format!("{}Ready", capitalized(kind.name()));
+    match result {
+        Ok(()) => Condition::new(
+            cond_type,
+            ConditionStatus::True,
+            "Prepared",
+            format!("{kind} backend set up"),
+        ),
+        Err((reason, message)) => Condition::new(
+            cond_type,
+            ConditionStatus::False,
+            reason,
+            super::status::clip(&message),
+        ),
+    }
+}
+
+/// The platform's `Ready` from its layers' conditions and the audit's breaches (pure).
+fn ready_condition(layers: &[Condition], breached: bool) -> Condition {
+    if !breached && layers.iter().all(|c| c.status == ConditionStatus::True) {
+        Condition::new(
+            "Ready",
+            ConditionStatus::True,
+            "Prepared",
+            "every configured backend is set up and audited clean",
+        )
+    } else {
+        Condition::new(
+            "Ready",
+            ConditionStatus::False,
+            "LayerNotReady",
+            "a backend failed or has audit findings; see the other conditions",
+        )
+    }
+}
+
+/// Organizations of platform `name` and how many are Ready; also sets the cluster-wide gauge.
+fn organization_counts(ctx: &Context, name: &str) -> OrganizationCounts {
+    let orgs = ctx.organizations();
+    let ready_anywhere = orgs.iter().filter(|o| is_ready(o)).count();
+    ctx.metrics
+        .organizations_ready
+        .set(i64::try_from(ready_anywhere).unwrap_or(i64::MAX));
+    let mine: Vec<_> = orgs
+        .iter()
+        .filter(|o| o.spec.platform_ref == name)
+        .collect();
+    let ready = mine.iter().filter(|o| is_ready(o)).count();
+    OrganizationCounts {
+        total: u32::try_from(mine.len()).unwrap_or(u32::MAX),
+        ready: u32::try_from(ready).unwrap_or(u32::MAX),
+    }
 }
 
 fn is_ready(o: &crate::api::Organization) -> bool {

@@ -45,78 +45,80 @@ pub fn conditions(
     workspace: &Workspace,
     layers: &BTreeMap<LayerKind, LayerOutcome>,
 ) -> Vec<Condition> {
-    let mut out = Vec::new();
+    // (reason, message) of everything that keeps the organization from Ready, in order.
     let mut not_ready: Vec<(String, String)> = Vec::new();
+    let mut out = vec![workspace_condition(workspace, &mut not_ready)];
+    for kind in LayerKind::ALL {
+        let outcome = layers.get(&kind).unwrap_or(&LayerOutcome::NotConfigured);
+        out.push(layer_condition(kind, outcome, &mut not_ready));
+    }
+    out.push(verified_condition(layers, &mut not_ready));
+    let any_layer = layers.values().any(LayerOutcome::counts);
+    out.insert(0, ready_condition(&not_ready, any_layer));
+    out
+}
 
+fn workspace_condition(workspace: &Workspace, not_ready: &mut Vec<(String, String)>) -> Condition {
     match workspace {
-        Workspace::Ready => out.push(Condition::new(
+        Workspace::Ready => Condition::new(
             "CredentialsReady",
             ConditionStatus::True,
             "SecretWritten",
             "namespace and credentials Secret are in place",
-        )),
+        ),
         Workspace::Failed { reason, message } => {
-            out.push(Condition::new(
+            not_ready.push((reason.clone(), message.clone()));
+            Condition::new(
                 "CredentialsReady",
                 ConditionStatus::False,
                 reason.clone(),
                 clip(message),
-            ));
-            not_ready.push((reason.clone(), message.clone()));
+            )
         }
     }
+}
 
-    for kind in LayerKind::ALL {
-        let outcome = layers.get(&kind).unwrap_or(&LayerOutcome::NotConfigured);
-        let cond = match outcome {
-            LayerOutcome::Disabled => Condition::new(
-                kind.condition_type(),
-                ConditionStatus::Unknown,
-                "Disabled",
-                format!("the {kind} layer is switched off for this organization"),
-            ),
-            LayerOutcome::NotConfigured => Condition::new(
-                kind.condition_type(),
-                ConditionStatus::Unknown,
-                "NotConfigured",
-                format!("the platform does not manage the {kind} layer"),
-            ),
-            LayerOutcome::Failed { reason, message } => {
-                not_ready.push((reason.clone(), format!("{kind}: {message}")));
-                Condition::new(
-                    kind.condition_type(),
-                    ConditionStatus::False,
-                    reason.clone(),
-                    clip(message),
-                )
-            }
-            LayerOutcome::Checked { verification, .. } => {
-                if verification.isolated() {
-                    Condition::new(
-                        kind.condition_type(),
-                        ConditionStatus::True,
-                        "Isolated",
-                        isolated_message(kind, verification),
-                    )
-                } else {
-                    let msg = verification.findings.join("; ");
-                    not_ready.push(("IsolationFindings".into(), format!("{kind}: {msg}")));
-                    Condition::new(
-                        kind.condition_type(),
-                        ConditionStatus::False,
-                        "IsolationFindings",
-                        clip(&msg),
-                    )
-                }
-            }
-        };
-        out.push(cond);
-    }
+fn layer_condition(
+    kind: LayerKind,
+    outcome: &LayerOutcome,
+    not_ready: &mut Vec<(String, String)>,
+) -> Condition {
+    let (status, reason, message) = match outcome {
+        LayerOutcome::Disabled => (
+            ConditionStatus::Unknown,
+            "Disabled".to_owned(),
+            format!("the {kind} layer is switched off for this organization"),
+        ),
+        LayerOutcome::NotConfigured => (
+            ConditionStatus::Unknown,
+            "NotConfigured".to_owned(),
+            format!("the platform does not manage the {kind} layer"),
+        ),
+        LayerOutcome::Failed { reason, message } => {
+            not_ready.push((reason.clone(), format!("{kind}: {message}")));
+            (ConditionStatus::False, reason.clone(), clip(message))
+        }
+        LayerOutcome::Checked { verification, .. } if verification.isolated() => (
+            ConditionStatus::True,
+            "Isolated".to_owned(),
+            isolated_message(kind, verification),
+        ),
+        LayerOutcome::Checked { verification, .. } => {
+            let msg = verification.findings.join("; ");
+            not_ready.push(("IsolationFindings".into(), format!("{kind}: {msg}")));
+            (
+                ConditionStatus::False,
+                "IsolationFindings".to_owned(),
+                clip(&msg),
+            )
+        }
+    };
+    Condition::new(kind.condition_type(), status, reason, message)
+}
 
-    out.push(verified_condition(layers, &mut not_ready));
-
-    let ready = match not_ready.first() {
-        None if layers.values().any(LayerOutcome::counts) => Condition::new(
+fn ready_condition(not_ready: &[(String, String)], any_layer: bool) -> Condition {
+    match not_ready.first() {
+        None if any_layer => Condition::new(
             "Ready",
             ConditionStatus::True,
             "Isolated",
@@ -136,9 +138,7 @@ pub fn conditions(
                 .join("; ");
             Condition::new("Ready", ConditionStatus::False, reason.clone(), clip(&msg))
         }
-    };
-    out.insert(0, ready);
-    out
+    }
 }
 
 fn verified_condition(
@@ -169,22 +169,20 @@ fn verified_condition(
             LayerOutcome::Disabled | LayerOutcome::NotConfigured => {}
         }
     }
-    if !failing.is_empty() {
-        let msg = failing.join("; ");
-        not_ready.push(("ProbeFailed".into(), msg.clone()));
-        Condition::new(
-            "IsolationVerified",
-            ConditionStatus::False,
-            "ProbeFailed",
-            clip(&msg),
-        )
+    let blocking = if !failing.is_empty() {
+        Some(("ProbeFailed", failing))
     } else if !unverified.is_empty() {
-        let msg = unverified.join("; ");
-        not_ready.push(("NotVerified".into(), msg.clone()));
+        Some(("NotVerified", unverified))
+    } else {
+        None
+    };
+    if let Some((reason, items)) = blocking {
+        let msg = items.join("; ");
+        not_ready.push((reason.into(), msg.clone()));
         Condition::new(
             "IsolationVerified",
             ConditionStatus::False,
-            "NotVerified",
+            reason,
             clip(&msg),
         )
     } else if refused == 0 {
