@@ -180,7 +180,70 @@ async fn an_organization_creator_cannot_turn_the_operator_against_a_tenant() {
     );
     assert_eq!(stored, display);
 
-    // 4. Delete the victim with Retain, then recreate it: its data is not inherited silently.
+    // 4. Switch a layer off: its identity and credentials go, nothing is kept alive by it.
+    let before = orgs.get(&odd).await.expect("odd");
+    let user = before
+        .status
+        .as_ref()
+        .and_then(|s| s.identities.as_ref())
+        .and_then(|i| i.cache_user.clone())
+        .expect("cache user recorded");
+    orgs.patch(
+        &odd,
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "spec": { "cache": { "enabled": false } } })),
+    )
+    .await
+    .expect("switch cache off");
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &format!("{tag}-{odd}"));
+    wait_for("cache identity retired", Duration::from_secs(120), || {
+        let (orgs, secrets, odd) = (orgs.clone(), secrets.clone(), odd.clone());
+        async move {
+            let o = orgs.get(&odd).await.ok()?;
+            let ids = o.status?.identities?;
+            let data = secrets.get("bulkhead-credentials").await.ok()?.data?;
+            (ids.cache_user.is_none() && !data.keys().any(|k| k.starts_with("REDIS_")))
+                .then_some(())
+        }
+    })
+    .await;
+    let mut redis = redis::Client::open(tb.redis_admin_url())
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let acl: redis::Value = redis::cmd("ACL")
+        .arg("GETUSER")
+        .arg(&user)
+        .query_async(&mut redis)
+        .await
+        .expect("ACL GETUSER");
+    attempt_row(
+        "switch the cache layer off to keep its user",
+        "ACL user and REDIS_* keys removed",
+        &format!("ACL GETUSER {user}: {acl:?}"),
+    );
+    assert_eq!(acl, redis::Value::Nil, "the retired ACL user still exists");
+    // The finalizer, like every write of the operator, is under its own field manager.
+    let managers: Vec<String> = before
+        .metadata
+        .managed_fields
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|m| {
+            m.fields_v1
+                .as_ref()
+                .is_some_and(|f| f.0.to_string().contains("f:finalizers"))
+        })
+        .filter_map(|m| m.manager)
+        .collect();
+    assert_eq!(
+        managers,
+        vec!["bulkhead".to_owned()],
+        "finalizer written by {managers:?}"
+    );
+
+    // 5. Delete the victim with Retain, then recreate it: its data is not inherited silently.
     db.execute(
         "INSERT INTO public.projects (org_id, name) VALUES ($1, 'crown jewels')",
         &[&victim],
@@ -220,7 +283,7 @@ async fn an_organization_creator_cannot_turn_the_operator_against_a_tenant() {
     );
     assert!(c.2.contains(&victim_uid), "{}", c.2);
 
-    // 5. Adopting is an explicit act, and the status says it happened.
+    // 6. Adopting is an explicit act, and the status says it happened.
     orgs.patch(
         &victim,
         &PatchParams::default(),
