@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::TestDb;
+
 use std::time::{Duration, Instant};
 
 use bulkhead::api::DeletionPolicy;
@@ -25,27 +27,6 @@ CREATE INDEX ON projects (org_id);
 CREATE INDEX ON messages (org_id);
 "#;
 
-/// A database of its own and the names of the roles the test creates.
-struct TestDb {
-    name: String,
-    url: String,
-    server_url: String,
-    role_prefix: String,
-    group: String,
-    tag: String,
-}
-
-fn with_db(url: &str, db: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, format!("?{q}")),
-        None => (url, String::new()),
-    };
-    let (server, _) = base
-        .rsplit_once('/')
-        .expect("admin URL has a database path");
-    format!("{server}/{db}{query}")
-}
-
 async fn connect(url: &str) -> Client {
     let (client, conn) = tokio_postgres::connect(url, NoTls).await.expect("connect");
     tokio::spawn(conn);
@@ -59,32 +40,6 @@ async fn try_connect(url: &str) -> Result<Client, tokio_postgres::Error> {
 }
 
 impl TestDb {
-    async fn new() -> Self {
-        let tb = common::Testbed::get();
-        let tag = common::unique("a").replace('-', "_");
-        let name = format!("bh_adv{tag}");
-        let server_url = tb.pg_admin_url().to_owned();
-        connect(&server_url)
-            .await
-            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
-            .await
-            .expect("create database");
-        let db = TestDb {
-            url: with_db(&server_url, &name),
-            server_url,
-            role_prefix: format!("bha{tag}_"),
-            group: format!("bhag{tag}"),
-            tag,
-            name,
-        };
-        db.admin().await.batch_execute(SEED).await.expect("seed");
-        db
-    }
-
-    async fn admin(&self) -> Client {
-        connect(&self.url).await
-    }
-
     async fn layer(&self, limits: serde_json::Value) -> DatabaseLayer {
         let spec = serde_json::from_value(json!({
             "adminUrlSecretRef": {"name": "pg", "key": "url"},
@@ -97,35 +52,6 @@ impl TestDb {
             .await
             .expect("connect layer")
             .with_audit_ttl(Duration::ZERO)
-    }
-
-    fn org(&self, name: &str) -> OrgId {
-        OrgId::parse(&format!("{name}{}", self.tag.replace('_', "-"))).expect("org id")
-    }
-
-    async fn finish(self) {
-        let admin = connect(&self.server_url).await;
-        admin
-            .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-                self.name
-            ))
-            .await
-            .expect("drop db");
-        let rows = admin
-            .query(
-                "SELECT rolname::text FROM pg_roles WHERE starts_with(rolname, $1) OR rolname = $2",
-                &[&self.role_prefix, &self.group],
-            )
-            .await
-            .expect("list roles");
-        for r in rows {
-            let name: String = r.get(0);
-            admin
-                .batch_execute(&format!("DROP ROLE IF EXISTS \"{name}\""))
-                .await
-                .expect("drop role");
-        }
     }
 }
 
@@ -162,7 +88,7 @@ struct Pair {
 }
 
 async fn pair(limits: serde_json::Value) -> Pair {
-    let db = TestDb::new().await;
+    let db = TestDb::create("a", SEED).await;
     let layer = db.layer(limits).await;
     layer.prepare().await.expect("prepare");
     let (oa, ob) = (db.org("mallory"), db.org("victim"));
@@ -483,7 +409,7 @@ async fn connection_exhaustion_stops_at_the_tenants_own_limit() {
 
 #[tokio::test]
 async fn a_tenant_cannot_plant_objects_the_operator_would_run() {
-    let db = TestDb::new().await;
+    let db = TestDb::create("a", SEED).await;
     let admin = db.admin().await;
     // PostgreSQL 14's default, kept by clusters upgraded from it: PUBLIC may CREATE in public.
     admin

@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::TestDb;
+
 use std::time::Duration;
 
 use bulkhead::api::DeletionPolicy;
@@ -50,27 +52,6 @@ const TABLES: [&str; 10] = [
     "embeddings",
 ];
 
-/// A database of its own, with the seed's tables, and the names of the roles the test creates.
-struct TestDb {
-    name: String,
-    url: String,
-    server_url: String,
-    role_prefix: String,
-    group: String,
-    tag: String,
-}
-
-fn with_db(url: &str, db: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, format!("?{q}")),
-        None => (url, String::new()),
-    };
-    let (server, _) = base
-        .rsplit_once('/')
-        .expect("admin URL has a database path");
-    format!("{server}/{db}{query}")
-}
-
 async fn connect(url: &str) -> Client {
     let (client, conn) = tokio_postgres::connect(url, NoTls).await.expect("connect");
     tokio::spawn(conn);
@@ -78,37 +59,6 @@ async fn connect(url: &str) -> Client {
 }
 
 impl TestDb {
-    async fn new() -> Self {
-        let tb = common::Testbed::get();
-        let tag = common::unique("d").replace('-', "_");
-        let name = format!("bh_test{tag}");
-        let server_url = tb.pg_admin_url().to_owned();
-        let admin = connect(&server_url).await;
-        admin
-            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
-            .await
-            .expect("create database");
-        let url = with_db(&server_url, &name);
-        let db = TestDb {
-            url,
-            server_url,
-            role_prefix: format!("bht{tag}_"),
-            group: format!("bhg{tag}"),
-            tag,
-            name,
-        };
-        db.admin()
-            .await
-            .batch_execute(SEED)
-            .await
-            .expect("seed tables");
-        db
-    }
-
-    async fn admin(&self) -> Client {
-        connect(&self.url).await
-    }
-
     fn spec(&self, extra: serde_json::Value) -> DatabasePlatform {
         let mut base = json!({
             "adminUrlSecretRef": {"name": "pg", "key": "url"},
@@ -127,39 +77,6 @@ impl TestDb {
             .await
             .expect("connect layer")
             .with_audit_ttl(Duration::ZERO)
-    }
-
-    fn org(&self, name: &str) -> OrgId {
-        OrgId::parse(&format!("{name}{}", self.tag.replace('_', "-"))).expect("org id")
-    }
-
-    /// Drops the database and every role the test created.
-    async fn finish(self) {
-        let admin = connect(&self.server_url).await;
-        admin
-            .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-                self.name
-            ))
-            .await
-            .expect("drop db");
-        let rows = admin
-            .query(
-                "SELECT rolname::text FROM pg_roles WHERE starts_with(rolname, $1) OR rolname = $2 OR starts_with(rolname, $3)",
-                &[&self.role_prefix, &self.group, &format!("bhx{}", self.tag)],
-            )
-            .await
-            .expect("list roles");
-        for r in rows {
-            let name: String = r.get(0);
-            admin
-                .batch_execute(&format!(
-                    "DROP ROLE IF EXISTS \"{}\"",
-                    name.replace('"', "\"\"")
-                ))
-                .await
-                .expect("drop role");
-        }
     }
 }
 
@@ -218,7 +135,7 @@ struct Pair {
 }
 
 async fn pair(extra: serde_json::Value) -> Pair {
-    let db = TestDb::new().await;
+    let db = TestDb::create("d", SEED).await;
     let layer = db.layer(extra).await;
     layer.prepare().await.expect("prepare");
     let (oa, ob) = (db.org("acme"), db.org("beta"));
@@ -252,7 +169,7 @@ impl Pair {
 
 #[tokio::test]
 async fn prepare_governs_every_table_and_is_idempotent() {
-    let db = TestDb::new().await;
+    let db = TestDb::create("d", SEED).await;
     let layer = db.layer(json!({})).await;
     let first = layer.prepare().await.expect("prepare");
     assert_eq!(
@@ -727,7 +644,7 @@ async fn the_group_role_sees_nothing() {
 
 #[tokio::test]
 async fn odd_display_names_are_stored_verbatim() {
-    let db = TestDb::new().await;
+    let db = TestDb::create("d", SEED).await;
     let layer = db.layer(json!({})).await;
     layer.prepare().await.unwrap();
     let names = [
@@ -811,7 +728,7 @@ async fn credentials_work_are_kept_and_rotate() {
 
 #[tokio::test]
 async fn long_org_ids_get_hashed_role_names() {
-    let db = TestDb::new().await;
+    let db = TestDb::create("d", SEED).await;
     let layer = db.layer(json!({})).await;
     layer.prepare().await.unwrap();
     let long = OrgId::parse(&format!(
@@ -1038,7 +955,7 @@ async fn jwt_mode_reads_the_claim() {
 
 #[tokio::test]
 async fn missing_index_is_reported_or_created() {
-    let db = TestDb::new().await;
+    let db = TestDb::create("d", SEED).await;
     db.admin()
         .await
         .batch_execute("DROP INDEX files_org_id_idx")
@@ -1069,7 +986,7 @@ async fn missing_index_is_reported_or_created() {
 
 #[tokio::test]
 async fn a_table_the_policy_cannot_fit_is_reported_and_blocks_nothing() {
-    let db = TestDb::new().await;
+    let db = TestDb::create("d", SEED).await;
     db.admin()
         .await
         .batch_execute("CREATE TABLE legacy (id bigserial PRIMARY KEY, org_id uuid NOT NULL)")
@@ -1098,7 +1015,7 @@ async fn a_table_the_policy_cannot_fit_is_reported_and_blocks_nothing() {
 
 #[tokio::test]
 async fn audit_command_exit_semantics() {
-    let db = TestDb::new().await;
+    let db = TestDb::create("d", SEED).await;
     let spec = db.spec(json!({}));
     // Before prepare: everything is missing.
     let (out, found) = database::run_audit_cli(&db.url, &spec, false)
@@ -1145,7 +1062,7 @@ async fn audit_command_exit_semantics() {
 
 #[tokio::test]
 async fn bad_configuration_changes_nothing() {
-    let db = TestDb::new().await;
+    let db = TestDb::create("d", SEED).await;
     let bad = db.spec(json!({"settingName": "x'; DROP TABLE messages; --"}));
     let err = DatabaseLayer::connect(&bad, &db.url).await.unwrap_err();
     assert_eq!(err.reason(), "ConfigurationError");
@@ -1316,7 +1233,7 @@ async fn canaries_are_never_written_through_a_tenant_owned_table() {
 
 #[tokio::test]
 async fn a_claimant_with_another_uid_is_refused_and_removes_nothing() {
-    let db = TestDb::new().await;
+    let db = TestDb::create("d", SEED).await;
     let layer = db.layer(json!({})).await;
     layer.prepare().await.unwrap();
     let org = db.org("owned");
@@ -1369,7 +1286,7 @@ async fn a_claimant_with_another_uid_is_refused_and_removes_nothing() {
 
 #[tokio::test]
 async fn retained_data_is_inherited_only_through_adopt_from() {
-    let db = TestDb::new().await;
+    let db = TestDb::create("d", SEED).await;
     let layer = db.layer(json!({})).await;
     layer.prepare().await.unwrap();
     let org = db.org("kept");
@@ -1508,4 +1425,33 @@ async fn retire_removes_the_login_and_the_credentials_and_keeps_rows() {
     let Pair { db, layer, .. } = p;
     drop(layer);
     db.finish().await;
+}
+
+#[tokio::test]
+async fn a_failed_assertion_leaks_no_database_or_role() {
+    let names = tokio::spawn(async {
+        let db = TestDb::create("d", SEED).await;
+        let role = format!("{}leak", db.role_prefix);
+        db.admin()
+            .await
+            .batch_execute(&format!("CREATE ROLE \"{role}\""))
+            .await
+            .expect("role");
+        let names = (db.name.clone(), role);
+        std::panic::panic_any(names);
+    })
+    .await
+    .expect_err("the test body panicked")
+    .into_panic();
+    let (name, role) = *names.downcast::<(String, String)>().expect("names");
+    let admin = connect(common::Testbed::get().pg_admin_url()).await;
+    let left: i64 = admin
+        .query_one(
+            "SELECT (SELECT count(*) FROM pg_database WHERE datname = $1) + (SELECT count(*) FROM pg_roles WHERE rolname = $2)",
+            &[&name, &role],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(left, 0, "database {name} or role {role} outlived the panic");
 }

@@ -427,3 +427,127 @@ pub async fn label_secret(
     .await
     .expect("label secret");
 }
+
+/// A PostgreSQL database of a test's own on the testbed, and the roles the test creates (named
+/// with `role_prefix`, `group` or `bhx{tag}`). Dropped with every such role by `finish`, or by
+/// `Drop` when a failed assertion unwinds past it, so no test leaks a database or a
+/// cluster-wide role.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub server_url: String,
+    pub role_prefix: String,
+    pub group: String,
+    pub tag: String,
+    finished: bool,
+}
+
+impl TestDb {
+    /// Creates the database `bh_{kind}{tag}` and runs `seed` in it.
+    pub async fn create(kind: &str, seed: &str) -> TestDb {
+        let tag = unique(kind).replace('-', "_");
+        let name = format!("bh_{kind}{tag}");
+        let server_url = Testbed::get().pg_admin_url().to_owned();
+        pg_connect(&server_url)
+            .await
+            .expect("connect")
+            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+            .await
+            .expect("create database");
+        let db = TestDb {
+            url: with_database(&server_url, &name),
+            server_url,
+            role_prefix: format!("bh{kind}{tag}_"),
+            group: format!("bh{kind}g{tag}"),
+            tag,
+            name,
+            finished: false,
+        };
+        db.admin().await.batch_execute(seed).await.expect("seed");
+        db
+    }
+
+    /// An admin connection to the test's database.
+    pub async fn admin(&self) -> tokio_postgres::Client {
+        pg_connect(&self.url).await.expect("connect")
+    }
+
+    /// An org id unique to this test.
+    pub fn org(&self, name: &str) -> bulkhead::tenant::OrgId {
+        bulkhead::tenant::OrgId::parse(&format!("{name}{}", self.tag.replace('_', "-")))
+            .expect("org id")
+    }
+
+    /// Drops the database and every role the test created.
+    pub async fn finish(mut self) {
+        self.finished = true;
+        self.drop_all().await;
+    }
+
+    async fn drop_all(&self) {
+        let admin = pg_connect(&self.server_url).await.expect("connect");
+        admin
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                self.name
+            ))
+            .await
+            .expect("drop db");
+        let rows = admin
+            .query(
+                "SELECT rolname::text FROM pg_roles WHERE starts_with(rolname, $1) OR rolname = $2 OR starts_with(rolname, $3)",
+                &[&self.role_prefix, &self.group, &format!("bhx{}", self.tag)],
+            )
+            .await
+            .expect("list roles");
+        for r in rows {
+            let name: String = r.get(0);
+            admin
+                .batch_execute(&format!(
+                    "DROP ROLE IF EXISTS \"{}\"",
+                    name.replace('"', "\"\"")
+                ))
+                .await
+                .expect("drop role");
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        // Unwinding from a failed assertion: clean up on a runtime of its own, off this thread.
+        let db = TestDb {
+            name: self.name.clone(),
+            url: self.url.clone(),
+            server_url: self.server_url.clone(),
+            role_prefix: self.role_prefix.clone(),
+            group: self.group.clone(),
+            tag: self.tag.clone(),
+            finished: true,
+        };
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                rt.block_on(db.drop_all());
+            }
+        })
+        .join();
+    }
+}
+
+/// `url` with its database path replaced by `db`.
+pub fn with_database(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, format!("?{q}")),
+        None => (url, String::new()),
+    };
+    let (server, _) = base
+        .rsplit_once('/')
+        .expect("admin URL has a database path");
+    format!("{server}/{db}{query}")
+}
