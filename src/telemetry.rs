@@ -46,6 +46,12 @@ pub struct FailureLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LayerFailureLabels {
+    pub layer: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LayerLabels {
     pub layer: String,
 }
@@ -61,6 +67,7 @@ pub struct Metrics {
     pub registry: Registry,
     pub reconciles: Family<KindLabel, Counter>,
     pub failures: Family<FailureLabels, Counter>,
+    pub layer_failures: Family<LayerFailureLabels, Counter>,
     pub duration: Family<KindLabel, Histogram>,
     pub probes: Family<ProbeLabels, Counter>,
     pub repairs: Family<LayerLabels, Counter>,
@@ -74,6 +81,7 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("bulkhead");
         let reconciles = Family::<KindLabel, Counter>::default();
         let failures = Family::<FailureLabels, Counter>::default();
+        let layer_failures = Family::<LayerFailureLabels, Counter>::default();
         let duration = Family::<KindLabel, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.01, 2.0, 12))
         });
@@ -87,6 +95,11 @@ impl Default for Metrics {
             "reconcile_failures",
             "Reconciles that failed, by error reason",
             failures.clone(),
+        );
+        registry.register(
+            "layer_failures",
+            "Parts of organization passes that failed, by layer (or workspace) and reason",
+            layer_failures.clone(),
         );
         registry.register(
             "reconcile_duration_seconds",
@@ -118,6 +131,7 @@ impl Default for Metrics {
             registry,
             reconciles,
             failures,
+            layer_failures,
             duration,
             probes,
             repairs,

@@ -30,6 +30,8 @@ pub struct Context {
     /// organization's namespace, so it never needs cluster-wide Secret access.
     pub namespace_access: Option<NamespaceAccess>,
     pub(crate) failures: Mutex<HashMap<String, u32>>,
+    /// Consecutive transient failures per (organization, part of the pass), for backoff.
+    pub(crate) streaks: Mutex<HashMap<(String, &'static str), u32>>,
     pub(crate) orgs: OnceLock<Store<DeserializeGuard<Organization>>>,
 }
 
@@ -52,6 +54,7 @@ impl Context {
             platform_filter: None,
             namespace_access: None,
             failures: Mutex::new(HashMap::new()),
+            streaks: Mutex::new(HashMap::new()),
             orgs: OnceLock::new(),
         }
     }

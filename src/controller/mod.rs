@@ -32,8 +32,7 @@ use serde_json::json;
 
 pub use context::{Context, NamespaceAccess, RunOptions};
 pub use error::Error;
-pub use organization::backoff;
-pub use pass::verification_delay;
+pub use pass::{retry_delay, verification_delay};
 
 use crate::api::{
     ADOPT_ANNOTATION, FIELD_MANAGER, FINALIZER, IsolationPlatform, MANAGED_BY, Organization,

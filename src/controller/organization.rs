@@ -2,7 +2,6 @@
 //! stages in [`super::pass`], `cleanup`, and the error policy.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use json_patch::{AddOperation, PatchOperation, RemoveOperation, TestOperation};
 use kube::api::{Api, Patch, PatchParams};
@@ -142,17 +141,11 @@ pub(crate) fn error_policy(
         *n
     });
     let delay = match err.class() {
-        ErrorClass::Transient => backoff(attempts.unwrap_or(1)),
-        ErrorClass::Configuration | ErrorClass::Refused => backoff(9),
+        ErrorClass::Transient => pass::retry_delay(attempts.unwrap_or(1)),
+        ErrorClass::Configuration | ErrorClass::Refused => pass::retry_delay(u32::MAX),
     };
     tracing::warn!(organization = %name, error = %err, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
-}
-
-/// Exponential backoff: 2 s doubling per failure, at most 5 minutes.
-pub fn backoff(attempts: u32) -> Duration {
-    let exp = attempts.saturating_sub(1).min(8);
-    Duration::from_secs((2u64 << exp).min(300))
 }
 
 /// A status that says only why the organization cannot be worked on.
@@ -217,12 +210,45 @@ async fn apply(org: Arc<Organization>, ctx: &Context) -> Result<Action, Error> {
     pass::report(ctx, &r, &report, &status).await;
     write_status(ctx, &org, &status).await?;
     log_pass(&r, &status);
-    let all_ensured = report.all_ensured(&workspace);
+    let mut failures = plan.failures.clone();
+    failures.extend(opened.failure.map(|class| pass::Failure {
+        part: "workspace",
+        class,
+        reason: "WorkspaceNotReady".into(),
+    }));
+    failures.extend(report.failures.iter().cloned());
+    let attempts = count_failures(ctx, &r.tenant.name, &failures).await;
     Ok(pass::next_action(
-        all_ensured,
+        &failures,
+        attempts,
+        rand::random::<f64>(),
         r.platform.spec.verification.interval_seconds,
         &r.tenant.name,
     ))
+}
+
+/// Counts each failure in the metrics and as a consecutive failure of its part (per
+/// organization and backend); a part that did not fail starts over. Returns the most
+/// consecutive transient failures of any failing part.
+async fn count_failures(ctx: &Context, name: &str, failures: &[pass::Failure]) -> u32 {
+    for f in failures {
+        ctx.metrics
+            .layer_failures
+            .get_or_create(&crate::telemetry::LayerFailureLabels {
+                layer: f.part.to_owned(),
+                reason: f.reason.clone(),
+            })
+            .inc();
+    }
+    let mut streaks = ctx.streaks.lock().await;
+    streaks.retain(|(org, part), _| org != name || failures.iter().any(|f| f.part == *part));
+    let mut most = 0;
+    for f in failures.iter().filter(|f| f.class == ErrorClass::Transient) {
+        let n = streaks.entry((name.to_owned(), f.part)).or_insert(0);
+        *n = n.saturating_add(1);
+        most = most.max(*n);
+    }
+    most
 }
 
 fn log_pass(r: &Resolved, status: &OrganizationStatus) {
@@ -292,14 +318,6 @@ pub fn cleaned_up_note(r: &Resolved) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_and_caps() {
-        assert_eq!(backoff(1), Duration::from_secs(2));
-        assert_eq!(backoff(2), Duration::from_secs(4));
-        assert_eq!(backoff(5), Duration::from_secs(32));
-        assert_eq!(backoff(50), Duration::from_secs(300));
-    }
 
     #[test]
     fn retained_data_names_its_owner_and_the_way_to_adopt_it() {

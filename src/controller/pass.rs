@@ -31,12 +31,13 @@ use crate::api::{
     ADOPT_ANNOTATION, ConditionStatus, IsolationPlatform, Organization, OrganizationIdentities,
     OrganizationStatus, ROTATE_ANNOTATION,
 };
-use crate::layers::{Credentials, LayerError, LayerKind, LayerSlot, Repair, Tenant};
+use crate::layers::{Credentials, ErrorClass, LayerError, LayerKind, LayerSlot, Repair, Tenant};
 use crate::telemetry::{LayerLabels, ProbeLabels};
 use crate::tenant::{OrgId, render_template};
 
-/// Requeue after a pass in which some layer failed.
-const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(15);
+/// Shortest and longest wait after a transient failure (doubling per consecutive failure).
+const RETRY_FIRST: Duration = Duration::from_secs(2);
+const RETRY_LONGEST: Duration = Duration::from_secs(300);
 /// Requeue while the IsolationPlatform is missing.
 const RETRY_WITHOUT_PLATFORM: Duration = Duration::from_secs(30);
 
@@ -292,6 +293,8 @@ pub struct Opened {
     /// Set when the Secret was edited or deleted behind bulkhead's back.
     pub forced_rotation: Option<Repair>,
     pub repairs: Vec<Repair>,
+    /// The class of the error that failed the workspace, if one did.
+    pub failure: Option<ErrorClass>,
 }
 
 /// The rule "an edited or deleted Secret means rotate" (pure): the repair to report, if any.
@@ -333,6 +336,7 @@ pub async fn open_workspace(ctx: &Context, r: &Resolved) -> Opened {
         secret: None,
         forced_rotation: None,
         repairs: Vec::new(),
+        failure: Some(e.class()),
     };
     let existed = r.previous.namespace.is_some();
     let repairs = match workspace::ensure_namespace(ctx, &r.org, &r.tenant, existed).await {
@@ -349,6 +353,7 @@ pub async fn open_workspace(ctx: &Context, r: &Resolved) -> Opened {
             ),
             secret: Some(loaded),
             repairs,
+            failure: None,
         },
         Err(e) => Opened {
             repairs,
@@ -357,8 +362,16 @@ pub async fn open_workspace(ctx: &Context, r: &Resolved) -> Opened {
     }
 }
 
+/// Why a layer could not be built.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BuildFailure {
+    pub reason: String,
+    pub message: String,
+    pub class: ErrorClass,
+}
+
 /// Whether each configured layer could be built (pure data for [`schedule`]).
-pub type Availability = BTreeMap<LayerKind, Result<(), (String, String)>>;
+pub type Availability = BTreeMap<LayerKind, Result<(), BuildFailure>>;
 
 pub fn availability(layers: &BTreeMap<LayerKind, LayerSlot>) -> Availability {
     layers
@@ -366,7 +379,11 @@ pub fn availability(layers: &BTreeMap<LayerKind, LayerSlot>) -> Availability {
         .map(|(k, slot)| {
             let state = match slot {
                 Ok(_) => Ok(()),
-                Err(e) => Err((e.reason().to_owned(), e.to_string())),
+                Err(e) => Err(BuildFailure {
+                    reason: e.reason().to_owned(),
+                    message: e.to_string(),
+                    class: e.class(),
+                }),
             };
             (*k, state)
         })
@@ -380,6 +397,16 @@ pub struct Schedule {
     /// Switched off, with an identity still recorded: its identity is removed this pass.
     pub retire: Vec<LayerKind>,
     pub settled: BTreeMap<LayerKind, LayerOutcome>,
+    /// Layers that could not be built.
+    pub failures: Vec<Failure>,
+}
+
+/// One part of the pass (a layer, or `workspace`) that failed, and how to retry it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Failure {
+    pub part: &'static str,
+    pub class: ErrorClass,
+    pub reason: String,
 }
 
 /// Stage 4 (pure): decides each layer's fate from what the platform built, the switches, the
@@ -401,10 +428,17 @@ pub fn schedule(
                 LayerOutcome::Disabled
             }
             Some(_) if !enabled(kind) => LayerOutcome::Disabled,
-            Some(Err((reason, message))) => LayerOutcome::Failed {
-                reason: reason.clone(),
-                message: message.clone(),
-            },
+            Some(Err(f)) => {
+                s.failures.push(Failure {
+                    part: kind.name(),
+                    class: f.class,
+                    reason: f.reason.clone(),
+                });
+                LayerOutcome::Failed {
+                    reason: f.reason.clone(),
+                    message: f.message.clone(),
+                }
+            }
             Some(Ok(())) if !workspace_ready => LayerOutcome::Failed {
                 reason: "WorkspaceNotReady".into(),
                 message: "waiting for the organization's namespace and credentials Secret".into(),
@@ -430,10 +464,17 @@ pub struct PassReport {
     pub retired: Vec<LayerKind>,
     pub credentials: Credentials,
     pub ai_providers: Vec<String>,
+    /// Every part that failed this pass, with its error class: the retry policy's input.
+    pub failures: Vec<Failure>,
 }
 
 impl PassReport {
     fn fail(&mut self, kind: LayerKind, e: &LayerError) {
+        self.failures.push(Failure {
+            part: kind.name(),
+            class: e.class(),
+            reason: e.reason().to_owned(),
+        });
         self.outcomes.insert(
             kind,
             LayerOutcome::Failed {
@@ -563,6 +604,11 @@ pub async fn publish_credentials(
             }
         }
         Err(e) => {
+            report.failures.push(Failure {
+                part: "workspace",
+                class: e.class(),
+                reason: e.reason().to_owned(),
+            });
             workspace = Workspace::Failed {
                 reason: e.reason().to_owned(),
                 message: e.to_string(),
@@ -572,6 +618,11 @@ pub async fn publish_credentials(
     workspace::drop_stale_provider_keys(&r.org, &mut report.credentials);
     if let Err(e) = workspace::write_credentials(ctx, &r.tenant, loaded, &report.credentials).await
     {
+        report.failures.push(Failure {
+            part: "workspace",
+            class: e.class(),
+            reason: e.reason().to_owned(),
+        });
         workspace = failed_workspace(&e);
     }
     workspace
@@ -594,10 +645,10 @@ pub async fn verify(rt: &PlatformRuntime, tenant: &Tenant, report: &mut PassRepo
                 verification,
                 probed_at: probed_at.clone(),
             },
-            Err(e) => LayerOutcome::Failed {
-                reason: e.reason().into(),
-                message: e.to_string(),
-            },
+            Err(e) => {
+                report.fail(kind, &e);
+                continue;
+            }
         };
         report.outcomes.insert(kind, outcome);
     }
@@ -712,13 +763,31 @@ pub fn milestones(
     out
 }
 
-/// Stage 10 (pure): the next pass is the verification schedule, or a retry after a failure.
-pub fn next_action(all_ensured: bool, interval_seconds: u32, name: &str) -> Action {
-    if all_ensured {
-        Action::requeue(verification_delay(interval_seconds, name))
+/// Stage 10 (pure): the next pass. Without failures, the verification schedule. A transient
+/// failure backs off exponentially from the part's consecutive failures (`attempts`), spread by
+/// `jitter` in [0, 1) to ±20% so an outage does not bring every organization back on the same
+/// beat. Configuration errors and refusals cannot heal by retrying: they wait for the schedule
+/// (a change to the Organization starts a pass at once).
+pub fn next_action(
+    failures: &[Failure],
+    attempts: u32,
+    jitter: f64,
+    interval_seconds: u32,
+    name: &str,
+) -> Action {
+    if failures.iter().any(|f| f.class == ErrorClass::Transient) {
+        let base = retry_delay(attempts).as_secs_f64();
+        let spread = 0.8 + 0.4 * jitter.clamp(0.0, 1.0);
+        Action::requeue(Duration::from_secs_f64(base * spread))
     } else {
-        Action::requeue(RETRY_AFTER_FAILURE)
+        Action::requeue(verification_delay(interval_seconds, name))
     }
+}
+
+/// Exponential backoff without jitter: 2 s doubling per consecutive failure, at most 5 minutes.
+pub fn retry_delay(attempts: u32) -> Duration {
+    let exp = attempts.saturating_sub(1).min(16);
+    RETRY_FIRST.saturating_mul(1u32 << exp).min(RETRY_LONGEST)
 }
 
 /// Next verification pass: the interval plus up to 10% spread by name, so thousands of

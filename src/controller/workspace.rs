@@ -15,7 +15,7 @@ use crate::api::{
     BYOK_LABEL, FIELD_MANAGER, IsolationPlatform, MANAGED_BY, ORG_ID_LABEL, ORGANIZATION_LABEL,
     Organization,
 };
-use crate::layers::{Credentials, LayerError, Repair, Tenant};
+use crate::layers::{Credentials, ErrorClass, LayerError, Repair, Tenant};
 
 /// Name of the credentials Secret in the organization's namespace.
 pub const CREDENTIALS_SECRET: &str = "bulkhead-credentials";
@@ -316,6 +316,13 @@ impl ProviderKeyError {
             Self::Missing(_) => "ConfigurationError",
             Self::Ineligible(_) => "ProviderKeyIneligible",
             Self::Kube(_) => "KubernetesError",
+        }
+    }
+
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::Missing(_) | Self::Ineligible(_) => ErrorClass::Configuration,
+            Self::Kube(_) => ErrorClass::Transient,
         }
     }
 }

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use super::*;
 use crate::api::DeletionPolicy;
-use crate::layers::{Probe, Verification};
+use crate::layers::{ErrorClass, Probe, Verification};
 
 fn org(name: &str, annotations: &[(&str, &str)]) -> Arc<Organization> {
     let mut o: Organization = serde_json::from_value(serde_json::json!({
@@ -173,7 +173,11 @@ fn schedule_settles_missing_broken_and_waiting_layers() {
     a.remove(&LayerKind::Storage);
     a.insert(
         LayerKind::Cache,
-        Err(("BackendUnreachable".into(), "redis down".into())),
+        Err(BuildFailure {
+            reason: "BackendUnreachable".into(),
+            message: "redis down".into(),
+            class: ErrorClass::Transient,
+        }),
     );
     let s = schedule(&a, |_| true, &ids(None), false);
     assert!(s.run.is_empty());
@@ -294,15 +298,99 @@ fn compose_status_forgets_retired_identities() {
     assert_eq!(s.identities.unwrap().database_role, None);
 }
 
+fn failure(class: ErrorClass) -> Failure {
+    Failure {
+        part: "cache",
+        class,
+        reason: "Whatever".into(),
+    }
+}
+
 #[test]
-fn next_action_follows_the_schedule_or_retries() {
+fn without_failures_the_next_pass_is_the_verification_schedule() {
     assert_eq!(
-        next_action(false, 300, "acme"),
-        Action::requeue(RETRY_AFTER_FAILURE)
+        next_action(&[], 0, 0.5, 300, "acme"),
+        Action::requeue(verification_delay(300, "acme"))
+    );
+}
+
+#[test]
+fn transient_failures_back_off_exponentially_with_jitter() {
+    let at = |attempts, jitter| {
+        next_action(
+            &[failure(ErrorClass::Transient)],
+            attempts,
+            jitter,
+            300,
+            "acme",
+        )
+    };
+    assert_eq!(at(1, 0.5), Action::requeue(Duration::from_secs(2)));
+    assert_eq!(at(3, 0.5), Action::requeue(Duration::from_secs(8)));
+    assert_eq!(
+        at(3, 0.0),
+        Action::requeue(Duration::from_secs_f64(6.4)),
+        "-20%"
     );
     assert_eq!(
-        next_action(true, 300, "acme"),
-        Action::requeue(verification_delay(300, "acme"))
+        at(3, 1.0),
+        Action::requeue(Duration::from_secs_f64(9.6)),
+        "+20%"
+    );
+    assert_eq!(
+        at(40, 0.5),
+        Action::requeue(Duration::from_secs(300)),
+        "capped"
+    );
+    // One transient failure among configuration errors still retries soon.
+    let mixed = [
+        failure(ErrorClass::Configuration),
+        failure(ErrorClass::Transient),
+    ];
+    assert_eq!(
+        next_action(&mixed, 1, 0.5, 300, "acme"),
+        Action::requeue(Duration::from_secs(2))
+    );
+}
+
+#[test]
+fn configuration_errors_and_refusals_wait_for_the_schedule_not_a_retry_loop() {
+    for class in [ErrorClass::Configuration, ErrorClass::Refused] {
+        assert_eq!(
+            next_action(&[failure(class)], 7, 0.5, 300, "acme"),
+            Action::requeue(verification_delay(300, "acme"))
+        );
+    }
+}
+
+#[test]
+fn retry_delay_doubles_and_caps() {
+    assert_eq!(retry_delay(0), Duration::from_secs(2));
+    assert_eq!(retry_delay(1), Duration::from_secs(2));
+    assert_eq!(retry_delay(2), Duration::from_secs(4));
+    assert_eq!(retry_delay(5), Duration::from_secs(32));
+    assert_eq!(retry_delay(u32::MAX), Duration::from_secs(300));
+}
+
+#[test]
+fn a_build_failure_is_a_failure_of_its_layer_with_its_class() {
+    let mut a = all_available();
+    a.insert(
+        LayerKind::Database,
+        Err(BuildFailure {
+            reason: "ConfigurationError".into(),
+            message: "no such Secret".into(),
+            class: ErrorClass::Configuration,
+        }),
+    );
+    let s = schedule(&a, |_| true, &ids(None), true);
+    assert_eq!(
+        s.failures,
+        vec![Failure {
+            part: "database",
+            class: ErrorClass::Configuration,
+            reason: "ConfigurationError".into()
+        }]
     );
 }
 
