@@ -522,7 +522,8 @@ pub fn validate_prefix_template(template: &str) -> Result<(), String> {
     // such a segment could put one organization's prefix over another's or the bucket root.
     let path = template.replace("{orgId}", "x");
     if let Some(seg) = path
-        .trim_end_matches('/')
+        .strip_suffix('/')
+        .unwrap_or(&path)
         .split('/')
         .find(|seg| seg.is_empty() || *seg == "." || *seg == "..")
     {
