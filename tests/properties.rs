@@ -673,7 +673,7 @@ fn db_statements(s: &Settings, n: &DbNames, v: &DbValues, role: &str) -> Vec<Str
 }
 
 proptest! {
-    #![proptest_config(cases(256))]
+    #![proptest_config(cases(128))]
 
     #[test]
     fn database_plans_keep_their_meaning_for_any_names(
