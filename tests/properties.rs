@@ -278,10 +278,8 @@ fn unquote_ident(q: &str) -> Option<String> {
     let mut out = String::new();
     let mut it = inner.chars();
     while let Some(c) = it.next() {
-        if c == '"' {
-            if it.next() != Some('"') {
-                return None;
-            }
+        if c == '"' && it.next() != Some('"') {
+            return None;
         }
         out.push(c);
     }
