@@ -838,6 +838,8 @@ proptest! {
             check_pattern(&plan.key_pattern, &key_prefix)?;
             check_pattern(&plan.channel_pattern, &channel_prefix)?;
             prop_assert_eq!(rules.scan_pattern(&org).ok(), Some(plan.key_pattern.clone()));
+            prop_assert_eq!(&plan.user, &format!("{user_prefix}{org}"));
+            prop_assert!(!plan.user.contains(GLOB) && !plan.user.chars().any(char::is_whitespace));
             let setuser = plan.setuser_rules();
             for rule in &setuser {
                 prop_assert!(!rule.is_empty() && !rule.chars().any(char::is_whitespace), "{:?}", rule);
