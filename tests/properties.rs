@@ -1018,3 +1018,47 @@ proptest! {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Connection URLs: credentials with any characters reach the client unchanged.
+// ---------------------------------------------------------------------------------------------
+
+fn credential() -> impl Strategy<Value = String> {
+    prop_oneof![
+        nasty_string(12),
+        any::<String>(),
+        Just("p@ss:w/rd?#%25&=+ ".to_owned()),
+    ]
+    .prop_filter("non-empty, no NUL", |s| !s.is_empty() && !s.contains('\0'))
+}
+
+proptest! {
+    #![proptest_config(cases(256))]
+
+    #[test]
+    fn connection_urls_carry_credentials_unchanged(
+        user in credential(),
+        password in credential(),
+        dbname in credential(),
+        db in 0i64..16,
+        tls in any::<bool>(),
+    ) {
+        let url = bulkhead::layers::database::tenant_url("127.0.0.1:5432", &dbname, &user, &password);
+        let cfg: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(cfg.get_user(), Some(user.as_str()));
+        prop_assert_eq!(cfg.get_password(), Some(password.as_bytes()));
+        prop_assert_eq!(cfg.get_dbname(), Some(dbname.as_str()));
+        prop_assert_eq!(cfg.get_ports(), &[5432]);
+        prop_assert_eq!(cfg.get_hosts().len(), 1);
+
+        let url = bulkhead::layers::cache::rules::tenant_url(tls, &user, &password, "127.0.0.1:6379", db);
+        let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(info.redis_settings().username(), Some(user.as_str()));
+        prop_assert_eq!(info.redis_settings().password(), Some(password.as_str()));
+        prop_assert_eq!(info.redis_settings().db(), db);
+        prop_assert_eq!(info.addr().to_string(), "127.0.0.1:6379");
+    }
+}
