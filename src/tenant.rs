@@ -85,6 +85,44 @@ pub fn render_template(template: &str, org: &OrgId) -> String {
     template.replace("{orgId}", org.as_str())
 }
 
+/// Checks a namespace template: `{orgId}` exactly once (or organizations would share a
+/// namespace), and only `[a-z0-9-]` around it, so that it renders a DNS label for short ids.
+pub fn check_namespace_template(template: &str) -> Result<(), String> {
+    if template.matches("{orgId}").count() != 1 {
+        return Err(format!(
+            "namespaceTemplate {template:?} must contain {{orgId}} exactly once"
+        ));
+    }
+    let literal = template.replace("{orgId}", "");
+    if let Some(bad) = literal
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+    {
+        return Err(format!(
+            "namespaceTemplate {template:?} contains {bad:?}; only lowercase letters, digits and '-' are allowed"
+        ));
+    }
+    if template.starts_with('-') || template.ends_with('-') || literal.len() >= MAX_ORG_ID_LEN {
+        return Err(format!(
+            "namespaceTemplate {template:?} must start and end with a letter, a digit or {{orgId}}, and leave room for the org id"
+        ));
+    }
+    Ok(())
+}
+
+/// The organization's namespace: the template rendered, refused when it is not a namespace name
+/// (a long org id can push it past 63 characters).
+pub fn render_namespace(template: &str, org: &OrgId) -> Result<String, String> {
+    check_namespace_template(template)?;
+    let ns = render_template(template, org);
+    if ns.len() > MAX_ORG_ID_LEN {
+        return Err(format!(
+            "orgId {org}: its namespace {ns:?} from namespaceTemplate {template:?} is longer than 63 characters"
+        ));
+    }
+    Ok(ns)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,6 +158,37 @@ mod tests {
         ];
         for (raw, want) in cases {
             assert_eq!(OrgId::parse(raw).unwrap_err(), *want, "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn namespaces_are_dns_labels_or_refused() {
+        let id = OrgId::parse("acme").unwrap();
+        assert_eq!(render_namespace("org-{orgId}", &id).unwrap(), "org-acme");
+        assert_eq!(render_namespace("{orgId}", &id).unwrap(), "acme");
+        // Shrunk counterexample of the namespace property test: 64 characters.
+        let long = OrgId::parse(&"a".repeat(63)).unwrap();
+        assert!(
+            render_namespace("{orgId}0", &long)
+                .unwrap_err()
+                .contains("63")
+        );
+        assert!(render_namespace("org-{orgId}", &long).is_err());
+        let fits = OrgId::parse(&"a".repeat(59)).unwrap();
+        assert_eq!(render_namespace("org-{orgId}", &fits).unwrap().len(), 63);
+        // Without `{orgId}` every organization would share one namespace.
+        for bad in [
+            "",
+            "shared",
+            "{orgId}-",
+            "-{orgId}",
+            "Org-{orgId}",
+            "a_{orgId}",
+            "{orgId}{orgId}",
+            "a.{orgId}",
+        ] {
+            assert!(check_namespace_template(bad).is_err(), "{bad}");
+            assert!(render_namespace(bad, &id).is_err(), "{bad}");
         }
     }
 

@@ -173,6 +173,14 @@ async fn apply(org: Arc<Organization>, ctx: &Context) -> Result<Action, Error> {
             return Ok(blocked.action());
         }
     };
+    // An org id the namespace template cannot name is refused before anything is created.
+    if let Err(m) =
+        crate::tenant::render_namespace(&r.platform.spec.network.namespace_template, &r.org_id)
+    {
+        let blocked = Blocked::InvalidSpec(m);
+        write_status(ctx, &org, &blocked_status(&org, &blocked)).await?;
+        return Ok(blocked.action());
+    }
     let rt = ctx.platforms.runtime(ctx, &r.platform).await;
     let intent = pass::record_intent(ctx, &r, &rt).await?;
     let opened = pass::open_workspace(ctx, &r).await;

@@ -592,18 +592,23 @@ async fn read_and_audit(client: &mut Client, s: &Settings) -> Result<AuditSnapsh
     })
 }
 
+/// The registry upsert: the org id and display name are bound as `$1` and `$2`, never pasted.
+pub fn registry_upsert_sql(s: &Settings) -> String {
+    format!(
+        "INSERT INTO {reg} AS r (id, display_name) VALUES ($1, $2)
+         ON CONFLICT (id) DO UPDATE SET display_name = EXCLUDED.display_name, updated_at = pg_catalog.now()
+         WHERE NOT (r.display_name OPERATOR(pg_catalog.=) EXCLUDED.display_name)",
+        reg = s.registry
+    )
+}
+
 async fn upsert_registry(
     c: &impl GenericClient,
     s: &Settings,
     org: &OrgId,
     display: &str,
 ) -> Result<(), LayerError> {
-    let sql = format!(
-        "INSERT INTO {reg} AS r (id, display_name) VALUES ($1, $2)
-         ON CONFLICT (id) DO UPDATE SET display_name = EXCLUDED.display_name, updated_at = pg_catalog.now()
-         WHERE NOT (r.display_name OPERATOR(pg_catalog.=) EXCLUDED.display_name)",
-        reg = s.registry
-    );
+    let sql = registry_upsert_sql(s);
     c.execute(&sql, &[&org.as_str(), &display])
         .await
         .map_err(backend)?;

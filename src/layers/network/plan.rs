@@ -76,6 +76,7 @@ fn check_namespace(what: &str, ns: &str) -> Result<(), String> {
 
 /// Validates the platform's network section; every problem is named.
 pub fn validate(cfg: &NetworkPlatform) -> Result<NetworkConfig, String> {
+    crate::tenant::check_namespace_template(&cfg.namespace_template)?;
     if cfg.mode == NetworkMode::SharedNamespace && cfg.shared_namespaces.is_empty() {
         return Err(
             "network mode sharedNamespace needs at least one of sharedNamespaces".to_owned(),

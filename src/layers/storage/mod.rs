@@ -195,6 +195,25 @@ fn non_empty(s: &Option<String>) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// An org id whose rendered prefix would overlap the owner records' namespace, if any. Such an
+/// id spells a start of the namespace's remainder, so only those few candidates are checked.
+fn owner_overlap(template: &str) -> Option<String> {
+    let (before, after) = template.split_once("{orgId}")?;
+    let rest = owner::OWNER_MARKERS.strip_prefix(before)?;
+    let run: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-')
+        .collect();
+    (1..=run.len())
+        .map(|n| &run[..n])
+        .filter(|id| !id.starts_with('-') && !id.ends_with('-'))
+        .find(|id| {
+            let prefix = format!("{before}{id}{after}");
+            prefix.starts_with(owner::OWNER_MARKERS) || owner::OWNER_MARKERS.starts_with(&prefix)
+        })
+        .map(str::to_owned)
+}
+
 /// Validates the platform's storage section.
 pub fn validate(spec: &StoragePlatform) -> Result<(), LayerError> {
     let bucket = &spec.bucket;
@@ -213,6 +232,13 @@ pub fn validate(spec: &StoragePlatform) -> Result<(), LayerError> {
     if spec.prefix_template.starts_with(owner::OWNER_MARKERS) {
         return Err(LayerError::Config(format!(
             "prefixTemplate {:?} may not start with {}, where owner records live",
+            spec.prefix_template,
+            owner::OWNER_MARKERS
+        )));
+    }
+    if let Some(org) = owner_overlap(&spec.prefix_template) {
+        return Err(LayerError::Config(format!(
+            "prefixTemplate {:?} renders org id {org:?} as a prefix overlapping {}, where owner records live",
             spec.prefix_template,
             owner::OWNER_MARKERS
         )));
@@ -719,5 +745,43 @@ where
         status: e.raw_response().map(|r| r.status().as_u16()),
         message,
         unreachable,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(template: &str) -> StoragePlatform {
+        serde_json::from_value(serde_json::json!({
+            "bucket": "files",
+            "adminSecretRef": {"name": "s3"},
+            "prefixTemplate": template,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn templates_that_render_over_the_owner_records_are_refused() {
+        // Shrunk counterexamples of the storage property test: org "bulkhead" would own
+        // `.bulkhead/`, org "owners" `.bulkhead/owners/`.
+        for (bad, org) in [
+            (".{orgId}/", "bulkhead"),
+            (".bulkhead/{orgId}/", "owners"),
+            (".bulkhead/own{orgId}/", "ers"),
+            (".bulkhead/{orgId}s/", "owner"),
+        ] {
+            let err = validate(&spec(bad)).unwrap_err().to_string();
+            assert!(err.contains(&format!("{org:?}")), "{bad}: {err}");
+        }
+        for ok in [
+            "{orgId}/",
+            "tenants/{orgId}/",
+            ".{orgId}-x/",
+            "bulkhead/{orgId}/",
+            ".bulkhead/x{orgId}/",
+        ] {
+            assert!(validate(&spec(ok)).is_ok(), "{ok}");
+        }
     }
 }

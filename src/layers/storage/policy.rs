@@ -518,6 +518,19 @@ pub fn validate_prefix_template(template: &str) -> Result<(), String> {
             "prefixTemplate {template:?} must not start with '/'"
         ));
     }
+    // S3 servers backed by a file tree (SeaweedFS's filer) normalise `.`, `..` and `//`, so
+    // such a segment could put one organization's prefix over another's or the bucket root.
+    let path = template.replace("{orgId}", "x");
+    if let Some(seg) = path
+        .strip_suffix('/')
+        .unwrap_or(&path)
+        .split('/')
+        .find(|seg| seg.is_empty() || *seg == "." || *seg == "..")
+    {
+        return Err(format!(
+            "prefixTemplate {template:?} has the path segment {seg:?}; empty, '.' and '..' segments are not allowed"
+        ));
+    }
     let rest = template.replace("{orgId}", "");
     if let Some(bad) = rest
         .chars()
@@ -814,6 +827,25 @@ mod tests {
             "t\"/{orgId}/",
         ] {
             assert!(validate_prefix_template(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn prefix_templates_with_dot_or_empty_segments_are_refused() {
+        // Shrunk counterexample of the storage property test.
+        for bad in [
+            "{orgId}.bulkhead/./",
+            "{orgId}/../",
+            "../{orgId}/",
+            "./{orgId}/",
+            "{orgId}//",
+            "a//{orgId}/",
+        ] {
+            let err = validate_prefix_template(bad).unwrap_err();
+            assert!(err.contains("segment"), "{bad}: {err}");
+        }
+        for ok in ["{orgId}../", "..{orgId}/", "a.b/{orgId}/", ".x/{orgId}/"] {
+            assert!(validate_prefix_template(ok).is_ok(), "{ok}");
         }
     }
 

@@ -267,6 +267,24 @@ fn bad_configuration_is_refused_with_its_reason() {
 }
 
 #[test]
+fn namespace_templates_without_one_org_id_are_refused() {
+    for bad in [
+        "shared",
+        "org-{orgId}-{orgId}",
+        "Org-{orgId}",
+        "org_{orgId}",
+    ] {
+        let pf = NetworkPlatform {
+            namespace_template: bad.into(),
+            ..Default::default()
+        };
+        let err = validate(&pf).unwrap_err();
+        assert!(err.contains("namespaceTemplate"), "{bad}: {err}");
+    }
+    assert!(validate(&NetworkPlatform::default()).is_ok());
+}
+
+#[test]
 fn normalize_ignores_what_the_server_fills_in() {
     let cfg = validate(&platform()).unwrap();
     let p = plan(&cfg, &tenant("acme"));
