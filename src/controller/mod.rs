@@ -66,9 +66,16 @@ pub async fn run(ctx: Arc<Context>, health: Arc<Health>, opts: RunOptions) {
     .predicate_filter(kube::runtime::predicates::generation, Default::default());
     let mut org_controller = Controller::for_stream(trigger, reader)
         .owns(Api::<Namespace>::all(client.clone()), owned.clone())
-        .owns(Api::<NetworkPolicy>::all(client.clone()), owned.clone());
+        .watches(
+            Api::<NetworkPolicy>::all(client.clone()),
+            owned.clone(),
+            |np: NetworkPolicy| owning_organizations(&np),
+        );
     if opts.watch_secrets {
-        org_controller = org_controller.owns(Api::<Secret>::all(client.clone()), owned);
+        org_controller =
+            org_controller.watches(Api::<Secret>::all(client.clone()), owned, |s: Secret| {
+                owning_organizations(&s)
+            });
     }
     let org_controller = org_controller
         .watches_stream(platform_specs, move |p: IsolationPlatform| {
@@ -108,6 +115,21 @@ pub async fn run(ctx: Arc<Context>, health: Arc<Health>, opts: RunOptions) {
     tracing::info!(concurrency = opts.concurrency, "controllers running");
     futures::join!(org_controller, platform_controller);
     health.set_ready(false);
+}
+
+/// The Organizations that own a namespaced object, as references without a namespace. (`owns`
+/// would key them by the child's namespace, so a pass triggered through a NetworkPolicy could
+/// run beside one triggered through the Organization itself: two passes of one Organization at
+/// once, racing each other's credentials.)
+fn owning_organizations<K: Resource>(child: &K) -> Vec<ObjectRef<DeserializeGuard<Organization>>> {
+    child
+        .meta()
+        .owner_references
+        .iter()
+        .flatten()
+        .filter(|o| o.kind == "Organization" && o.api_version.starts_with("bulkhead.dev/"))
+        .map(|o| ObjectRef::new(&o.name))
+        .collect()
 }
 
 /// What makes a new pass necessary: a new generation (spec), deletion, the rotate and adopt
@@ -176,4 +198,39 @@ fn platform_error_policy(p: Arc<IsolationPlatform>, err: &Error, ctx: Arc<Contex
     ctx.metrics.failure("isolationplatform", err.metric_label());
     tracing::warn!(platform = %p.name_any(), error = %err, "platform reconcile failed");
     Action::requeue(Duration::from_secs(15))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_namespaced_child_maps_to_the_same_key_as_its_organization() {
+        let mut np = NetworkPolicy::default();
+        np.metadata.namespace = Some("org-acme".into());
+        np.metadata.owner_references = Some(vec![
+            pass::owner_reference(
+                &serde_json::from_value(serde_json::json!({
+                    "apiVersion": "bulkhead.dev/v1alpha1", "kind": "Organization",
+                    "metadata": { "name": "acme", "uid": "u1" }, "spec": { "orgId": "acme" }
+                }))
+                .unwrap(),
+            ),
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                api_version: "apps/v1".into(),
+                kind: "Deployment".into(),
+                name: "other".into(),
+                ..Default::default()
+            },
+        ]);
+        let refs = owning_organizations(&np);
+        assert_eq!(
+            refs,
+            vec![ObjectRef::<DeserializeGuard<Organization>>::new("acme")]
+        );
+        assert_eq!(
+            refs[0].namespace, None,
+            "one key per Organization, whatever the child's namespace"
+        );
+    }
 }
