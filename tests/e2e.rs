@@ -548,3 +548,92 @@ async fn a_namespace_that_belongs_to_someone_else_is_refused_not_adopted() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_burst_of_organizations_converges_with_one_pass_each_and_drift_still_starts_one() {
+    let client = Testbed::get().kube().await;
+    install_crds(&client).await;
+    let platform_name = unique("burst");
+    let operator_ns = unique("burst-operator");
+    common::ensure_namespace(&client, &operator_ns).await;
+    let platform: IsolationPlatform = serde_json::from_value(json!({
+        "apiVersion": "bulkhead.dev/v1alpha1", "kind": "IsolationPlatform",
+        "metadata": { "name": platform_name },
+        "spec": { "network": { "namespaceTemplate": format!("{platform_name}-{{orgId}}") }, "verification": { "intervalSeconds": 3600 } }
+    }))
+    .unwrap();
+    Api::<IsolationPlatform>::all(client.clone())
+        .create(&PostParams::default(), &platform)
+        .await
+        .expect("platform");
+    let operator = Operator::start(&platform_name, &operator_ns);
+    let api: Api<Organization> = Api::all(client.clone());
+    let names: Vec<String> = (0..12).map(|i| format!("{platform_name}-o{i}")).collect();
+    for name in &names {
+        let o: Organization = serde_json::from_value(org(
+            name,
+            json!({ "orgId": name, "platformRef": platform_name }),
+        ))
+        .unwrap();
+        api.create(&PostParams::default(), &o)
+            .await
+            .expect("create");
+    }
+    for name in &names {
+        wait_for("Organization Ready", Duration::from_secs(120), || {
+            let api = api.clone();
+            let name = name.clone();
+            async move {
+                let o = api.get(&name).await.ok()?;
+                (condition(&o, "Ready").map(|c| c.0) == Some("True".into())).then_some(())
+            }
+        })
+        .await;
+    }
+    // Whatever the passes wrote (namespaces, NetworkPolicies, status) must not start more.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let passes = |log: &str, name: &str| {
+        let needle = format!("reconciled organization={name} ");
+        log.lines().filter(|l| l.contains(&needle)).count()
+    };
+    let log = operator.log();
+    let counts: Vec<usize> = names.iter().map(|n| passes(&log, n)).collect();
+    println!("passes per Organization from creation to Ready: {counts:?}");
+    assert!(
+        counts.iter().all(|&c| c == 1),
+        "passes per Organization: {counts:?}"
+    );
+
+    // A change made by someone else still starts a pass, and it repairs.
+    let victim = &names[0];
+    let ns = format!("{platform_name}-{victim}");
+    let policies: Api<k8s_openapi::api::networking::v1::NetworkPolicy> =
+        Api::namespaced(client.clone(), &ns);
+    policies
+        .delete("bulkhead-default-deny", &DeleteParams::default())
+        .await
+        .expect("delete policy");
+    wait_for("NetworkPolicy repaired", Duration::from_secs(30), || {
+        let policies = policies.clone();
+        async move {
+            policies
+                .get_opt("bulkhead-default-deny")
+                .await
+                .ok()?
+                .map(|_| ())
+        }
+    })
+    .await;
+    assert_eq!(
+        passes(&operator.log(), victim),
+        2,
+        "one pass for the deletion"
+    );
+
+    for name in &names {
+        api.delete(name, &DeleteParams::default()).await.ok();
+    }
+    for name in &names {
+        common::wait_gone(&api, name, Duration::from_secs(60)).await;
+    }
+}

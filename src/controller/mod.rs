@@ -64,18 +64,22 @@ pub async fn run(ctx: Arc<Context>, health: Arc<Health>, opts: RunOptions) {
     .default_backoff()
     .applied_objects()
     .predicate_filter(kube::runtime::predicates::generation, Default::default());
+    // Owned objects start a pass when someone else changed or deleted them; the operator's own
+    // writes (creating them in a pass) do not.
     let mut org_controller = Controller::for_stream(trigger, reader)
-        .owns(Api::<Namespace>::all(client.clone()), owned.clone())
-        .watches(
-            Api::<NetworkPolicy>::all(client.clone()),
-            owned.clone(),
+        .watches_stream(
+            foreign_changes(Api::<Namespace>::all(client.clone()), owned.clone()),
+            |ns: Namespace| owning_organizations(&ns),
+        )
+        .watches_stream(
+            foreign_changes(Api::<NetworkPolicy>::all(client.clone()), owned.clone()),
             |np: NetworkPolicy| owning_organizations(&np),
         );
     if opts.watch_secrets {
-        org_controller =
-            org_controller.watches(Api::<Secret>::all(client.clone()), owned, |s: Secret| {
-                owning_organizations(&s)
-            });
+        org_controller = org_controller.watches_stream(
+            foreign_changes(Api::<Secret>::all(client.clone()), owned),
+            |s: Secret| owning_organizations(&s),
+        );
     }
     let org_controller = org_controller
         .watches_stream(platform_specs, move |p: IsolationPlatform| {
@@ -115,6 +119,45 @@ pub async fn run(ctx: Arc<Context>, health: Arc<Health>, opts: RunOptions) {
     tracing::info!(concurrency = opts.concurrency, "controllers running");
     futures::join!(org_controller, platform_controller);
     health.set_ready(false);
+}
+
+/// Events of `api` that need a pass: a deletion (begun or done), or a change whose last writer
+/// was not the operator. Initial listings start nothing (every Organization gets its own pass at start).
+fn foreign_changes<K>(
+    api: Api<K>,
+    config: watcher::Config,
+) -> impl futures::Stream<Item = Result<K, watcher::Error>> + Send
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Default,
+{
+    watcher(api, config)
+        .default_backoff()
+        .filter_map(|event| async move {
+            match event {
+                Ok(watcher::Event::Delete(o)) => Some(Ok(o)),
+                Ok(watcher::Event::Apply(o))
+                    if o.meta().deletion_timestamp.is_some()
+                        || !last_written_by_operator(o.meta()) =>
+                {
+                    Some(Ok(o))
+                }
+                Ok(_) => None,
+                Err(e) => Some(Err(e)),
+            }
+        })
+}
+
+/// Whether the newest entry of the object's managed fields is the operator's alone (pure). A
+/// tie with another manager in the same second counts as foreign: a pass too many is harmless,
+/// a missed repair is not.
+pub fn last_written_by_operator(meta: &kube::api::ObjectMeta) -> bool {
+    let entries = meta.managed_fields.as_deref().unwrap_or_default();
+    let Some(newest) = entries.iter().filter_map(|m| m.time.as_ref()).max() else {
+        return false;
+    };
+    let mut latest = entries.iter().filter(|m| m.time.as_ref() == Some(newest));
+    latest.all(|m| m.manager.as_deref() == Some(FIELD_MANAGER))
 }
 
 /// The Organizations that own a namespaced object, as references without a namespace. (`owns`
@@ -203,6 +246,46 @@ fn platform_error_policy(p: Arc<IsolationPlatform>, err: &Error, ctx: Arc<Contex
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn entry(
+        manager: &str,
+        second: i64,
+    ) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry {
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry {
+            manager: Some(manager.into()),
+            time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::from_second(second).unwrap(),
+            )),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_the_operators_own_latest_write_is_quiet() {
+        let meta = |entries: Vec<
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry,
+        >| kube::api::ObjectMeta {
+            managed_fields: Some(entries),
+            ..Default::default()
+        };
+        assert!(last_written_by_operator(&meta(vec![entry("bulkhead", 10)])));
+        assert!(last_written_by_operator(&meta(vec![
+            entry("kubectl", 5),
+            entry("bulkhead", 10)
+        ])));
+        assert!(!last_written_by_operator(&meta(vec![
+            entry("bulkhead", 5),
+            entry("kubectl-edit", 10)
+        ])));
+        assert!(
+            !last_written_by_operator(&meta(vec![entry("bulkhead", 10), entry("kubectl", 10)])),
+            "a tie is foreign"
+        );
+        assert!(
+            !last_written_by_operator(&meta(vec![])),
+            "unknown history is foreign"
+        );
+    }
 
     #[test]
     fn a_namespaced_child_maps_to_the_same_key_as_its_organization() {
