@@ -630,6 +630,31 @@ async fn a_burst_of_organizations_converges_with_one_pass_each_and_drift_still_s
         "one pass for the deletion"
     );
 
+    // A restart with nothing changed resumes the schedule: no pass, no status write.
+    drop(operator);
+    let operator = Operator::start(&platform_name, &operator_ns);
+    let base = operator.http_base().await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let log = operator.log();
+    let after_restart: usize = names.iter().map(|n| passes(&log, n)).sum();
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .expect("/metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    let patches = metrics
+        .lines()
+        .find(|l| l.starts_with("bulkhead_status_patches_total{kind=\"organization\"}"))
+        .unwrap_or("none");
+    assert!(
+        metrics.contains("# TYPE bulkhead_status_patches counter"),
+        "{metrics}"
+    );
+    println!("after a restart: {after_restart} passes, status patches: {patches}");
+    assert_eq!(after_restart, 0, "a restart re-ran passes");
+    assert_eq!(patches, "none", "a restart wrote status");
+
     for name in &names {
         api.delete(name, &DeleteParams::default()).await.ok();
     }

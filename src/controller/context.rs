@@ -33,6 +33,8 @@ pub struct Context {
     /// Consecutive transient failures per (organization, part of the pass), for backoff.
     pub(crate) streaks: Mutex<HashMap<(String, &'static str), u32>>,
     pub(crate) orgs: OnceLock<Store<DeserializeGuard<Organization>>>,
+    /// Organizations this process has already seen a pass for.
+    seen: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Context {
@@ -56,6 +58,7 @@ impl Context {
             failures: Mutex::new(HashMap::new()),
             streaks: Mutex::new(HashMap::new()),
             orgs: OnceLock::new(),
+            seen: Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -86,6 +89,11 @@ impl Context {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// Whether this is the first pass of `name` in this process (and records that it happened).
+    pub(crate) async fn first_pass(&self, name: &str) -> bool {
+        self.seen.lock().await.insert(name.to_owned())
     }
 
     /// Publishes an Event about `regarding`; failures to publish are logged, never fatal.

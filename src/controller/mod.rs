@@ -56,14 +56,15 @@ pub async fn run(ctx: Arc<Context>, health: Arc<Health>, opts: RunOptions) {
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
     let platform_reader = reader.clone();
     // A platform's status (organization counts, audits) changes with every pass; only a change
-    // of its spec concerns its Organizations.
+    // of its spec, after it was first seen, concerns its Organizations (each gets a pass of its
+    // own at start).
     let platform_specs = watcher(
         Api::<IsolationPlatform>::all(client.clone()),
         watcher::Config::default(),
     )
     .default_backoff()
-    .applied_objects()
-    .predicate_filter(kube::runtime::predicates::generation, Default::default());
+    .applied_objects();
+    let generations = std::sync::Mutex::new(std::collections::HashMap::new());
     // Owned objects start a pass when someone else changed or deleted them; the operator's own
     // writes (creating them in a pass) do not.
     let mut org_controller = Controller::for_stream(trigger, reader)
@@ -84,6 +85,13 @@ pub async fn run(ctx: Arc<Context>, health: Arc<Health>, opts: RunOptions) {
     let org_controller = org_controller
         .watches_stream(platform_specs, move |p: IsolationPlatform| {
             let name = p.name_any();
+            let changed = generations
+                .lock()
+                .map(|mut seen| spec_changed(&mut seen, &name, p.metadata.generation))
+                .unwrap_or(true);
+            if !changed {
+                return Vec::new();
+            }
             platform_reader
                 .state()
                 .into_iter()
@@ -175,6 +183,19 @@ fn owning_organizations<K: Resource>(child: &K) -> Vec<ObjectRef<DeserializeGuar
         .collect()
 }
 
+/// Records `generation` for platform `name`; whether it is a change of a generation seen
+/// before (pure but for `seen`). The first sighting is not a change.
+pub fn spec_changed(
+    seen: &mut std::collections::HashMap<String, Option<i64>>,
+    name: &str,
+    generation: Option<i64>,
+) -> bool {
+    match seen.insert(name.to_owned(), generation) {
+        None => false,
+        Some(before) => before != generation,
+    }
+}
+
 /// What makes a new pass necessary: a new generation (spec), deletion, the rotate and adopt
 /// annotations, the finalizer going missing.
 fn pass_trigger(o: &DeserializeGuard<Organization>) -> Option<u64> {
@@ -258,6 +279,15 @@ mod tests {
             )),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_platform_starts_passes_only_when_its_spec_changes_after_it_was_seen() {
+        let mut seen = std::collections::HashMap::new();
+        assert!(!spec_changed(&mut seen, "p", Some(1)), "first sighting");
+        assert!(!spec_changed(&mut seen, "p", Some(1)), "status change");
+        assert!(spec_changed(&mut seen, "p", Some(2)), "spec change");
+        assert!(!spec_changed(&mut seen, "q", Some(7)));
     }
 
     #[test]

@@ -181,6 +181,13 @@ async fn apply(org: Arc<Organization>, ctx: &Context) -> Result<Action, Error> {
         write_status(ctx, &org, &blocked_status(&org, &blocked)).await?;
         return Ok(blocked.action());
     }
+    let interval = r.platform.spec.verification.interval_seconds;
+    if ctx.first_pass(&r.tenant.name).await
+        && let Some(wait) = pass::resume_delay(&r, interval, &now())
+    {
+        tracing::debug!(organization = %r.tenant.name, ?wait, "verified recently; schedule resumed");
+        return Ok(Action::requeue(wait));
+    }
     let rt = ctx.platforms.runtime(ctx, &r.platform).await;
     let intent = pass::record_intent(ctx, &r, &rt).await?;
     let opened = pass::open_workspace(ctx, &r).await;

@@ -763,6 +763,35 @@ pub fn milestones(
     out
 }
 
+/// Stage 0, at the first pass of this process (pure): an Organization that was Ready, verified
+/// less than one interval ago and asks for nothing new is not probed again; its next pass is
+/// due when its last verification turns one interval old. So a restart resumes the schedule
+/// instead of re-probing (and re-writing) everything at once.
+pub fn resume_delay(r: &Resolved, interval_seconds: u32, now: &Time) -> Option<Duration> {
+    let p = &r.previous;
+    let ready = p
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.status == ConditionStatus::True);
+    let settled = p.observed_generation == r.org.metadata.generation
+        && !r.rotation.due
+        && r.tenant
+            .adopt_from
+            .as_ref()
+            .is_none_or(|a| p.adopted_from.as_ref() == Some(a));
+    if !ready || !settled {
+        return None;
+    }
+    let oldest = p
+        .layers
+        .iter()
+        .filter_map(|l| l.last_probe_time.as_ref())
+        .min()?;
+    let age = now.0.duration_since(oldest.0).as_secs_f64();
+    let left = f64::from(interval_seconds) - age;
+    (age >= 0.0 && left > 0.0).then(|| Duration::from_secs_f64(left))
+}
+
 /// Stage 10 (pure): the next pass. Without failures, the verification schedule. A transient
 /// failure backs off exponentially from the part's consecutive failures (`attempts`), spread by
 /// `jitter` in [0, 1) to ±20% so an outage does not bring every organization back on the same

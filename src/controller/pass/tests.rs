@@ -403,3 +403,88 @@ fn verification_delay_is_spread_but_bounded() {
     }
     assert_eq!(a, verification_delay(300, "acme"), "deterministic per name");
 }
+
+fn verified_at(second: i64) -> OrganizationStatus {
+    let at = Time(k8s_openapi::jiff::Timestamp::from_second(second).unwrap());
+    OrganizationStatus {
+        observed_generation: Some(3),
+        conditions: vec![crate::api::Condition::new(
+            "Ready",
+            ConditionStatus::True,
+            "Isolated",
+            "ok",
+        )],
+        layers: vec![
+            crate::api::LayerDetail {
+                layer: "database".into(),
+                last_probe_time: Some(at.clone()),
+                ..Default::default()
+            },
+            crate::api::LayerDetail {
+                layer: "network".into(),
+                last_probe_time: Some(Time(
+                    k8s_openapi::jiff::Timestamp::from_second(second + 5).unwrap(),
+                )),
+                ..Default::default()
+            },
+        ],
+        ..Default::default()
+    }
+}
+
+fn with_status(o: Arc<Organization>, status: OrganizationStatus) -> Resolved {
+    let mut o = (*o).clone();
+    o.status = Some(status);
+    resolved(Arc::new(o))
+}
+
+fn at(second: i64) -> Time {
+    Time(k8s_openapi::jiff::Timestamp::from_second(second).unwrap())
+}
+
+#[test]
+fn a_restart_resumes_the_schedule_of_a_recently_verified_organization() {
+    let r = with_status(org("acme", &[]), verified_at(1_000));
+    assert_eq!(
+        resume_delay(&r, 300, &at(1_100)),
+        Some(Duration::from_secs(200)),
+        "counted from the oldest probe"
+    );
+    assert_eq!(
+        resume_delay(&r, 300, &at(1_300)),
+        None,
+        "a full interval old: probe now"
+    );
+}
+
+#[test]
+fn a_restart_works_on_anything_that_is_not_settled() {
+    let mut s = verified_at(1_000);
+    s.observed_generation = Some(2);
+    assert_eq!(
+        resume_delay(&with_status(org("acme", &[]), s), 300, &at(1_100)),
+        None,
+        "spec changed"
+    );
+    let mut s = verified_at(1_000);
+    s.conditions[0].status = ConditionStatus::False;
+    assert_eq!(
+        resume_delay(&with_status(org("acme", &[]), s), 300, &at(1_100)),
+        None,
+        "not Ready"
+    );
+    let r = with_status(org("acme", &[(ROTATE_ANNOTATION, "9")]), verified_at(1_000));
+    assert_eq!(resume_delay(&r, 300, &at(1_100)), None, "rotation due");
+    let r = with_status(
+        org("acme", &[(ADOPT_ANNOTATION, "old")]),
+        verified_at(1_000),
+    );
+    assert_eq!(resume_delay(&r, 300, &at(1_100)), None, "adoption pending");
+    let mut s = verified_at(1_000);
+    s.layers.clear();
+    assert_eq!(
+        resume_delay(&with_status(org("acme", &[]), s), 300, &at(1_100)),
+        None,
+        "never probed"
+    );
+}
