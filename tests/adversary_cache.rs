@@ -6,53 +6,25 @@
 mod common;
 
 use bulkhead::api::DeletionPolicy;
-use bulkhead::api::platform::{CachePlatform, SecretKeySelector};
+use bulkhead::api::platform::CachePlatform;
 use bulkhead::layers::cache::{self, CacheLayer};
 use bulkhead::layers::{Credentials, Layer, LayerError, Tenant};
 use bulkhead::tenant::OrgId;
 use common::{Testbed, attempt_row, unique};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use redis::Value;
 use redis::aio::MultiplexedConnection;
 
 fn spec() -> CachePlatform {
-    CachePlatform {
-        admin_url_secret_ref: SecretKeySelector {
-            name: "redis-admin".into(),
-            namespace: None,
-            key: "url".into(),
-        },
-        nodes: vec![],
-        discover_nodes: false,
-        tenant_endpoint: None,
-        key_prefix: "org:{orgId}:".into(),
-        channel_prefix: "org:{orgId}:".into(),
-        user_prefix: "bulkhead-org-".into(),
-        allow_scripting: false,
-        acl_file: false,
-    }
+    common::cache_spec()
 }
 
 fn tenant(org: &str, uid: &str) -> Tenant {
-    Tenant {
-        name: org.to_owned(),
-        org_id: OrgId::parse(org).unwrap(),
-        display_name: org.to_owned(),
-        namespace: format!("org-{org}"),
-        deletion_policy: DeletionPolicy::Retain,
-        rotate: false,
-        peers: vec![OrgId::sentinel()],
-        owner: OwnerReference {
-            api_version: "bulkhead.dev/v1alpha1".into(),
-            kind: "Organization".into(),
-            name: org.to_owned(),
-            uid: uid.to_owned(),
-            ..Default::default()
-        },
-        adopt_from: None,
-        resource_quota: None,
-        limit_range: None,
-    }
+    common::tenant_of(
+        &OrgId::parse(org).unwrap(),
+        uid,
+        &[],
+        DeletionPolicy::Retain,
+    )
 }
 
 async fn layer_with(spec: &CachePlatform) -> CacheLayer {

@@ -56,25 +56,7 @@ impl TestDb {
 }
 
 fn tenant(org: &OrgId, peers: &[&OrgId]) -> Tenant {
-    let mut all = vec![OrgId::sentinel()];
-    all.extend(peers.iter().map(|p| (*p).clone()));
-    let owner = k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
-        uid: format!("uid-{org}"),
-        ..Default::default()
-    };
-    Tenant {
-        name: org.as_str().to_owned(),
-        org_id: org.clone(),
-        display_name: org.as_str().to_owned(),
-        namespace: format!("org-{org}"),
-        deletion_policy: DeletionPolicy::Delete,
-        rotate: false,
-        peers: all,
-        owner,
-        adopt_from: None,
-        resource_quota: None,
-        limit_range: None,
-    }
+    common::tenant_of(org, &format!("uid-{org}"), peers, DeletionPolicy::Delete)
 }
 
 /// Two provisioned organizations: `a` is the attacker, `b` the victim.

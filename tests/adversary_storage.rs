@@ -14,7 +14,6 @@ use bulkhead::layers::storage::StorageLayer;
 use bulkhead::layers::{Credentials, Layer, LayerError, Tenant};
 use bulkhead::tenant::OrgId;
 use common::{Testbed, attempt_row, unique};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use serde_json::{Value, json};
 
 fn platform(endpoint: &str, bucket: &str, extra: Value) -> StoragePlatform {
@@ -94,31 +93,9 @@ fn admin(moto: bool) -> Admin {
     }
 }
 
-fn owner(uid: &str) -> OwnerReference {
-    OwnerReference {
-        api_version: "bulkhead.dev/v1alpha1".into(),
-        kind: "Organization".into(),
-        name: "org".into(),
-        uid: uid.into(),
-        ..Default::default()
-    }
-}
-
 /// An Organization with this orgId and owner UID, deleted with `Delete`.
 fn tenant(org: &OrgId, uid: &str) -> Tenant {
-    Tenant {
-        name: org.to_string(),
-        org_id: org.clone(),
-        display_name: org.to_string(),
-        namespace: format!("org-{org}"),
-        deletion_policy: DeletionPolicy::Delete,
-        rotate: false,
-        peers: vec![OrgId::sentinel()],
-        owner: owner(uid),
-        adopt_from: None,
-        resource_quota: None,
-        limit_range: None,
-    }
+    common::tenant_of(org, uid, &[], DeletionPolicy::Delete)
 }
 
 fn outcome<T>(r: &Result<T, LayerError>) -> String {

@@ -7,31 +7,16 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use bulkhead::api::DeletionPolicy;
-use bulkhead::api::platform::{CachePlatform, SecretKeySelector};
+use bulkhead::api::platform::CachePlatform;
 use bulkhead::layers::cache::{self, CacheLayer};
 use bulkhead::layers::{Credentials, Layer, LayerError, Tenant, Verification};
 use bulkhead::tenant::OrgId;
 use common::{Testbed, unique};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use redis::Value;
 use redis::aio::MultiplexedConnection;
 
 fn spec() -> CachePlatform {
-    CachePlatform {
-        admin_url_secret_ref: SecretKeySelector {
-            name: "redis-admin".into(),
-            namespace: None,
-            key: "url".into(),
-        },
-        nodes: vec![],
-        discover_nodes: false,
-        tenant_endpoint: None,
-        key_prefix: "org:{orgId}:".into(),
-        channel_prefix: "org:{orgId}:".into(),
-        user_prefix: "bulkhead-org-".into(),
-        allow_scripting: false,
-        acl_file: false,
-    }
+    common::cache_spec()
 }
 
 fn org_id() -> String {
@@ -39,27 +24,14 @@ fn org_id() -> String {
 }
 
 fn tenant(org: &str, peers: &[&str]) -> Tenant {
-    Tenant {
-        name: org.to_owned(),
-        org_id: OrgId::parse(org).unwrap(),
-        display_name: org.to_owned(),
-        namespace: format!("org-{org}"),
-        deletion_policy: DeletionPolicy::Retain,
-        rotate: false,
-        peers: std::iter::once(OrgId::sentinel())
-            .chain(peers.iter().map(|p| OrgId::parse(p).unwrap()))
-            .collect(),
-        owner: OwnerReference {
-            api_version: "bulkhead.dev/v1alpha1".into(),
-            kind: "Organization".into(),
-            name: org.to_owned(),
-            uid: "00000000-0000-0000-0000-000000000000".into(),
-            ..Default::default()
-        },
-        adopt_from: None,
-        resource_quota: None,
-        limit_range: None,
-    }
+    let peers: Vec<OrgId> = peers.iter().map(|p| OrgId::parse(p).unwrap()).collect();
+    let peers: Vec<&OrgId> = peers.iter().collect();
+    common::tenant_of(
+        &OrgId::parse(org).unwrap(),
+        "00000000-0000-0000-0000-000000000000",
+        &peers,
+        DeletionPolicy::Retain,
+    )
 }
 
 async fn layer_with(spec: &CachePlatform) -> CacheLayer {

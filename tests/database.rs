@@ -81,20 +81,9 @@ impl TestDb {
 }
 
 fn tenant(org: &OrgId, display: &str, peers: &[&OrgId], policy: DeletionPolicy) -> Tenant {
-    let mut all = vec![OrgId::sentinel()];
-    all.extend(peers.iter().map(|p| (*p).clone()));
     Tenant {
-        name: org.as_str().to_owned(),
-        org_id: org.clone(),
         display_name: display.to_owned(),
-        namespace: format!("org-{org}"),
-        deletion_policy: policy,
-        rotate: false,
-        peers: all,
-        owner: Default::default(),
-        adopt_from: None,
-        resource_quota: None,
-        limit_range: None,
+        ..common::tenant_of(org, "", peers, policy)
     }
 }
 

@@ -74,19 +74,8 @@ fn owner(uid: &str) -> OwnerReference {
 
 fn tenant(org: &OrgId, peers: &[&OrgId]) -> Tenant {
     Tenant {
-        name: org.to_string(),
-        org_id: org.clone(),
         display_name: format!("Org \"{org}\" O'Brien & Co"),
-        namespace: format!("org-{org}"),
-        deletion_policy: DeletionPolicy::Delete,
-        rotate: false,
-        peers: std::iter::once(OrgId::sentinel())
-            .chain(peers.iter().map(|p| (*p).clone()))
-            .collect(),
-        owner: owner(&unique("uid")),
-        adopt_from: None,
-        resource_quota: None,
-        limit_range: None,
+        ..common::tenant_of(org, &unique("uid"), peers, DeletionPolicy::Delete)
     }
 }
 

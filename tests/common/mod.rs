@@ -551,3 +551,55 @@ pub fn with_database(url: &str, db: &str) -> String {
         .expect("admin URL has a database path");
     format!("{server}/{db}{query}")
 }
+
+/// A `Tenant` as the controller would hand it to a layer: org id `org`, owned by the
+/// Organization with UID `uid`, whose probes attack the sentinel and then `peers`.
+pub fn tenant_of(
+    org: &bulkhead::tenant::OrgId,
+    uid: &str,
+    peers: &[&bulkhead::tenant::OrgId],
+    policy: bulkhead::api::DeletionPolicy,
+) -> bulkhead::layers::Tenant {
+    use bulkhead::tenant::OrgId;
+    bulkhead::layers::Tenant {
+        name: org.to_string(),
+        org_id: org.clone(),
+        display_name: org.to_string(),
+        namespace: format!("org-{org}"),
+        deletion_policy: policy,
+        rotate: false,
+        peers: std::iter::once(OrgId::sentinel())
+            .chain(peers.iter().map(|p| (*p).clone()))
+            .collect(),
+        owner: k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+            api_version: "bulkhead.dev/v1alpha1".into(),
+            kind: "Organization".into(),
+            name: org.to_string(),
+            uid: uid.to_owned(),
+            ..Default::default()
+        },
+        adopt_from: None,
+        resource_quota: None,
+        limit_range: None,
+    }
+}
+
+/// The cache platform section the cache tests share: the testbed's Redis, default prefixes.
+pub fn cache_spec() -> bulkhead::api::platform::CachePlatform {
+    use bulkhead::api::platform::{CachePlatform, SecretKeySelector};
+    CachePlatform {
+        admin_url_secret_ref: SecretKeySelector {
+            name: "redis-admin".into(),
+            namespace: None,
+            key: "url".into(),
+        },
+        nodes: vec![],
+        discover_nodes: false,
+        tenant_endpoint: None,
+        key_prefix: "org:{orgId}:".into(),
+        channel_prefix: "org:{orgId}:".into(),
+        user_prefix: "bulkhead-org-".into(),
+        allow_scripting: false,
+        acl_file: false,
+    }
+}

@@ -659,6 +659,29 @@ impl CacheLayer {
         Ok(())
     }
 
+    /// One `SCAN … MATCH pattern COUNT 1000` page on the primary: the next cursor and the keys.
+    async fn scan_page(
+        &self,
+        pattern: &str,
+        cursor: u64,
+    ) -> Result<(u64, Vec<Vec<u8>>), LayerError> {
+        let primary = &self.inner.primary;
+        let reply = self
+            .admin_cmd(
+                primary,
+                "SCAN",
+                redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(pattern)
+                    .arg("COUNT")
+                    .arg(1000),
+            )
+            .await?;
+        parse_scan(&reply)
+            .ok_or_else(|| LayerError::Backend(format!("redis {primary}: unexpected SCAN reply")))
+    }
+
     /// Up to `limit` keys under `org`'s prefix (all when `None`), with `SCAN MATCH` on the primary.
     async fn scan_keys(
         &self,
@@ -666,25 +689,10 @@ impl CacheLayer {
         limit: Option<usize>,
     ) -> Result<Vec<Vec<u8>>, LayerError> {
         let pattern = self.inner.rules.scan_pattern(org)?;
-        let primary = self.inner.primary.clone();
         let mut cursor: u64 = 0;
         let mut found = Vec::new();
         loop {
-            let reply = self
-                .admin_cmd(
-                    &primary,
-                    "SCAN",
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(&pattern)
-                        .arg("COUNT")
-                        .arg(1000),
-                )
-                .await?;
-            let (next, keys) = parse_scan(&reply).ok_or_else(|| {
-                LayerError::Backend(format!("redis {primary}: unexpected SCAN reply"))
-            })?;
+            let (next, keys) = self.scan_page(&pattern, cursor).await?;
             found.extend(keys);
             if next == 0 || limit.is_some_and(|l| found.len() >= l) {
                 return Ok(found);
@@ -697,26 +705,11 @@ impl CacheLayer {
     /// Returns the number of keys unlinked.
     pub async fn delete_keys(&self, org: &OrgId) -> Result<u64, LayerError> {
         let pattern = self.inner.rules.scan_pattern(org)?;
-        let primary = self.inner.primary.clone();
         let mut cursor: u64 = 0;
         let mut removed = 0u64;
         let mut pending: Vec<Vec<u8>> = Vec::new();
         loop {
-            let reply = self
-                .admin_cmd(
-                    &primary,
-                    "SCAN",
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(&pattern)
-                        .arg("COUNT")
-                        .arg(1000),
-                )
-                .await?;
-            let (next, keys) = parse_scan(&reply).ok_or_else(|| {
-                LayerError::Backend(format!("redis {primary}: unexpected SCAN reply"))
-            })?;
+            let (next, keys) = self.scan_page(&pattern, cursor).await?;
             pending.extend(keys);
             while pending.len() >= UNLINK_BATCH || (next == 0 && !pending.is_empty()) {
                 let batch: Vec<Vec<u8>> =
@@ -725,7 +718,7 @@ impl CacheLayer {
                 for k in &batch {
                     cmd.arg(k.as_slice());
                 }
-                if let Value::Int(n) = self.admin_cmd(&primary, "UNLINK", &cmd).await? {
+                if let Value::Int(n) = self.admin_cmd(&self.inner.primary, "UNLINK", &cmd).await? {
                     removed += u64::try_from(n).unwrap_or(0);
                 }
             }
