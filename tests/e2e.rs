@@ -554,25 +554,44 @@ async fn a_burst_of_organizations_converges_with_one_pass_each_and_drift_still_s
     let client = Testbed::get().kube().await;
     install_crds(&client).await;
     let platform_name = unique("burst");
-    let operator_ns = unique("burst-operator");
-    common::ensure_namespace(&client, &operator_ns).await;
-    let platform: IsolationPlatform = serde_json::from_value(json!({
-        "apiVersion": "bulkhead.dev/v1alpha1", "kind": "IsolationPlatform",
-        "metadata": { "name": platform_name },
-        "spec": { "network": { "namespaceTemplate": format!("{platform_name}-{{orgId}}") }, "verification": { "intervalSeconds": 3600 } }
-    }))
-    .unwrap();
-    Api::<IsolationPlatform>::all(client.clone())
-        .create(&PostParams::default(), &platform)
-        .await
-        .expect("platform");
+    // BULKHEAD_BURST_LAYERS=db-cache adds the database and cache layers (storage off), as in the
+    // 200-organization storm once reported; the default is the network layer only.
+    let with_backends = std::env::var("BULKHEAD_BURST_LAYERS").is_ok_and(|v| v == "db-cache");
+    let operator_ns = if with_backends {
+        common::FullPlatform::create(&client, &platform_name, 3600)
+            .await
+            .operator_ns
+    } else {
+        let operator_ns = unique("burst-operator");
+        common::ensure_namespace(&client, &operator_ns).await;
+        let platform: IsolationPlatform = serde_json::from_value(json!({
+            "apiVersion": "bulkhead.dev/v1alpha1", "kind": "IsolationPlatform",
+            "metadata": { "name": platform_name },
+            "spec": { "network": { "namespaceTemplate": format!("{platform_name}-{{orgId}}") }, "verification": { "intervalSeconds": 3600 } }
+        }))
+        .unwrap();
+        Api::<IsolationPlatform>::all(client.clone())
+            .create(&PostParams::default(), &platform)
+            .await
+            .expect("platform");
+        operator_ns
+    };
     let operator = Operator::start(&platform_name, &operator_ns);
     let api: Api<Organization> = Api::all(client.clone());
-    let names: Vec<String> = (0..12).map(|i| format!("{platform_name}-o{i}")).collect();
+    // BULKHEAD_BURST_ORGS sets the burst's size (12 by default, kept small for the suite).
+    let count: usize = std::env::var("BULKHEAD_BURST_ORGS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(12);
+    let names: Vec<String> = (0..count)
+        .map(|i| format!("{platform_name}-o{i}"))
+        .collect();
+    let started = std::time::Instant::now();
     for name in &names {
         let o: Organization = serde_json::from_value(org(
             name,
-            json!({ "orgId": name, "platformRef": platform_name }),
+            json!({ "orgId": name, "platformRef": platform_name,
+                    "storage": { "enabled": false }, "deletionPolicy": "Delete" }),
         ))
         .unwrap();
         api.create(&PostParams::default(), &o)
@@ -580,16 +599,21 @@ async fn a_burst_of_organizations_converges_with_one_pass_each_and_drift_still_s
             .expect("create");
     }
     for name in &names {
-        wait_for("Organization Ready", Duration::from_secs(120), || {
-            let api = api.clone();
-            let name = name.clone();
-            async move {
-                let o = api.get(&name).await.ok()?;
-                (condition(&o, "Ready").map(|c| c.0) == Some("True".into())).then_some(())
-            }
-        })
+        wait_for(
+            "Organization Ready",
+            Duration::from_secs(120 + count as u64),
+            || {
+                let api = api.clone();
+                let name = name.clone();
+                async move {
+                    let o = api.get(&name).await.ok()?;
+                    (condition(&o, "Ready").map(|c| c.0) == Some("True".into())).then_some(())
+                }
+            },
+        )
         .await;
     }
+    println!("{count} Organizations Ready in {:?}", started.elapsed());
     // Whatever the passes wrote (namespaces, NetworkPolicies, status) must not start more.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let passes = |log: &str, name: &str| {
@@ -624,6 +648,13 @@ async fn a_burst_of_organizations_converges_with_one_pass_each_and_drift_still_s
         }
     })
     .await;
+    // The pass logs when it ends, after the repair: wait for its line, then count.
+    wait_for("the repairing pass", Duration::from_secs(30), || {
+        let n = passes(&operator.log(), victim);
+        async move { (n >= 2).then_some(()) }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
         passes(&operator.log(), victim),
         2,
@@ -659,6 +690,6 @@ async fn a_burst_of_organizations_converges_with_one_pass_each_and_drift_still_s
         api.delete(name, &DeleteParams::default()).await.ok();
     }
     for name in &names {
-        common::wait_gone(&api, name, Duration::from_secs(60)).await;
+        common::wait_gone(&api, name, Duration::from_secs(60 + count as u64)).await;
     }
 }
