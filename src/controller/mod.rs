@@ -64,7 +64,7 @@ pub async fn run(ctx: Arc<Context>, health: Arc<Health>, opts: RunOptions) {
     )
     .default_backoff()
     .applied_objects();
-    let generations = std::sync::Mutex::new(std::collections::HashMap::new());
+    let generations = Generations::default();
     // Owned objects start a pass when someone else changed or deleted them; the operator's own
     // writes (creating them in a pass) do not.
     let mut org_controller = Controller::for_stream(trigger, reader)
@@ -84,20 +84,7 @@ pub async fn run(ctx: Arc<Context>, health: Arc<Health>, opts: RunOptions) {
     }
     let org_controller = org_controller
         .watches_stream(platform_specs, move |p: IsolationPlatform| {
-            let name = p.name_any();
-            let changed = generations
-                .lock()
-                .map(|mut seen| spec_changed(&mut seen, &name, p.metadata.generation))
-                .unwrap_or(true);
-            if !changed {
-                return Vec::new();
-            }
-            platform_reader
-                .state()
-                .into_iter()
-                .filter(|g| g.0.as_ref().is_ok_and(|o| o.spec.platform_ref == name))
-                .map(|g| ObjectRef::from_obj(&*g))
-                .collect::<Vec<_>>()
+            organizations_of_changed_platform(&platform_reader, &generations, &p)
         })
         .with_config(kube::runtime::controller::Config::default().concurrency(opts.concurrency))
         .shutdown_on_signal()
@@ -127,6 +114,30 @@ pub async fn run(ctx: Arc<Context>, health: Arc<Health>, opts: RunOptions) {
     tracing::info!(concurrency = opts.concurrency, "controllers running");
     futures::join!(org_controller, platform_controller);
     health.set_ready(false);
+}
+
+type Generations = std::sync::Mutex<std::collections::HashMap<String, Option<i64>>>;
+
+/// The Organizations of platform `p` when its spec changed since it was last seen; none
+/// otherwise.
+fn organizations_of_changed_platform(
+    orgs: &reflector::Store<DeserializeGuard<Organization>>,
+    generations: &Generations,
+    p: &IsolationPlatform,
+) -> Vec<ObjectRef<DeserializeGuard<Organization>>> {
+    let name = p.name_any();
+    let changed = generations
+        .lock()
+        .map(|mut seen| spec_changed(&mut seen, &name, p.metadata.generation))
+        .unwrap_or(true);
+    if !changed {
+        return Vec::new();
+    }
+    orgs.state()
+        .into_iter()
+        .filter(|g| g.0.as_ref().is_ok_and(|o| o.spec.platform_ref == name))
+        .map(|g| ObjectRef::from_obj(&*g))
+        .collect()
 }
 
 /// Events of `api` that need a pass: a deletion (begun or done), or a change whose last writer
