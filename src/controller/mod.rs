@@ -46,6 +46,19 @@ pub async fn run(ctx: Arc<Context>, health: Arc<Health>, opts: RunOptions) {
     let orgs: Api<DeserializeGuard<Organization>> = Api::all(client.clone());
     let (reader, writer) = reflector::store();
     let _ = ctx.orgs.set(reader.clone());
+    // The fleet gauges read the same cache at scrape time (this shard's Organizations only); a weak reference, as the metrics
+    // live inside the context.
+    let weak = Arc::downgrade(&ctx);
+    ctx.metrics.set_fleet_source(move || {
+        weak.upgrade()
+            .map(|ctx| {
+                ctx.organizations()
+                    .into_iter()
+                    .filter(|o| ctx.handles_platform(&o.spec.platform_ref))
+                    .collect()
+            })
+            .unwrap_or_default()
+    });
     // Only spec, deletion and rotation requests start a pass; status writes never do.
     let trigger = watcher(orgs, watcher::Config::default().any_semantic())
         .default_backoff()

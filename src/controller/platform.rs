@@ -206,13 +206,10 @@ fn ready_condition(layers: &[Condition], breached: bool) -> Condition {
     }
 }
 
-/// Organizations of platform `name` and how many are Ready; also sets the cluster-wide gauge.
+/// Organizations of platform `name` and how many are Ready (the metrics' gauges are set at
+/// scrape time, from the same cache).
 fn organization_counts(ctx: &Context, name: &str) -> OrganizationCounts {
     let orgs = ctx.organizations();
-    let ready_anywhere = orgs.iter().filter(|o| is_ready(o)).count();
-    ctx.metrics
-        .organizations_ready
-        .set(i64::try_from(ready_anywhere).unwrap_or(i64::MAX));
     let mine: Vec<_> = orgs
         .iter()
         .filter(|o| o.spec.platform_ref == name)
