@@ -317,6 +317,27 @@ fn platform_error_policy(p: Arc<IsolationPlatform>, err: &Error, ctx: Arc<Contex
 mod tests {
     use super::*;
 
+    #[tokio::test(start_paused = true)]
+    async fn drift_bursts_are_coalesced_per_platform() {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let stream = debounced(rx, Duration::from_millis(200));
+        tokio::pin!(stream);
+        for name in ["a", "b", "a", "a"] {
+            tx.send(name.to_owned()).unwrap();
+        }
+        let first: Vec<String> = vec![
+            stream.next().await.unwrap().name,
+            stream.next().await.unwrap().name,
+        ];
+        assert_eq!(first, ["a", "b"]);
+        // A later notification is a burst of its own.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        tx.send("a".to_owned()).unwrap();
+        drop(tx);
+        assert_eq!(stream.next().await.unwrap().name, "a");
+        assert!(stream.next().await.is_none());
+    }
+
     fn entry(
         manager: &str,
         second: i64,
