@@ -149,6 +149,7 @@ pub async fn cross_tenant_probe(
         client: client.clone(),
         operator_namespace,
         platform: &resolved.platform,
+        drift: None,
     };
     let built = layers::build_all(&env).await;
     let tenant = Tenant {

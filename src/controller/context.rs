@@ -35,6 +35,10 @@ pub struct Context {
     pub(crate) orgs: OnceLock<Store<DeserializeGuard<Organization>>>,
     /// Organizations this process has already seen a pass for.
     seen: Mutex<std::collections::HashSet<String>>,
+    /// Names of platforms whose database reported drift (the layers' drift listeners send here).
+    pub(crate) drift_tx: tokio::sync::mpsc::UnboundedSender<String>,
+    /// The receiving end, taken once by the controllers.
+    pub(crate) drift_rx: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<String>>>,
 }
 
 impl Context {
@@ -44,6 +48,7 @@ impl Context {
         metrics: Arc<Metrics>,
         instance: Option<String>,
     ) -> Self {
+        let (drift_tx, drift_rx) = tokio::sync::mpsc::unbounded_channel();
         Self {
             client,
             operator_namespace,
@@ -59,6 +64,8 @@ impl Context {
             streaks: Mutex::new(HashMap::new()),
             orgs: OnceLock::new(),
             seen: Mutex::new(std::collections::HashSet::new()),
+            drift_tx,
+            drift_rx: std::sync::Mutex::new(Some(drift_rx)),
         }
     }
 

@@ -111,10 +111,18 @@ pub async fn run(ctx: Arc<Context>, health: Arc<Health>, opts: RunOptions) {
                 tracing::debug!(error = %e, "organization reconcile not run");
             }
         });
+    let drift = ctx
+        .drift_rx
+        .lock()
+        .ok()
+        .and_then(|mut rx| rx.take())
+        .map(|rx| debounced(rx, DRIFT_DEBOUNCE).boxed())
+        .unwrap_or_else(|| futures::stream::pending().boxed());
     let platform_controller = Controller::new(
         Api::<IsolationPlatform>::all(client),
         watcher::Config::default(),
     )
+    .reconcile_on(drift)
     .with_config(kube::runtime::controller::Config::default().concurrency(2))
     .shutdown_on_signal()
     .run(platform::reconcile, platform_error_policy, ctx.clone())
@@ -127,6 +135,36 @@ pub async fn run(ctx: Arc<Context>, health: Arc<Health>, opts: RunOptions) {
     tracing::info!(concurrency = opts.concurrency, "controllers running");
     futures::join!(org_controller, platform_controller);
     health.set_ready(false);
+}
+
+/// How long drift notifications are gathered before the platforms they name get a pass.
+pub const DRIFT_DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// The platforms named on `rx`, each once per burst: after the first name, every name that
+/// arrives within `window` joins it.
+pub fn debounced(
+    rx: tokio::sync::mpsc::UnboundedReceiver<String>,
+    window: Duration,
+) -> impl futures::Stream<Item = ObjectRef<IsolationPlatform>> + Send {
+    futures::stream::unfold(rx, move |mut rx| async move {
+        let first = rx.recv().await?;
+        let mut names = std::collections::BTreeSet::from([first]);
+        let deadline = tokio::time::sleep(window);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                () = &mut deadline => break,
+                next = rx.recv() => match next {
+                    Some(n) => { names.insert(n); }
+                    None => break,
+                },
+            }
+        }
+        tracing::info!(platforms = ?names, "database drift: platform pass requested");
+        let refs: Vec<_> = names.iter().map(|n| ObjectRef::new(n)).collect();
+        Some((futures::stream::iter(refs), rx))
+    })
+    .flatten()
 }
 
 type Generations = std::sync::Mutex<std::collections::HashMap<String, Option<i64>>>;
@@ -291,6 +329,27 @@ fn platform_error_policy(p: Arc<IsolationPlatform>, err: &Error, ctx: Arc<Contex
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn drift_bursts_are_coalesced_per_platform() {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let stream = debounced(rx, Duration::from_millis(200));
+        tokio::pin!(stream);
+        for name in ["a", "b", "a", "a"] {
+            tx.send(name.to_owned()).unwrap();
+        }
+        let first: Vec<String> = vec![
+            stream.next().await.unwrap().name,
+            stream.next().await.unwrap().name,
+        ];
+        assert_eq!(first, ["a", "b"]);
+        // A later notification is a burst of its own.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        tx.send("a".to_owned()).unwrap();
+        drop(tx);
+        assert_eq!(stream.next().await.unwrap().name, "a");
+        assert!(stream.next().await.is_none());
+    }
 
     fn entry(
         manager: &str,

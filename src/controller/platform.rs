@@ -70,6 +70,7 @@ impl PlatformCache {
             client: ctx.client.clone(),
             operator_namespace: &ctx.operator_namespace,
             platform,
+            drift: Some(ctx.drift_tx.clone()),
         };
         let built = layers::build_all(&env).await;
         for (kind, slot) in &built {

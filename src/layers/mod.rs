@@ -295,6 +295,9 @@ pub struct BuildEnv<'a> {
     /// Namespace of the operator; Secret refs without a namespace point here.
     pub operator_namespace: &'a str,
     pub platform: &'a IsolationPlatform,
+    /// Where layers report drift they were told about (the platform's name); the platform then
+    /// gets a pass at once. None: no listener is started.
+    pub drift: Option<tokio::sync::mpsc::UnboundedSender<String>>,
 }
 
 impl BuildEnv<'_> {

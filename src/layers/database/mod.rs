@@ -6,6 +6,7 @@
 
 pub mod audit;
 pub mod catalog;
+pub mod drift;
 pub mod expr;
 pub mod ident;
 pub mod owner;
@@ -230,11 +231,16 @@ pub struct DatabaseLayer {
     server_version: i32,
     /// The lock-hold reaper of this platform; stopped when the layer is dropped.
     reaper: tokio::task::AbortHandle,
+    /// The drift listener of this platform (none until started); stopped when the layer is dropped.
+    listener: Option<tokio::task::AbortHandle>,
 }
 
 impl Drop for DatabaseLayer {
     fn drop(&mut self) {
         self.reaper.abort();
+        if let Some(l) = &self.listener {
+            l.abort();
+        }
     }
 }
 
@@ -341,7 +347,26 @@ impl DatabaseLayer {
             audit_cache: tokio::sync::Mutex::new(None),
             server_version,
             reaper,
+            listener: None,
         })
+    }
+
+    /// Starts the drift listener: each notification of the event triggers (see [`drift`])
+    /// sends `platform` to `tx`.
+    pub fn with_drift_listener(
+        mut self,
+        platform: String,
+        tx: tokio::sync::mpsc::UnboundedSender<String>,
+    ) -> Self {
+        if let Some(old) = self.listener.take() {
+            old.abort();
+        }
+        self.listener = Some(drift::spawn_listener(
+            self.pool.config.clone(),
+            platform,
+            tx,
+        ));
+        self
     }
 
     /// How long an audit is reused by `verify` (zero: every call reads the catalog).
@@ -430,6 +455,7 @@ impl DatabaseLayer {
         } else {
             catalog::read(&tx, s).await?
         };
+        let installed = drift::install(&tx, s).await.map_err(attempt)?;
         let gov = plan::govern_tables(s, &cat);
         for stmt in &gov.statements {
             tx.batch_execute(stmt).await.map_err(attempt)?;
@@ -459,6 +485,7 @@ impl DatabaseLayer {
             built.map_err(attempt)?;
         }
         let mut repairs = boot.repairs;
+        repairs.extend(installed.repairs.into_iter().map(Repair));
         repairs.extend(gov.repairs);
         Ok(repairs)
     }
@@ -1105,7 +1132,10 @@ pub async fn build(env: &BuildEnv<'_>) -> LayerSlot {
         .as_ref()
         .ok_or_else(|| LayerError::Config("the platform has no database section".into()))?;
     let url = env.secret_key(&spec.admin_url_secret_ref).await?;
-    let layer = DatabaseLayer::connect(spec, &url).await?;
+    let mut layer = DatabaseLayer::connect(spec, &url).await?;
+    if let Some(tx) = &env.drift {
+        layer = layer.with_drift_listener(kube::ResourceExt::name_any(env.platform), tx.clone());
+    }
     Ok(Arc::new(layer))
 }
 
