@@ -270,7 +270,13 @@ impl Connector {
         if e.as_db_error().is_some() {
             return format!("server {server}: {}", super::describe(e));
         }
-        let text = e.to_string();
+        let mut text = e.to_string();
+        let mut cause = std::error::Error::source(e);
+        while let Some(c) = cause {
+            text.push_str(": ");
+            text.push_str(&c.to_string());
+            cause = c.source();
+        }
         if text.contains("server does not support TLS") {
             return format!(
                 "server {server} does not support TLS, and sslmode {} requires it",
@@ -296,7 +302,7 @@ impl Connector {
                 _ => format!("server {server}: TLS handshake failed: {r}"),
             };
         }
-        format!("server {server}: {}", super::describe(e))
+        format!("server {server}: {text}")
     }
 }
 
