@@ -70,7 +70,10 @@ pub enum IdentityMode {
     Jwt,
 }
 
-/// TLS mode of PostgreSQL connections (libpq's `sslmode` values).
+/// TLS to PostgreSQL, for the operator's connections and in each tenant's `DATABASE_URL`
+/// (libpq's `sslmode` values): `disable`, `require` (encrypted, the certificate is not
+/// checked), `verify-ca` (the certificate chains to the CA; the host name is not checked) or
+/// `verify-full` (chain and host name). Unset: the admin URL's `sslmode`, else `disable`.
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum PgSslMode {
