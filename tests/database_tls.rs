@@ -345,3 +345,79 @@ async fn a_server_without_tls_is_refused_when_tls_is_required() {
         .to_string();
     assert!(err.contains("does not support TLS"), "{err}");
 }
+
+/// The operator reads `caSecretRef`: a CA that did not sign the server's certificate shows in
+/// the platform's `DatabaseReachable` condition, named; the testbed's CA makes it reachable.
+#[tokio::test]
+async fn the_platform_condition_names_a_wrong_ca_and_the_right_one_connects() {
+    use bulkhead::api::IsolationPlatform;
+    use kube::api::{Api, DeleteParams, PostParams};
+
+    let client = Testbed::get().kube().await;
+    common::install_crds(&client).await;
+    let db = TestDb::create("tlsop", SEED).await;
+    let dir = scratch("opwrong");
+    let wrong = wrong_ca(&dir);
+    let right = testbed_ca();
+    let platforms: Api<IsolationPlatform> = Api::all(client.clone());
+    let server = server(&db.url);
+    for (ca, want_ok) in [(&wrong, false), (&right, true)] {
+        let name = common::unique("pgtls");
+        let ns = format!("{name}-op");
+        common::ensure_namespace(&client, &ns).await;
+        common::put_secret(&client, &ns, "pg", &[("url", &db.url)]).await;
+        common::put_secret(&client, &ns, "pg-ca", &[("ca.crt", &ca.pem)]).await;
+        let p: IsolationPlatform = serde_json::from_value(json!({
+            "apiVersion": "bulkhead.dev/v1alpha1", "kind": "IsolationPlatform",
+            "metadata": { "name": name },
+            "spec": {
+                "database": {
+                    "adminUrlSecretRef": { "name": "pg", "key": "url" },
+                    "rolePrefix": db.role_prefix, "groupRole": db.group,
+                    "sslMode": "verify-full",
+                    "caSecretRef": { "name": "pg-ca", "key": "ca.crt" }
+                },
+                "verification": { "intervalSeconds": 20 }
+            }
+        }))
+        .expect("platform");
+        platforms
+            .create(&PostParams::default(), &p)
+            .await
+            .expect("create platform");
+        let operator = common::Operator::start(&name, &ns);
+        let (status, message) = common::wait_for(
+            "the DatabaseReachable condition",
+            Duration::from_secs(60),
+            || {
+                let platforms = platforms.clone();
+                let name = name.clone();
+                async move {
+                    let p = platforms.get(&name).await.ok()?;
+                    let c = p
+                        .status?
+                        .conditions
+                        .into_iter()
+                        .find(|c| c.type_ == "DatabaseReachable")?;
+                    Some((format!("{:?}", c.status), c.message))
+                }
+            },
+        )
+        .await;
+        if want_ok {
+            assert_eq!(status, "True", "{message}\n{}", operator.log());
+        } else {
+            assert_eq!(status, "False", "{message}");
+            assert!(
+                message.contains(&format!(
+                    "server {server}: certificate not trusted by the CA in Secret {ns}/pg-ca key ca.crt"
+                )),
+                "{message}"
+            );
+        }
+        drop(operator);
+        let _ = platforms.delete(&name, &DeleteParams::default()).await;
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    db.finish().await;
+}
