@@ -70,12 +70,39 @@ pub enum IdentityMode {
     Jwt,
 }
 
+/// TLS to PostgreSQL, for the operator's connections and in each tenant's `DATABASE_URL`
+/// (libpq's `sslmode` values): `disable`, `require` (encrypted, the certificate is not
+/// checked), `verify-ca` (the certificate chains to the CA; the host name is not checked) or
+/// `verify-full` (chain and host name). Unset: the admin URL's `sslmode`, else `disable`.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum PgSslMode {
+    /// Plain TCP.
+    Disable,
+    /// TLS; the server's certificate is not verified (protects against eavesdropping only).
+    Require,
+    /// TLS; the certificate must chain to the CA. The host name is not checked.
+    VerifyCa,
+    /// TLS; the certificate must chain to the CA and name the host connected to.
+    VerifyFull,
+}
+
 /// PostgreSQL settings.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DatabasePlatform {
     /// Secret key holding the admin connection URL (`postgres://user:password@host:port/db`).
     pub admin_url_secret_ref: SecretKeySelector,
+    /// TLS to PostgreSQL, for the operator's connections and in each tenant's `DATABASE_URL`:
+    /// `disable`, `require` (encrypted, the certificate is not checked), `verify-ca` (the
+    /// certificate chains to the CA; the host name is not checked) or `verify-full` (chain and
+    /// host name). Unset: the admin URL's `sslmode`, else `disable`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssl_mode: Option<PgSslMode>,
+    /// Secret key holding the PEM CA bundle that `verify-ca` and `verify-full` trust (without
+    /// it, the public web roots). Copied into each tenant's Secret as `DATABASE_CA_CERT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<SecretKeySelector>,
     /// Host and port that tenants' workloads use, when it differs from the admin URL's
     /// (e.g. a Service or a PgBouncer). Format `host:port`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -11,9 +11,10 @@
 
 use std::time::Duration;
 
-use futures::StreamExt;
 use tokio::sync::mpsc::UnboundedSender;
-use tokio_postgres::{AsyncMessage, Config, GenericClient, NoTls};
+use tokio_postgres::{Config, GenericClient};
+
+use super::connect::Connector;
 
 use super::ident::{quote_ident, quote_literal};
 use super::settings::Settings;
@@ -192,6 +193,7 @@ pub async fn install(
 /// handle is aborted or `tx` is closed.
 pub fn spawn_listener(
     config: Config,
+    connector: Connector,
     platform: String,
     tx: UnboundedSender<String>,
 ) -> tokio::task::AbortHandle {
@@ -199,7 +201,7 @@ pub fn spawn_listener(
         let mut backoff = BACKOFF_FIRST;
         let mut first = true;
         loop {
-            match listen_once(&config, &platform, &tx, first).await {
+            match listen_once(&config, &connector, &platform, &tx, first).await {
                 Ok(()) => return,
                 Err(e) => {
                     tracing::warn!(platform = %platform, error = %e,
@@ -220,33 +222,12 @@ pub fn spawn_listener(
 /// One connection's life. `Ok` only when the receiver is gone.
 async fn listen_once(
     config: &Config,
+    connector: &Connector,
     platform: &str,
     tx: &UnboundedSender<String>,
     first: bool,
 ) -> Result<(), String> {
-    let (client, mut conn) = config
-        .connect(NoTls)
-        .await
-        .map_err(|e| super::describe(&e))?;
-    let (msg_tx, mut msg_rx) = tokio::sync::mpsc::unbounded_channel();
-    let driver = tokio::spawn(async move {
-        let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
-        while let Some(m) = messages.next().await {
-            match m {
-                Ok(AsyncMessage::Notification(n)) => {
-                    if msg_tx.send(Ok(n.payload().to_owned())).is_err() {
-                        return;
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    let _ = msg_tx.send(Err(super::describe(&e)));
-                    return;
-                }
-            }
-        }
-        let _ = msg_tx.send(Err("connection closed".into()));
-    });
+    let (client, mut msg_rx, driver) = connector.connect_notifying(config).await?;
     let listened = client
         .batch_execute(&format!("LISTEN {}", quote_ident(CHANNEL)))
         .await;

@@ -6,6 +6,7 @@
 
 pub mod audit;
 pub mod catalog;
+pub mod connect;
 pub mod drift;
 pub mod expr;
 pub mod ident;
@@ -24,7 +25,7 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_postgres::config::Host;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, Config, GenericClient, NoTls};
+use tokio_postgres::{Client, Config, GenericClient};
 
 use super::{
     BuildEnv, Credentials, Layer, LayerError, LayerKind, LayerSlot, Probe, Repair, Tenant,
@@ -35,6 +36,7 @@ use crate::api::platform::{DatabaseAudit, DatabasePlatform, IsolationPlatformSta
 use crate::tenant::OrgId;
 use audit::{AuditReport, Severity};
 use catalog::{Catalog, TableState};
+use connect::{CaBundle, Connector, KEY_CA_CERT};
 use ident::{quote_ident, role_name};
 use owner::Claim;
 use settings::Settings;
@@ -125,6 +127,7 @@ fn is_race(code: Option<&SqlState>) -> bool {
 /// A small bounded pool of admin connections; broken ones are dropped and replaced.
 struct AdminPool {
     config: Config,
+    connector: Connector,
     idle: std::sync::Mutex<Vec<Client>>,
     permits: Semaphore,
 }
@@ -157,23 +160,19 @@ impl Drop for Pooled<'_> {
     }
 }
 
-async fn open(config: &Config) -> Result<Client, LayerError> {
-    let (client, conn) = config
-        .connect(NoTls)
+async fn open(config: &Config, connector: &Connector) -> Result<Client, LayerError> {
+    let (client, _task) = connector
+        .connect(config)
         .await
-        .map_err(|e| LayerError::Unreachable(describe(&e)))?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %describe(&e), "postgres connection ended");
-        }
-    });
+        .map_err(LayerError::Unreachable)?;
     Ok(client)
 }
 
 impl AdminPool {
-    fn new(config: Config) -> Self {
+    fn new(config: Config, connector: Connector) -> Self {
         Self {
             config,
+            connector,
             idle: std::sync::Mutex::new(Vec::new()),
             permits: Semaphore::new(POOL_SIZE),
         }
@@ -201,7 +200,7 @@ impl AdminPool {
         };
         let client = match reused {
             Some(c) => c,
-            None => open(&self.config).await?,
+            None => open(&self.config, &self.connector).await?,
         };
         Ok(Pooled {
             client: Some(client),
@@ -252,7 +251,15 @@ impl std::fmt::Debug for DatabaseLayer {
     }
 }
 
-fn parse_admin_url(url: &str) -> Result<Config, LayerError> {
+/// The admin URL, parsed, with the TLS parameters of its query (which tokio-postgres does not
+/// know) taken out.
+fn parse_admin_url(url: &str) -> Result<(Config, connect::UrlTls), LayerError> {
+    let tls = connect::split_url_tls(url);
+    let config = parse_plain_admin_url(&tls.url)?;
+    Ok((config, tls))
+}
+
+fn parse_plain_admin_url(url: &str) -> Result<Config, LayerError> {
     // The parser's message may quote the URL, and the URL holds the admin password.
     let mut config: Config = url.parse().map_err(|_| {
         LayerError::Config("database: the admin URL is not a valid PostgreSQL URL".into())
@@ -292,20 +299,58 @@ fn host_port(config: &Config) -> Option<String> {
 }
 
 /// The organization's connection URL; user, password and database are percent-encoded.
-pub fn tenant_url(host_port: &str, dbname: &str, user: &str, password: &str) -> String {
+/// `query` carries the TLS mode (see [`connect::tenant_url_query`]).
+pub fn tenant_url(
+    host_port: &str,
+    dbname: &str,
+    user: &str,
+    password: &str,
+    query: &str,
+) -> String {
     format!(
-        "postgres://{}:{}@{host_port}/{}",
+        "postgres://{}:{}@{host_port}/{}{query}",
         utf8_percent_encode(user, URL_COMPONENT),
         utf8_percent_encode(password, URL_COMPONENT),
         utf8_percent_encode(dbname, URL_COMPONENT)
     )
 }
 
+/// The connector for a platform: `sslMode` (else the URL's `sslmode`), and the CA from
+/// `caSecretRef` (else the file the URL's `sslrootcert` names, for the CLI).
+async fn connector_for(
+    spec: &DatabasePlatform,
+    url_tls: &connect::UrlTls,
+    ca: Option<CaBundle>,
+) -> Result<Connector, LayerError> {
+    let mode = connect::effective_mode(spec.ssl_mode, url_tls.sslmode.as_deref())?;
+    let ca = match (ca, &url_tls.sslrootcert) {
+        (Some(ca), _) => Some(ca),
+        (None, Some(path)) if path != "system" => Some(CaBundle {
+            pem: tokio::fs::read_to_string(path).await.map_err(|e| {
+                LayerError::Config(format!("database: cannot read sslrootcert {path}: {e}"))
+            })?,
+            source: format!("file {path}"),
+        }),
+        _ => None,
+    };
+    Connector::new(mode, ca.as_ref())
+}
+
 impl DatabaseLayer {
     /// Validates the spec, connects as admin and checks that the admin can do its work.
     pub async fn connect(spec: &DatabasePlatform, admin_url: &str) -> Result<Self, LayerError> {
+        Self::connect_with_ca(spec, admin_url, None).await
+    }
+
+    /// [`Self::connect`] with the CA bundle that `caSecretRef` names, read by the caller.
+    pub async fn connect_with_ca(
+        spec: &DatabasePlatform,
+        admin_url: &str,
+        ca: Option<CaBundle>,
+    ) -> Result<Self, LayerError> {
         let settings = Settings::from_spec(spec)?;
-        let config = parse_admin_url(admin_url)?;
+        let (config, url_tls) = parse_admin_url(admin_url)?;
+        let connector = connector_for(spec, &url_tls, ca).await?;
         let tenant_host_port = match &settings.tenant_endpoint {
             Some(ep) => ep.clone(),
             None => host_port(&config).ok_or_else(|| {
@@ -315,7 +360,7 @@ impl DatabaseLayer {
                 )
             })?,
         };
-        let client = open(&config).await?;
+        let client = open(&config, &connector).await?;
         let row = client
             .query_one(
                 "SELECT r.rolsuper OR r.rolbypassrls, r.rolsuper OR r.rolcreaterole,
@@ -333,8 +378,8 @@ impl DatabaseLayer {
                 "database: the admin role needs BYPASSRLS (or SUPERUSER) and CREATEROLE".into(),
             ));
         }
-        let reaper = reaper::spawn(config.clone(), &settings);
-        let pool = AdminPool::new(config);
+        let reaper = reaper::spawn(config.clone(), connector.clone(), &settings);
+        let pool = AdminPool::new(config, connector);
         if let Ok(mut idle) = pool.idle.lock() {
             idle.push(client);
         }
@@ -363,6 +408,7 @@ impl DatabaseLayer {
         }
         self.listener = Some(drift::spawn_listener(
             self.pool.config.clone(),
+            self.pool.connector.clone(),
             platform,
             tx,
         ));
@@ -921,10 +967,21 @@ impl Layer for DatabaseLayer {
         }
 
         creds.set(KEY_USER, role.clone());
+        let connector = &self.pool.connector;
         creds.set(
             KEY_URL,
-            tenant_url(&self.tenant_host_port, &self.dbname, &role, &password),
+            tenant_url(
+                &self.tenant_host_port,
+                &self.dbname,
+                &role,
+                &password,
+                &connect::tenant_url_query(connector.mode()),
+            ),
         );
+        match connector.tenant_ca() {
+            Some(pem) => creds.set(KEY_CA_CERT, pem.to_owned()),
+            None => creds.remove(KEY_CA_CERT),
+        }
         creds.set(KEY_PASSWORD, password);
         Ok(repairs)
     }
@@ -951,16 +1008,24 @@ impl Layer for DatabaseLayer {
         };
         let tables: Vec<TableState> = cat.governable_tables().cloned().collect();
         let targets = self.admin_targets(tenant, &tables).await?;
-        match self.tenant_config(&role, password).connect(NoTls).await {
+        let tls = match self.pool.connector.mode() {
+            connect::SslMode::Disable => String::new(),
+            m => format!(" over TLS ({})", m.as_str()),
+        };
+        match self
+            .pool
+            .connector
+            .connect(&self.tenant_config(&role, password))
+            .await
+        {
             Err(e) => v
                 .probes
-                .push(Probe::new(format!("log in as {role}"), false, describe(&e))),
-            Ok((mut client, conn)) => {
-                let task = tokio::spawn(conn);
+                .push(Probe::new(format!("log in as {role}"), false, e)),
+            Ok((mut client, task)) => {
                 v.probes.push(Probe::new(
                     format!("log in as {role}"),
                     true,
-                    "logged in with the organization's password",
+                    format!("logged in with the organization's password{tls}"),
                 ));
                 v.probes
                     .extend(probe::run(&mut client, &self.settings, &targets).await);
@@ -1043,7 +1108,7 @@ impl Layer for DatabaseLayer {
         let s = &self.settings;
         let org = &tenant.org_id;
         let role = self.role_of(org);
-        for key in [KEY_URL, KEY_USER, KEY_PASSWORD] {
+        for key in [KEY_URL, KEY_USER, KEY_PASSWORD, KEY_CA_CERT] {
             creds.remove(key);
         }
         let mut client = self.pool.get().await?;
@@ -1132,7 +1197,19 @@ pub async fn build(env: &BuildEnv<'_>) -> LayerSlot {
         .as_ref()
         .ok_or_else(|| LayerError::Config("the platform has no database section".into()))?;
     let url = env.secret_key(&spec.admin_url_secret_ref).await?;
-    let mut layer = DatabaseLayer::connect(spec, &url).await?;
+    let ca = match &spec.ca_secret_ref {
+        Some(sel) => Some(CaBundle {
+            pem: env.secret_key(sel).await?,
+            source: format!(
+                "Secret {}/{} key {}",
+                sel.namespace.as_deref().unwrap_or(env.operator_namespace),
+                sel.name,
+                sel.key
+            ),
+        }),
+        None => None,
+    };
+    let mut layer = DatabaseLayer::connect_with_ca(spec, &url, ca).await?;
     if let Some(tx) = &env.drift {
         layer = layer.with_drift_listener(kube::ResourceExt::name_any(env.platform), tx.clone());
     }
@@ -1147,8 +1224,9 @@ pub async fn run_audit_cli(
     json: bool,
 ) -> Result<(String, bool), LayerError> {
     let s = Settings::from_spec(spec)?;
-    let config = parse_admin_url(url)?;
-    let mut client = open(&config).await?;
+    let (config, url_tls) = parse_admin_url(url)?;
+    let connector = connector_for(spec, &url_tls, None).await?;
+    let mut client = open(&config, &connector).await?;
     let report = read_and_audit(&mut client, &s).await?.report;
     let found = !report.findings.is_empty();
     let out = if json {
@@ -1172,12 +1250,22 @@ mod tests {
     #[test]
     fn tenant_urls_are_percent_encoded() {
         assert_eq!(
-            tenant_url("db.example:5432", "app", "bulkhead_org_acme-1", "Ab9"),
+            tenant_url("db.example:5432", "app", "bulkhead_org_acme-1", "Ab9", ""),
             "postgres://bulkhead_org_acme-1:Ab9@db.example:5432/app"
         );
         assert_eq!(
-            tenant_url("h:1", "my db", "u@x", "p:/?#"),
+            tenant_url("h:1", "my db", "u@x", "p:/?#", ""),
             "postgres://u%40x:p%3A%2F%3F%23@h:1/my%20db"
+        );
+        assert_eq!(
+            tenant_url(
+                "h:1",
+                "db",
+                "u",
+                "p",
+                &connect::tenant_url_query(connect::SslMode::VerifyFull)
+            ),
+            "postgres://u:p@h:1/db?sslmode=verify-full"
         );
     }
 
@@ -1187,9 +1275,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!err.contains("hunter2"), "{err}");
-        let c = parse_admin_url("postgres://admin:pw@127.0.0.1:5433/app").unwrap();
+        let (c, _) = parse_admin_url("postgres://admin:pw@127.0.0.1:5433/app").unwrap();
         assert_eq!(host_port(&c).as_deref(), Some("127.0.0.1:5433"));
-        let c = parse_admin_url("postgres://admin:pw@[::1]:5433/app").unwrap();
+        let (c, tls) =
+            parse_admin_url("postgres://admin:pw@127.0.0.1:5433/app?sslmode=verify-full").unwrap();
+        assert_eq!(host_port(&c).as_deref(), Some("127.0.0.1:5433"));
+        assert_eq!(tls.sslmode.as_deref(), Some("verify-full"));
+        let (c, _) = parse_admin_url("postgres://admin:pw@[::1]:5433/app").unwrap();
         assert_eq!(host_port(&c).as_deref(), Some("[::1]:5433"));
     }
 
@@ -1217,7 +1309,7 @@ mod tests {
         assert!(
             admin_options(Some("-c work_mem=64MB")).starts_with("-c work_mem=64MB -c search_path")
         );
-        let c = parse_admin_url("postgres://admin:pw@127.0.0.1:5433/app").unwrap();
+        let (c, _) = parse_admin_url("postgres://admin:pw@127.0.0.1:5433/app").unwrap();
         assert_eq!(c.get_options(), Some(o.as_str()));
     }
 }

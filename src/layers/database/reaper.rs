@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use tokio_postgres::{Client, Config, NoTls};
+use tokio_postgres::{Client, Config};
 
 use super::settings::Settings;
 
@@ -95,7 +95,11 @@ pub async fn reap_once(client: &Client, w: &Watch) -> Result<Vec<Reaped>, tokio_
 
 /// Starts the reaper on a connection of its own (never one of the pool's, so a busy pool cannot
 /// delay it). It reconnects after an error and stops when the handle is aborted.
-pub fn spawn(config: Config, s: &Settings) -> tokio::task::AbortHandle {
+pub fn spawn(
+    config: Config,
+    connector: super::Connector,
+    s: &Settings,
+) -> tokio::task::AbortHandle {
     let watch = Watch::from_settings(s);
     tokio::spawn(async move {
         let mut client: Option<Client> = None;
@@ -104,13 +108,10 @@ pub fn spawn(config: Config, s: &Settings) -> tokio::task::AbortHandle {
         loop {
             tick.tick().await;
             if client.as_ref().is_none_or(Client::is_closed) {
-                client = match config.connect(NoTls).await {
-                    Ok((c, conn)) => {
-                        tokio::spawn(conn);
-                        Some(c)
-                    }
+                client = match connector.connect(&config).await {
+                    Ok((c, _task)) => Some(c),
                     Err(e) => {
-                        tracing::debug!(error = %super::describe(&e), "lock reaper cannot connect");
+                        tracing::debug!(error = %e, "lock reaper cannot connect");
                         None
                     }
                 };
