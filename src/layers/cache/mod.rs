@@ -375,17 +375,36 @@ impl CacheLayer {
         what: &str,
         cmd: &redis::Cmd,
     ) -> Result<Value, LayerError> {
-        let mut conn = self.admin_conn(node).await?;
-        match cmd.query_async::<Value>(&mut conn).await {
-            Ok(v) => Ok(v),
-            Err(e) => {
-                if is_connection_error(&e) {
+        let mut target = node.to_owned();
+        let mut reconnected = false;
+        let mut redirected = false;
+        loop {
+            let mut conn = self.admin_conn(&target).await?;
+            match cmd.query_async::<Value>(&mut conn).await {
+                Ok(v) => return Ok(v),
+                Err(e) if is_connection_error(&e) => {
                     if let Ok(mut m) = self.inner.conns.lock() {
-                        m.remove(node);
+                        m.remove(&target);
                     }
-                    return Err(unreachable(node, &e));
+                    // A node that restarted since the last pass: reconnect once (every admin
+                    // command the layer sends may run twice).
+                    if !reconnected {
+                        reconnected = true;
+                        continue;
+                    }
+                    return Err(unreachable(&target, &e));
                 }
-                Err(backend(node, what, &e))
+                Err(e) => {
+                    // A cluster key whose slot another primary serves: follow MOVED once.
+                    if let Some((to, _slot)) = e.redirect_node().filter(|_| !redirected) {
+                        let to = to.to_owned();
+                        self.node_addr(&to)?;
+                        redirected = true;
+                        target = to;
+                        continue;
+                    }
+                    return Err(backend(&target, what, &e));
+                }
             }
         }
     }
