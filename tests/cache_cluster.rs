@@ -228,3 +228,63 @@ async fn node_restarted_without_aclfile_is_named_and_repaired() {
     assert_clean(&layer.verify(&ta, &ca).await.expect("verify"));
     layer.cleanup(&ta).await.expect("cleanup");
 }
+
+/// The keys matching `pattern` on `node` (one `SCAN` call: the test's databases are small).
+async fn keys_on(node: &str, pattern: &str) -> Vec<Value> {
+    let v = on_node(node, &["SCAN", "0", "MATCH", pattern, "COUNT", "100000"])
+        .await
+        .unwrap();
+    let Value::Array(mut parts) = v else {
+        panic!("SCAN reply: {v:?}")
+    };
+    match parts.pop() {
+        Some(Value::Array(keys)) => keys,
+        other => panic!("SCAN reply keys: {other:?}"),
+    }
+}
+
+/// `SET key value` as admin on the node that serves the key's slot (following one `MOVED`).
+async fn set_routed(first: &str, key: &str) {
+    match on_node(first, &["SET", key, "v"]).await {
+        Ok(_) => {}
+        Err(e) => {
+            let (to, _) = e
+                .redirect_node()
+                .unwrap_or_else(|| panic!("SET {key}: {e}"));
+            on_node(to, &["SET", key, "v"]).await.unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn delete_cleanup_removes_keys_on_every_primary() {
+    let _serial = serial();
+    let layer = layer().await;
+    let a = unique("cld");
+    let mut ta = tenant(&a, &[]);
+    ta.deletion_policy = DeletionPolicy::Delete;
+    let mut ca = Credentials::default();
+    layer.ensure(&ta, &mut ca).await.expect("ensure");
+    let nodes = cluster_nodes().await;
+    let first = nodes[0].0.clone();
+    for i in 0..40 {
+        set_routed(&first, &format!("org:{a}:k{i}")).await;
+    }
+    let pattern = format!("org:{a}:*");
+    let mut holding = 0;
+    for (node, _) in nodes.iter().filter(|(_, f)| f.contains("master")) {
+        if !keys_on(node, &pattern).await.is_empty() {
+            holding += 1;
+        }
+    }
+    assert!(
+        holding >= 2,
+        "the keys span primaries ({holding} hold some)"
+    );
+
+    layer.cleanup(&ta).await.expect("cleanup Delete");
+    for (node, _) in nodes.iter().filter(|(_, f)| f.contains("master")) {
+        let left = keys_on(node, &pattern).await;
+        assert!(left.is_empty(), "keys left on {node}: {left:?}");
+    }
+}

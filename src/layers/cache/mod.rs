@@ -135,6 +135,8 @@ struct Inner {
     /// Per node: the server's own description of the command profile (the reference user).
     reference: Mutex<BTreeMap<String, AclUser>>,
     saves: Arc<SaveState>,
+    /// `CLUSTER NODES` answered: keys live on several primaries.
+    cluster: AtomicBool,
 }
 
 /// Debounced `ACL SAVE` state shared with the background saver.
@@ -298,6 +300,7 @@ impl CacheLayer {
             conns: Mutex::new(BTreeMap::new()),
             reference: Mutex::new(BTreeMap::new()),
             saves: Arc::new(SaveState::default()),
+            cluster: AtomicBool::new(false),
         });
         let layer = CacheLayer { inner };
         let primary = layer.inner.primary.clone();
@@ -430,7 +433,11 @@ impl CacheLayer {
                 Value::VerbatimString { text, .. } => text.clone(),
                 _ => String::new(),
             };
-            found.extend(rules::parse_cluster_nodes(&text));
+            let cluster = rules::parse_cluster_nodes(&text);
+            if !cluster.is_empty() {
+                self.inner.cluster.store(true, Ordering::Relaxed);
+            }
+            found.extend(cluster);
         }
         for n in &found {
             self.node_addr(n)?;
@@ -747,13 +754,24 @@ impl CacheLayer {
         Ok(())
     }
 
-    /// One `SCAN … MATCH pattern COUNT 1000` page on the primary: the next cursor and the keys.
+    /// The nodes whose keys a `SCAN` must cover: every node of a cluster (each primary serves
+    /// its own slots), else the primary.
+    fn scan_nodes(&self) -> Vec<String> {
+        if self.inner.cluster.load(Ordering::Relaxed) {
+            self.nodes()
+        } else {
+            vec![self.inner.primary.clone()]
+        }
+    }
+
+    /// One `SCAN … MATCH pattern COUNT 1000` page on `node`: the next cursor and the keys.
     async fn scan_page(
         &self,
+        node: &str,
         pattern: &str,
         cursor: u64,
     ) -> Result<(u64, Vec<Vec<u8>>), LayerError> {
-        let primary = &self.inner.primary;
+        let primary = node;
         let reply = self
             .admin_cmd(
                 primary,
@@ -770,34 +788,46 @@ impl CacheLayer {
             .ok_or_else(|| LayerError::Backend(format!("redis {primary}: unexpected SCAN reply")))
     }
 
-    /// Up to `limit` keys under `org`'s prefix (all when `None`), with `SCAN MATCH` on the primary.
+    /// Up to `limit` keys under `org`'s prefix (all when `None`), with `SCAN MATCH` on the
+    /// primary (on every node of a cluster).
     async fn scan_keys(
         &self,
         org: &OrgId,
         limit: Option<usize>,
     ) -> Result<Vec<Vec<u8>>, LayerError> {
         let pattern = self.inner.rules.scan_pattern(org)?;
-        let mut cursor: u64 = 0;
         let mut found = Vec::new();
-        loop {
-            let (next, keys) = self.scan_page(&pattern, cursor).await?;
-            found.extend(keys);
-            if next == 0 || limit.is_some_and(|l| found.len() >= l) {
-                return Ok(found);
+        for node in self.scan_nodes() {
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, keys) = self.scan_page(&node, &pattern, cursor).await?;
+                found.extend(keys);
+                if limit.is_some_and(|l| found.len() >= l) {
+                    return Ok(found);
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
             }
-            cursor = next;
         }
+        Ok(found)
     }
 
     /// Deletes every key under `org`'s prefix on the primary with `SCAN MATCH` and batched `UNLINK`.
     /// Returns the number of keys unlinked.
     pub async fn delete_keys(&self, org: &OrgId) -> Result<u64, LayerError> {
+        if self.inner.cluster.load(Ordering::Relaxed) {
+            return self.delete_keys_cluster(org).await;
+        }
         let pattern = self.inner.rules.scan_pattern(org)?;
         let mut cursor: u64 = 0;
         let mut removed = 0u64;
         let mut pending: Vec<Vec<u8>> = Vec::new();
         loop {
-            let (next, keys) = self.scan_page(&pattern, cursor).await?;
+            let (next, keys) = self
+                .scan_page(&self.inner.primary, &pattern, cursor)
+                .await?;
             pending.extend(keys);
             while pending.len() >= UNLINK_BATCH || (next == 0 && !pending.is_empty()) {
                 let batch: Vec<Vec<u8>> =
@@ -846,6 +876,35 @@ fn tls_addr_for(admin: &ConnectionInfo, pem: &str) -> Result<ConnectionAddr, Lay
         _ => Err(LayerError::Config(
             "the cache CA (caSecretRef) needs a rediss:// admin URL".into(),
         )),
+    }
+}
+
+impl CacheLayer {
+    /// [`CacheLayer::delete_keys`] on a cluster: `SCAN` on every node, one `UNLINK` per key (keys
+    /// of one organization span slots; a replica's `MOVED` leads to the key's primary, and a key
+    /// seen on a primary and its replica is counted once).
+    async fn delete_keys_cluster(&self, org: &OrgId) -> Result<u64, LayerError> {
+        let pattern = self.inner.rules.scan_pattern(org)?;
+        let mut removed = 0u64;
+        for node in self.nodes() {
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, keys) = self.scan_page(&node, &pattern, cursor).await?;
+                for k in &keys {
+                    if let Value::Int(n) = self
+                        .admin_cmd(&node, "UNLINK", redis::cmd("UNLINK").arg(k.as_slice()))
+                        .await?
+                    {
+                        removed += u64::try_from(n).unwrap_or(0);
+                    }
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        Ok(removed)
     }
 }
 
