@@ -42,6 +42,7 @@ fn spec(user_prefix: &str) -> CachePlatform {
             namespace: None,
             key: "url".into(),
         },
+        ca_secret_ref: None,
         nodes: vec![],
         discover_nodes: false,
         tenant_endpoint: None,

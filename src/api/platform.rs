@@ -407,6 +407,12 @@ pub struct CachePlatform {
     /// Secret key holding the admin URL (`redis://user:password@host:port`, or `rediss://` for TLS).
     /// Further nodes of the same deployment are listed in `nodes` or discovered.
     pub admin_url_secret_ref: SecretKeySelector,
+    /// Secret key holding the PEM CA bundle that signs the servers' certificates, for a
+    /// `rediss://` admin URL. Without it the system's root CAs are trusted. Connections of the
+    /// operator and its probes verify the server name against it; organizations receive the same
+    /// bundle in `REDIS_CA_CERT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<SecretKeySelector>,
     /// Further nodes (`host:port`) on which ACLs are applied and verified: replicas or cluster nodes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<String>,

@@ -593,6 +593,7 @@ pub fn cache_spec() -> bulkhead::api::platform::CachePlatform {
             namespace: None,
             key: "url".into(),
         },
+        ca_secret_ref: None,
         nodes: vec![],
         discover_nodes: false,
         tenant_endpoint: None,

@@ -20,7 +20,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, Value};
+use redis::{
+    AsyncConnectionConfig, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, TlsCertificates,
+    Value,
+};
 use tokio::sync::Notify;
 
 use super::{
@@ -37,6 +40,8 @@ pub const KEY_USERNAME: &str = "REDIS_USERNAME";
 pub const KEY_PASSWORD: &str = "REDIS_PASSWORD";
 pub const KEY_KEY_PREFIX: &str = "REDIS_KEY_PREFIX";
 pub const KEY_CHANNEL_PREFIX: &str = "REDIS_CHANNEL_PREFIX";
+/// The PEM CA bundle that signs the servers' certificates (only with `caSecretRef`).
+pub const KEY_CA_CERT: &str = "REDIS_CA_CERT";
 
 /// Length of generated passwords (alphanumeric, ~238 bits).
 const PASSWORD_LEN: usize = 40;
@@ -58,12 +63,13 @@ const OWNER_CAS_SCRIPT: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
 const OWNER_DEL_SCRIPT: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
      return redis.call('DEL', KEYS[1]) end return 0";
 /// Every Secret key this layer writes, removed by `retire`.
-const KEYS_WRITTEN: [&str; 5] = [
+const KEYS_WRITTEN: [&str; 6] = [
     KEY_URL,
     KEY_USERNAME,
     KEY_PASSWORD,
     KEY_KEY_PREFIX,
     KEY_CHANNEL_PREFIX,
+    KEY_CA_CERT,
 ];
 
 /// Who owns an org id in this backend, according to its owner record.
@@ -96,7 +102,11 @@ pub async fn build(env: &BuildEnv<'_>) -> LayerSlot {
         ));
     };
     let url = env.secret_key(&spec.admin_url_secret_ref).await?;
-    let layer = CacheLayer::connect(spec, &url).await?;
+    let ca = match &spec.ca_secret_ref {
+        Some(sel) => Some(env.secret_key(sel).await?),
+        None => None,
+    };
+    let layer = CacheLayer::connect_with_ca(spec, &url, ca.as_deref()).await?;
     Ok(Arc::new(layer))
 }
 
@@ -111,6 +121,11 @@ struct Inner {
     rules: CacheRules,
     admin: ConnectionInfo,
     tls: bool,
+    /// The admin address with the trusted roots when the platform names a CA (`None`: the
+    /// system's roots); other nodes' addresses take its TLS settings.
+    tls_template: Option<ConnectionAddr>,
+    /// The CA bundle handed to organizations in `REDIS_CA_CERT`.
+    ca_pem: Option<String>,
     /// `host:port` of the admin URL: the primary, where data (canaries, cleanup) is written.
     primary: String,
     db: i64,
@@ -120,6 +135,8 @@ struct Inner {
     /// Per node: the server's own description of the command profile (the reference user).
     reference: Mutex<BTreeMap<String, AclUser>>,
     saves: Arc<SaveState>,
+    /// `CLUSTER NODES` answered: keys live on several primaries.
+    cluster: AtomicBool,
 }
 
 /// Debounced `ACL SAVE` state shared with the background saver.
@@ -132,6 +149,30 @@ struct SaveState {
 
 fn unreachable(node: &str, e: &redis::RedisError) -> LayerError {
     LayerError::Unreachable(format!("redis {node}: {}", safe_error(e)))
+}
+
+/// Connection failures in words. TLS failures (an untrusted certificate, a name mismatch, a
+/// server that does not speak TLS) are told as such; the I/O error text names no credentials.
+fn connect_failed(node: &str, tls: bool, e: &redis::RedisError) -> LayerError {
+    if tls && e.is_io_error() {
+        let text: String = e.to_string().chars().take(300).collect();
+        let lower = text.to_ascii_lowercase();
+        let hint = if lower.contains("certificate") || lower.contains("unknownissuer") {
+            " (the server's certificate is not trusted: check the CA in the cache section's caSecretRef)"
+        } else if lower.contains("corrupt")
+            || lower.contains("invalidcontenttype")
+            || lower.contains("handshake")
+            || lower.contains("timed out")
+        {
+            " (no TLS handshake: does this port serve TLS?)"
+        } else {
+            ""
+        };
+        return LayerError::Unreachable(format!(
+            "redis {node}: TLS connection failed: {text}{hint}"
+        ));
+    }
+    unreachable(node, e)
 }
 
 fn backend(node: &str, what: &str, e: &redis::RedisError) -> LayerError {
@@ -150,7 +191,11 @@ fn is_connection_error(e: &redis::RedisError) -> bool {
     e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
 }
 
-fn node_addr(tls: bool, node: &str) -> Result<ConnectionAddr, LayerError> {
+fn node_addr(
+    tls: bool,
+    tls_template: Option<&ConnectionAddr>,
+    node: &str,
+) -> Result<ConnectionAddr, LayerError> {
     let (host, port) = node
         .rsplit_once(':')
         .and_then(|(h, p)| {
@@ -166,7 +211,10 @@ fn node_addr(tls: bool, node: &str) -> Result<ConnectionAddr, LayerError> {
             host: host.to_owned(),
             port,
             insecure: false,
-            tls_params: None,
+            tls_params: match tls_template {
+                Some(ConnectionAddr::TcpTls { tls_params, .. }) => tls_params.clone(),
+                _ => None,
+            },
         }
     } else {
         ConnectionAddr::Tcp(host.to_owned(), port)
@@ -193,13 +241,23 @@ impl CacheLayer {
     /// Validates the platform's cache settings (before any Redis call), then connects to the
     /// admin URL and discovers further nodes when asked to.
     pub async fn connect(spec: &CachePlatform, admin_url: &str) -> Result<CacheLayer, LayerError> {
+        Self::connect_with_ca(spec, admin_url, None).await
+    }
+
+    /// [`CacheLayer::connect`] trusting the PEM bundle `ca_pem` (the platform's `caSecretRef`)
+    /// instead of the system's roots; it requires a `rediss://` admin URL.
+    pub async fn connect_with_ca(
+        spec: &CachePlatform,
+        admin_url: &str,
+        ca_pem: Option<&str>,
+    ) -> Result<CacheLayer, LayerError> {
         let rules = CacheRules::from_spec(spec)?;
         let tenant_endpoint = spec.tenant_endpoint.as_deref();
         if let Some(ep) = tenant_endpoint {
-            node_addr(false, ep)?;
+            node_addr(false, None, ep)?;
         }
         for n in &spec.nodes {
-            node_addr(false, n)?;
+            node_addr(false, None, n)?;
         }
         if admin_url.starts_with("rediss://") {
             install_tls_provider();
@@ -213,6 +271,16 @@ impl CacheLayer {
             LayerError::Config("the cache admin URL must name a TCP host, not a socket".into())
         })?;
         let db = admin.redis_settings().db();
+        let tls_template = match ca_pem {
+            None => None,
+            Some(_) if !tls => {
+                return Err(LayerError::Config(
+                    "the cache section names a CA (caSecretRef) but the admin URL is not rediss://"
+                        .into(),
+                ));
+            }
+            Some(pem) => Some(tls_addr_for(&admin, pem)?),
+        };
         let mut nodes = vec![primary.clone()];
         for n in &spec.nodes {
             if !nodes.contains(n) {
@@ -224,12 +292,15 @@ impl CacheLayer {
             rules,
             admin,
             tls,
+            tls_template,
+            ca_pem: ca_pem.map(str::to_owned),
             primary,
             db,
             nodes: Mutex::new(nodes),
             conns: Mutex::new(BTreeMap::new()),
             reference: Mutex::new(BTreeMap::new()),
             saves: Arc::new(SaveState::default()),
+            cluster: AtomicBool::new(false),
         });
         let layer = CacheLayer { inner };
         let primary = layer.inner.primary.clone();
@@ -270,6 +341,11 @@ impl CacheLayer {
         self.inner.saves.changes.load(Ordering::Relaxed)
     }
 
+    /// The address of `node` with the admin URL's scheme and the platform's trusted roots.
+    fn node_addr(&self, node: &str) -> Result<ConnectionAddr, LayerError> {
+        node_addr(self.inner.tls, self.inner.tls_template.as_ref(), node)
+    }
+
     async fn admin_conn(&self, node: &str) -> Result<MultiplexedConnection, LayerError> {
         if let Some(c) = self
             .inner
@@ -280,11 +356,7 @@ impl CacheLayer {
         {
             return Ok(c);
         }
-        let info = self
-            .inner
-            .admin
-            .clone()
-            .set_addr(node_addr(self.inner.tls, node)?);
+        let info = self.inner.admin.clone().set_addr(self.node_addr(node)?);
         let client = redis::Client::open(info).map_err(|e| unreachable(node, &e))?;
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
@@ -292,7 +364,7 @@ impl CacheLayer {
         let conn = client
             .get_multiplexed_async_connection_with_config(&config)
             .await
-            .map_err(|e| unreachable(node, &e))?;
+            .map_err(|e| connect_failed(node, self.inner.tls, &e))?;
         if let Ok(mut m) = self.inner.conns.lock() {
             m.insert(node.to_owned(), conn.clone());
         }
@@ -306,17 +378,36 @@ impl CacheLayer {
         what: &str,
         cmd: &redis::Cmd,
     ) -> Result<Value, LayerError> {
-        let mut conn = self.admin_conn(node).await?;
-        match cmd.query_async::<Value>(&mut conn).await {
-            Ok(v) => Ok(v),
-            Err(e) => {
-                if is_connection_error(&e) {
+        let mut target = node.to_owned();
+        let mut reconnected = false;
+        let mut redirected = false;
+        loop {
+            let mut conn = self.admin_conn(&target).await?;
+            match cmd.query_async::<Value>(&mut conn).await {
+                Ok(v) => return Ok(v),
+                Err(e) if is_connection_error(&e) => {
                     if let Ok(mut m) = self.inner.conns.lock() {
-                        m.remove(node);
+                        m.remove(&target);
                     }
-                    return Err(unreachable(node, &e));
+                    // A node that restarted since the last pass: reconnect once (every admin
+                    // command the layer sends may run twice).
+                    if !reconnected {
+                        reconnected = true;
+                        continue;
+                    }
+                    return Err(unreachable(&target, &e));
                 }
-                Err(backend(node, what, &e))
+                Err(e) => {
+                    // A cluster key whose slot another primary serves: follow MOVED once.
+                    if let Some((to, _slot)) = e.redirect_node().filter(|_| !redirected) {
+                        let to = to.to_owned();
+                        self.node_addr(&to)?;
+                        redirected = true;
+                        target = to;
+                        continue;
+                    }
+                    return Err(backend(&target, what, &e));
+                }
             }
         }
     }
@@ -342,10 +433,14 @@ impl CacheLayer {
                 Value::VerbatimString { text, .. } => text.clone(),
                 _ => String::new(),
             };
-            found.extend(rules::parse_cluster_nodes(&text));
+            let cluster = rules::parse_cluster_nodes(&text);
+            if !cluster.is_empty() {
+                self.inner.cluster.store(true, Ordering::Relaxed);
+            }
+            found.extend(cluster);
         }
         for n in &found {
-            node_addr(self.inner.tls, n)?;
+            self.node_addr(n)?;
         }
         if let Ok(mut nodes) = self.inner.nodes.lock() {
             for n in &found {
@@ -487,7 +582,7 @@ impl CacheLayer {
             .inner
             .admin
             .clone()
-            .set_addr(node_addr(self.inner.tls, node)?)
+            .set_addr(self.node_addr(node)?)
             .set_redis_settings(settings))
     }
 
@@ -659,13 +754,24 @@ impl CacheLayer {
         Ok(())
     }
 
-    /// One `SCAN … MATCH pattern COUNT 1000` page on the primary: the next cursor and the keys.
+    /// The nodes whose keys a `SCAN` must cover: every node of a cluster (each primary serves
+    /// its own slots), else the primary.
+    fn scan_nodes(&self) -> Vec<String> {
+        if self.inner.cluster.load(Ordering::Relaxed) {
+            self.nodes()
+        } else {
+            vec![self.inner.primary.clone()]
+        }
+    }
+
+    /// One `SCAN … MATCH pattern COUNT 1000` page on `node`: the next cursor and the keys.
     async fn scan_page(
         &self,
+        node: &str,
         pattern: &str,
         cursor: u64,
     ) -> Result<(u64, Vec<Vec<u8>>), LayerError> {
-        let primary = &self.inner.primary;
+        let primary = node;
         let reply = self
             .admin_cmd(
                 primary,
@@ -682,34 +788,46 @@ impl CacheLayer {
             .ok_or_else(|| LayerError::Backend(format!("redis {primary}: unexpected SCAN reply")))
     }
 
-    /// Up to `limit` keys under `org`'s prefix (all when `None`), with `SCAN MATCH` on the primary.
+    /// Up to `limit` keys under `org`'s prefix (all when `None`), with `SCAN MATCH` on the
+    /// primary (on every node of a cluster).
     async fn scan_keys(
         &self,
         org: &OrgId,
         limit: Option<usize>,
     ) -> Result<Vec<Vec<u8>>, LayerError> {
         let pattern = self.inner.rules.scan_pattern(org)?;
-        let mut cursor: u64 = 0;
         let mut found = Vec::new();
-        loop {
-            let (next, keys) = self.scan_page(&pattern, cursor).await?;
-            found.extend(keys);
-            if next == 0 || limit.is_some_and(|l| found.len() >= l) {
-                return Ok(found);
+        for node in self.scan_nodes() {
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, keys) = self.scan_page(&node, &pattern, cursor).await?;
+                found.extend(keys);
+                if limit.is_some_and(|l| found.len() >= l) {
+                    return Ok(found);
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
             }
-            cursor = next;
         }
+        Ok(found)
     }
 
     /// Deletes every key under `org`'s prefix on the primary with `SCAN MATCH` and batched `UNLINK`.
     /// Returns the number of keys unlinked.
     pub async fn delete_keys(&self, org: &OrgId) -> Result<u64, LayerError> {
+        if self.inner.cluster.load(Ordering::Relaxed) {
+            return self.delete_keys_cluster(org).await;
+        }
         let pattern = self.inner.rules.scan_pattern(org)?;
         let mut cursor: u64 = 0;
         let mut removed = 0u64;
         let mut pending: Vec<Vec<u8>> = Vec::new();
         loop {
-            let (next, keys) = self.scan_page(&pattern, cursor).await?;
+            let (next, keys) = self
+                .scan_page(&self.inner.primary, &pattern, cursor)
+                .await?;
             pending.extend(keys);
             while pending.len() >= UNLINK_BATCH || (next == 0 && !pending.is_empty()) {
                 let batch: Vec<Vec<u8>> =
@@ -727,6 +845,66 @@ impl CacheLayer {
             }
             cursor = next;
         }
+    }
+}
+
+/// The admin address with TLS settings that trust exactly the certificates in `pem`.
+fn tls_addr_for(admin: &ConnectionInfo, pem: &str) -> Result<ConnectionAddr, LayerError> {
+    if !pem.contains("-----BEGIN CERTIFICATE-----") {
+        return Err(LayerError::Config(
+            "the cache CA (caSecretRef) holds no PEM certificate".into(),
+        ));
+    }
+    let client = redis::Client::build_with_tls(
+        admin.clone(),
+        TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem.as_bytes().to_vec()),
+        },
+    )
+    .map_err(|e| {
+        LayerError::Config(format!(
+            "the cache CA (caSecretRef) is not a usable PEM bundle: {}",
+            safe_error(&e)
+        ))
+    })?;
+    match client.get_connection_info().addr() {
+        a @ ConnectionAddr::TcpTls {
+            tls_params: Some(_),
+            ..
+        } => Ok(a.clone()),
+        _ => Err(LayerError::Config(
+            "the cache CA (caSecretRef) needs a rediss:// admin URL".into(),
+        )),
+    }
+}
+
+impl CacheLayer {
+    /// [`CacheLayer::delete_keys`] on a cluster: `SCAN` on every node, one `UNLINK` per key (keys
+    /// of one organization span slots; a replica's `MOVED` leads to the key's primary, and a key
+    /// seen on a primary and its replica is counted once).
+    async fn delete_keys_cluster(&self, org: &OrgId) -> Result<u64, LayerError> {
+        let pattern = self.inner.rules.scan_pattern(org)?;
+        let mut removed = 0u64;
+        for node in self.nodes() {
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, keys) = self.scan_page(&node, &pattern, cursor).await?;
+                for k in &keys {
+                    if let Value::Int(n) = self
+                        .admin_cmd(&node, "UNLINK", redis::cmd("UNLINK").arg(k.as_slice()))
+                        .await?
+                    {
+                        removed += u64::try_from(n).unwrap_or(0);
+                    }
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        Ok(removed)
     }
 }
 
@@ -862,6 +1040,10 @@ impl Layer for CacheLayer {
         creds.set(KEY_PASSWORD, password);
         creds.set(KEY_KEY_PREFIX, key_prefix);
         creds.set(KEY_CHANNEL_PREFIX, channel_prefix);
+        match &self.inner.ca_pem {
+            Some(pem) => creds.set(KEY_CA_CERT, pem.clone()),
+            None => creds.remove(KEY_CA_CERT),
+        }
         Ok(repairs)
     }
 

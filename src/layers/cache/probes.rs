@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, ConnectionInfo, Value};
+use redis::{AsyncConnectionConfig, ConnectionAddr, ConnectionInfo, Value};
 
 use super::rules::{self, CacheRules, Refusal};
 use crate::layers::Probe;
@@ -111,6 +111,53 @@ async fn run_queued(conn: &mut MultiplexedConnection, cmd: &redis::Cmd) -> Outco
     result
 }
 
+/// `addr` moved to `host:port`, keeping its scheme and TLS settings.
+fn moved_addr(addr: &ConnectionAddr, host: &str, port: u16) -> Option<ConnectionAddr> {
+    match addr {
+        ConnectionAddr::Tcp(..) => Some(ConnectionAddr::Tcp(host.to_owned(), port)),
+        ConnectionAddr::TcpTls {
+            insecure,
+            tls_params,
+            ..
+        } => Some(ConnectionAddr::TcpTls {
+            host: host.to_owned(),
+            port,
+            insecure: *insecure,
+            tls_params: tls_params.clone(),
+        }),
+        _ => None,
+    }
+}
+
+/// Runs `cmd` on `conn`; on a cluster's `MOVED` (the key's slot lives on another node) runs it
+/// once more on that node, as the same user.
+async fn run_routed(
+    conn: &mut MultiplexedConnection,
+    info: &ConnectionInfo,
+    cmd: &redis::Cmd,
+) -> Outcome {
+    let first = cmd.query_async::<Value>(conn).await;
+    let Err(e) = &first else {
+        return outcome(first);
+    };
+    let Some((to, _slot)) = e.redirect_node() else {
+        return outcome(first);
+    };
+    let Some((host, port)) = to
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h.to_owned(), p.parse::<u16>().ok()?)))
+    else {
+        return outcome(first);
+    };
+    let Some(addr) = moved_addr(info.addr(), &host, port) else {
+        return outcome(first);
+    };
+    match connect(info.clone().set_addr(addr)).await {
+        Ok(mut other) => outcome(cmd.query_async::<Value>(&mut other).await),
+        Err(_) => outcome(first),
+    }
+}
+
 async fn connect(info: ConnectionInfo) -> redis::RedisResult<MultiplexedConnection> {
     let client = redis::Client::open(info)?;
     let config = AsyncConnectionConfig::new()
@@ -171,7 +218,7 @@ pub async fn run(target: &Target<'_>, info: ConnectionInfo) -> Vec<Probe> {
     let probe_key = format!("{own_prefix}bulkhead:probe");
     let counter = format!("{own_prefix}ratelimit:bulkhead-probe");
     let ttl = PROBE_TTL_SECONDS.to_string();
-    let own_read = run_cmd(&mut conn, &cmd(&["GET", &own_canary])).await;
+    let own_read = run_routed(&mut conn, &info, &cmd(&["GET", &own_canary])).await;
     out.push(must_work(
         format!("GET {own_canary} as {me}{at}"),
         own_read,
@@ -182,32 +229,38 @@ pub async fn run(target: &Target<'_>, info: ConnectionInfo) -> Vec<Probe> {
         },
     ));
     if target.primary {
-        let set = run_cmd(&mut conn, &cmd(&["SET", &probe_key, "probe", "EX", &ttl])).await;
+        let set = run_routed(
+            &mut conn,
+            &info,
+            &cmd(&["SET", &probe_key, "probe", "EX", &ttl]),
+        )
+        .await;
         out.push(must_work(format!("SET {probe_key} as {me}"), set, |v| {
             matches!(v, Value::Okay)
         }));
-        let get = run_cmd(&mut conn, &cmd(&["GET", &probe_key])).await;
+        let get = run_routed(&mut conn, &info, &cmd(&["GET", &probe_key])).await;
         out.push(must_work(
             format!("GET {probe_key} as {me}"),
             get,
             |v| matches!(v, Value::BulkString(b) if b == b"probe"),
         ));
-        let incr = run_cmd(&mut conn, &cmd(&["INCR", &counter])).await;
+        let incr = run_routed(&mut conn, &info, &cmd(&["INCR", &counter])).await;
         out.push(must_work(
             format!("INCR {counter} as {me}"),
             incr,
             |v| matches!(v, Value::Int(n) if *n >= 1),
         ));
-        let exp = run_cmd(&mut conn, &cmd(&["EXPIRE", &counter, &ttl])).await;
+        let exp = run_routed(&mut conn, &info, &cmd(&["EXPIRE", &counter, &ttl])).await;
         out.push(must_work(format!("EXPIRE {counter} as {me}"), exp, |v| {
             matches!(v, Value::Int(1))
         }));
-        let del = run_cmd(&mut conn, &cmd(&["DEL", &probe_key, &counter])).await;
-        out.push(must_work(
-            format!("DEL {probe_key} {counter} as {me}"),
-            del,
-            |v| matches!(v, Value::Int(2)),
-        ));
+        // One key per DEL: on a cluster the two keys live in different slots.
+        for key in [&probe_key, &counter] {
+            let del = run_routed(&mut conn, &info, &cmd(&["DEL", key])).await;
+            out.push(must_work(format!("DEL {key} as {me}"), del, |v| {
+                matches!(v, Value::Int(1))
+            }));
+        }
     }
 
     // Keyspace-wide and administrative commands.

@@ -937,6 +937,7 @@ mod tests {
                 namespace: None,
                 key: "url".into(),
             },
+            ca_secret_ref: None,
             nodes: vec![],
             discover_nodes: false,
             tenant_endpoint: None,
