@@ -347,7 +347,7 @@ async fn a_server_without_tls_is_refused_when_tls_is_required() {
 }
 
 /// The operator reads `caSecretRef`: a CA that did not sign the server's certificate shows in
-/// the platform's `DatabaseReachable` condition, named; the testbed's CA makes it reachable.
+/// the platform's `DatabaseReady` condition, named; the testbed's CA makes it reachable.
 #[tokio::test]
 async fn the_platform_condition_names_a_wrong_ca_and_the_right_one_connects() {
     use bulkhead::api::IsolationPlatform;
@@ -387,7 +387,7 @@ async fn the_platform_condition_names_a_wrong_ca_and_the_right_one_connects() {
             .expect("create platform");
         let operator = common::Operator::start(&name, &ns);
         let (status, message) = common::wait_for(
-            "the DatabaseReachable condition",
+            "the DatabaseReady condition",
             Duration::from_secs(60),
             || {
                 let platforms = platforms.clone();
@@ -398,7 +398,7 @@ async fn the_platform_condition_names_a_wrong_ca_and_the_right_one_connects() {
                         .status?
                         .conditions
                         .into_iter()
-                        .find(|c| c.type_ == "DatabaseReachable")?;
+                        .find(|c| c.type_ == "DatabaseReady")?;
                     Some((format!("{:?}", c.status), c.message))
                 }
             },

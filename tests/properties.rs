@@ -1042,9 +1042,19 @@ proptest! {
         dbname in credential(),
         db in 0i64..16,
         tls in any::<bool>(),
+        mode in prop::sample::select(vec!["disable", "require", "verify-ca", "verify-full"]),
     ) {
-        let url = bulkhead::layers::database::tenant_url("127.0.0.1:5432", &dbname, &user, &password);
-        let cfg: tokio_postgres::Config = url
+        use bulkhead::layers::database::connect;
+        let mode = connect::SslMode::parse(mode).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let url = bulkhead::layers::database::tenant_url(
+            "127.0.0.1:5432", &dbname, &user, &password, &connect::tenant_url_query(mode),
+        );
+        // The TLS parameters are the query's only ones, and what is left parses unchanged.
+        let split = connect::split_url_tls(&url);
+        let want = (mode != connect::SslMode::Disable).then(|| mode.as_str().to_owned());
+        prop_assert_eq!(split.sslmode, want);
+        prop_assert_eq!(split.sslrootcert, None);
+        let cfg: tokio_postgres::Config = split.url
             .parse()
             .map_err(|e: tokio_postgres::Error| TestCaseError::fail(e.to_string()))?;
         prop_assert_eq!(cfg.get_user(), Some(user.as_str()));
