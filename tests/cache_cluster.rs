@@ -17,10 +17,11 @@ use common::{Testbed, unique};
 use redis::{ConnectionAddr, IntoConnectionInfo, Value};
 
 /// The restart test stops a node: the tests of this file run one at a time.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+/// (An async mutex: each test holds it across its awaits; a failed test does not poison it.)
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().await
 }
 
 fn spec() -> CachePlatform {
@@ -98,7 +99,7 @@ fn assert_clean(v: &bulkhead::layers::Verification) {
 
 #[tokio::test]
 async fn users_on_every_node_and_probes_across_slots_and_nodes() {
-    let _serial = serial();
+    let _serial = serial().await;
     let layer = layer().await;
     let nodes = cluster_nodes().await;
     assert_eq!(nodes.len(), 6, "3 primaries + 3 replicas: {nodes:?}");
@@ -143,7 +144,7 @@ fn node_is_first(node: &str) -> bool {
 
 #[tokio::test]
 async fn node_restarted_without_aclfile_is_named_and_repaired() {
-    let _serial = serial();
+    let _serial = serial().await;
     let layer = layer().await;
     let a = unique("clr");
     let ta = tenant(&a, &[]);
@@ -258,7 +259,7 @@ async fn set_routed(first: &str, key: &str) {
 
 #[tokio::test]
 async fn delete_cleanup_removes_keys_on_every_primary() {
-    let _serial = serial();
+    let _serial = serial().await;
     let layer = layer().await;
     let a = unique("cld");
     let mut ta = tenant(&a, &[]);

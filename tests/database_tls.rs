@@ -327,8 +327,7 @@ async fn a_server_without_tls_is_refused_when_tls_is_required() {
         let err = c
             .connect(&config)
             .await
-            .err()
-            .expect("TLS required against a server without TLS must fail");
+            .expect_err("TLS required against a server without TLS must fail");
         assert!(
             err.contains(&format!("server {server} does not support TLS")),
             "{}: {err}",
