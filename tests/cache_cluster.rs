@@ -289,3 +289,109 @@ async fn delete_cleanup_removes_keys_on_every_primary() {
         assert!(left.is_empty(), "keys left on {node}: {left:?}");
     }
 }
+
+/// Calls of the write commands a pass may send, summed over every node (`INFO commandstats`).
+async fn write_calls() -> u64 {
+    let mut total = 0;
+    for (node, _) in cluster_nodes().await {
+        let Value::BulkString(text) = on_node(&node, &["INFO", "commandstats"]).await.unwrap()
+        else {
+            panic!("INFO is not a string")
+        };
+        for line in String::from_utf8(text).unwrap().lines() {
+            let Some((name, rest)) = line.split_once(':') else {
+                continue;
+            };
+            let write = [
+                "cmdstat_set",
+                "cmdstat_del",
+                "cmdstat_unlink",
+                "cmdstat_acl|setuser",
+                "cmdstat_acl|deluser",
+                "cmdstat_acl|save",
+                "cmdstat_client|kill",
+            ];
+            if write.contains(&name) {
+                let calls = rest
+                    .split(',')
+                    .find_map(|kv| kv.strip_prefix("calls="))
+                    .unwrap();
+                total += calls.parse::<u64>().unwrap();
+            }
+        }
+    }
+    total
+}
+
+/// A restarted operator (a new layer) prepares and passes over an organization that did not
+/// drift without one write on any node (verification is not counted: its probes write the
+/// organization's own keys), the reference user included; a reference user
+/// tampered with while it was down is written again by the first pass, and the organization's
+/// user is left alone.
+#[tokio::test]
+async fn a_restart_writes_nothing_and_a_tampered_reference_is_rewritten() {
+    let _serial = serial().await;
+    let first = layer().await;
+    let a = unique("clr");
+    let ta = tenant(&a, &[]);
+    let mut ca = Credentials::default();
+    first.ensure(&ta, &mut ca).await.expect("ensure");
+    let user = ca.get(cache::KEY_USERNAME).unwrap().to_owned();
+    drop(first);
+
+    let before = write_calls().await;
+    let restarted = layer().await;
+    let repairs = restarted.ensure(&ta, &mut ca).await.expect("ensure again");
+    assert!(repairs.is_empty(), "{repairs:?}");
+    let writes = write_calls().await - before;
+    println!("writes by a restart's prepare and pass: {writes}");
+    assert_eq!(writes, 0, "a restart with nothing drifted wrote to Redis");
+    // (Verification writes: its probes set and delete the organization's own keys.)
+    assert_clean(&restarted.verify(&ta, &ca).await.expect("verify"));
+    drop(restarted);
+
+    // The reference user widened behind the operator's back on one primary.
+    let rules = bulkhead::layers::cache::rules::CacheRules::from_spec(&spec()).unwrap();
+    let reference = rules.reference_plan().unwrap().user;
+    let (node, _) = cluster_nodes()
+        .await
+        .into_iter()
+        .find(|(_, f)| f.contains("master"))
+        .expect("a primary");
+    on_node(&node, &["ACL", "SETUSER", &reference, "+@all"])
+        .await
+        .unwrap();
+    let tenant_before = on_node(&node, &["ACL", "GETUSER", &user]).await.unwrap();
+    let restarted = layer().await;
+    let repairs = restarted.ensure(&ta, &mut ca).await.expect("ensure");
+    assert!(
+        repairs.is_empty(),
+        "the tenant was judged by a tampered reference: {repairs:?}"
+    );
+    assert_eq!(
+        on_node(&node, &["ACL", "GETUSER", &user]).await.unwrap(),
+        tenant_before,
+        "the organization's user was rewritten"
+    );
+    let Value::Array(fields) = on_node(&node, &["ACL", "GETUSER", &reference])
+        .await
+        .unwrap()
+    else {
+        panic!("no reference user")
+    };
+    let commands = fields
+        .windows(2)
+        .find_map(|w| match (&w[0], &w[1]) {
+            (Value::BulkString(k), Value::BulkString(v)) if k == b"commands" => {
+                Some(String::from_utf8_lossy(v).into_owned())
+            }
+            _ => None,
+        })
+        .unwrap();
+    assert_ne!(
+        commands, "+@all",
+        "the reference user was not written again"
+    );
+    assert_clean(&restarted.verify(&ta, &ca).await.expect("verify"));
+    restarted.cleanup(&ta).await.expect("cleanup");
+}

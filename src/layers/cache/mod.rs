@@ -467,6 +467,48 @@ impl CacheLayer {
         Ok(user)
     }
 
+    /// The reference user of every node: the one found is kept when the fingerprint key names
+    /// the current profile and the user still has the reference's shape; otherwise it is
+    /// written, and the fingerprint after every node has it.
+    async fn prepare_references(&self) -> Result<(), LayerError> {
+        let plan = self.inner.rules.reference_plan()?;
+        let fingerprint = rules::reference_fingerprint(&plan);
+        let key = self.inner.rules.reference_key()?;
+        let primary = self.inner.primary.clone();
+        let recorded = self
+            .admin_cmd(
+                &primary,
+                "GET reference fingerprint",
+                redis::cmd("GET").arg(&key),
+            )
+            .await?;
+        let recorded = match recorded {
+            Value::BulkString(b) => Some(String::from_utf8_lossy(&b).into_owned()),
+            _ => None,
+        };
+        for node in self.nodes() {
+            match self.getuser(&node, &plan.user).await? {
+                Some(user) if rules::reference_is_current(&plan, &user, recorded.as_deref()) => {
+                    if let Ok(mut r) = self.inner.reference.lock() {
+                        r.insert(node.clone(), user);
+                    }
+                }
+                _ => {
+                    self.refresh_reference(&node).await?;
+                }
+            }
+        }
+        if recorded.as_deref() != Some(fingerprint.as_str()) {
+            self.admin_cmd(
+                &primary,
+                "SET reference fingerprint",
+                redis::cmd("SET").arg(&key).arg(&fingerprint),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
     async fn reference(&self, node: &str) -> Result<AclUser, LayerError> {
         if let Some(u) = self
             .inner
@@ -741,10 +783,17 @@ impl CacheLayer {
         Ok(removed)
     }
 
-    /// Sets `org`'s canary key as admin on the primary.
+    /// Sets `org`'s canary key as admin on the primary, unless it already holds the value.
     async fn write_canary(&self, org: &OrgId) -> Result<(), LayerError> {
         let key = self.inner.rules.canary_key(org)?;
         let primary = self.inner.primary.clone();
+        let current = self
+            .admin_cmd(&primary, "GET canary", redis::cmd("GET").arg(&key))
+            .await?;
+        if matches!(&current, Value::BulkString(b) if b.as_slice() == rules::CANARY_VALUE.as_bytes())
+        {
+            return Ok(());
+        }
         self.admin_cmd(
             &primary,
             "SET canary",
@@ -975,14 +1024,13 @@ impl Layer for CacheLayer {
         LayerKind::Cache
     }
 
-    /// Discovers nodes, rewrites the reference user on each, and writes the sentinel's canary.
+    /// Discovers nodes, makes sure of the reference user on each, and of the sentinel's canary.
+    /// Nothing is written where both are already as planned (a restart writes nothing).
     async fn prepare(&self) -> Result<Vec<Repair>, LayerError> {
         if self.inner.spec.discover_nodes {
             self.discover().await?;
         }
-        for node in self.nodes() {
-            self.refresh_reference(&node).await?;
-        }
+        self.prepare_references().await?;
         self.write_canary(&OrgId::sentinel()).await?;
         Ok(Vec::new())
     }
@@ -1004,9 +1052,15 @@ impl Layer for CacheLayer {
         // Ownership first: nothing is written for an org id another Organization owns.
         let mut repairs = self.claim(tenant, &org).await?;
         for node in self.nodes() {
-            let reference = self.reference(&node).await?;
+            let mut reference = self.reference(&node).await?;
             let actual = self.getuser(&node, &plan.user).await?;
-            let drift = rules::diff(&plan, actual.as_ref(), &reference);
+            let mut drift = rules::diff(&plan, actual.as_ref(), &reference);
+            if drift.iter().any(|d| matches!(d, Drift::Commands { .. })) {
+                // Either the user drifted or the reference did (it is kept across restarts):
+                // write the reference again and judge once more before repairing.
+                reference = self.refresh_reference(&node).await?;
+                drift = rules::diff(&plan, actual.as_ref(), &reference);
+            }
             if drift.is_empty() {
                 continue;
             }

@@ -530,6 +530,15 @@ impl CacheRules {
         })
     }
 
+    /// The key, beside the sentinel's canary, that holds [`reference_fingerprint`] of the
+    /// reference user last written: a start that finds it current writes nothing.
+    pub fn reference_key(&self) -> Result<String, RuleError> {
+        Ok(format!(
+            "{}{REFERENCE_SUFFIX}",
+            self.key_prefix(&OrgId::sentinel())?
+        ))
+    }
+
     /// The reference user's plan: switched off, no password, the sentinel's patterns.
     pub fn reference_plan(&self) -> Result<AclPlan, RuleError> {
         let org = OrgId::sentinel();
@@ -542,6 +551,30 @@ impl CacheRules {
             profile: self.command_profile(),
         })
     }
+}
+
+/// Last part of [`CacheRules::reference_key`].
+pub const REFERENCE_SUFFIX: &str = "reference-profile";
+
+/// Lowercase hex SHA-256 of the rules an `ACL SETUSER` of `plan` sends (one per line).
+pub fn reference_fingerprint(plan: &AclPlan) -> String {
+    hex::encode(Sha256::digest(plan.setuser_rules().join("\n").as_bytes()))
+}
+
+/// Whether the reference user found on a node can stand for `plan` without being written
+/// again: the recorded fingerprint is `plan`'s, and the user is still switched off, without a
+/// password, with exactly the plan's patterns and no selectors. Its command description is
+/// the server's own and cannot be judged here; a tampered one shows as command drift on every
+/// organization, and `ensure` then writes the reference again before repairing anything.
+pub fn reference_is_current(plan: &AclPlan, user: &AclUser, fingerprint: Option<&str>) -> bool {
+    fingerprint == Some(reference_fingerprint(plan).as_str())
+        && user.flags.contains("off")
+        && !user.flags.contains("on")
+        && !user.flags.contains("nopass")
+        && user.passwords.is_empty()
+        && user.selectors == 0
+        && user.keys == BTreeSet::from([plan.key_pattern.clone()])
+        && user.channels == BTreeSet::from([plan.channel_pattern.clone()])
 }
 
 /// The desired state of one organization's ACL user.
@@ -1232,6 +1265,59 @@ mod tests {
         assert!(!profile.contains(&"-@scripting".to_owned()));
         assert!(profile.contains(&"-script".to_owned()));
         assert!(profile.contains(&"-function".to_owned()));
+    }
+
+    #[test]
+    fn a_reference_user_is_reused_only_when_fingerprint_and_shape_match() {
+        let rules = CacheRules::from_spec(&spec()).unwrap();
+        let plan = rules.reference_plan().unwrap();
+        let fp = reference_fingerprint(&plan);
+        assert_eq!(
+            rules.reference_key().unwrap(),
+            "org:bulkhead-sentinel:reference-profile"
+        );
+        let good = AclUser {
+            flags: ["off".to_owned()].into(),
+            commands: "+@all -@dangerous".into(),
+            keys: [plan.key_pattern.clone()].into(),
+            channels: [plan.channel_pattern.clone()].into(),
+            ..AclUser::default()
+        };
+        assert!(reference_is_current(&plan, &good, Some(&fp)));
+        assert!(!reference_is_current(&plan, &good, None), "no fingerprint");
+        assert!(
+            !reference_is_current(&plan, &good, Some("00")),
+            "another profile's"
+        );
+        let mut other = plan.clone();
+        other.profile.push("-get".into());
+        assert_ne!(
+            reference_fingerprint(&other),
+            fp,
+            "the profile is in the fingerprint"
+        );
+        let bad: Vec<Box<dyn Fn(&mut AclUser)>> = vec![
+            Box::new(|u| {
+                u.flags.remove("off");
+                u.flags.insert("on".into());
+            }),
+            Box::new(|u| {
+                u.flags.insert("nopass".into());
+            }),
+            Box::new(|u| {
+                u.passwords.insert("ab".into());
+            }),
+            Box::new(|u| u.selectors = 1),
+            Box::new(|u| {
+                u.keys.insert("*".into());
+            }),
+            Box::new(|u| u.channels = ["*".to_owned()].into()),
+        ];
+        for (i, change) in bad.iter().enumerate() {
+            let mut u = good.clone();
+            change(&mut u);
+            assert!(!reference_is_current(&plan, &u, Some(&fp)), "change {i}");
+        }
     }
 
     #[test]
