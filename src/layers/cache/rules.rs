@@ -1296,22 +1296,22 @@ mod tests {
             fp,
             "the profile is in the fingerprint"
         );
-        let bad: Vec<Box<dyn Fn(&mut AclUser)>> = vec![
-            Box::new(|u| {
+        let bad: [fn(&mut AclUser); 6] = [
+            |u| {
                 u.flags.remove("off");
                 u.flags.insert("on".into());
-            }),
-            Box::new(|u| {
+            },
+            |u| {
                 u.flags.insert("nopass".into());
-            }),
-            Box::new(|u| {
+            },
+            |u| {
                 u.passwords.insert("ab".into());
-            }),
-            Box::new(|u| u.selectors = 1),
-            Box::new(|u| {
+            },
+            |u| u.selectors = 1,
+            |u| {
                 u.keys.insert("*".into());
-            }),
-            Box::new(|u| u.channels = ["*".to_owned()].into()),
+            },
+            |u| u.channels = ["*".to_owned()].into(),
         ];
         for (i, change) in bad.iter().enumerate() {
             let mut u = good.clone();
