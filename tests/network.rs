@@ -186,6 +186,24 @@ async fn policies_are_created_repaired_pruned_and_cleaned_up() {
     assert!(repairs[0].0.contains("bulkhead-allow-dns was deleted"));
     assert!(layer.verify(&t, &creds).await.unwrap().verified());
 
+    // Every policy deleted at once (none left carries the plan's hash): each re-creation is
+    // still a repair, because this layer applied the plan before.
+    let planned = layer.plan(&t).policies.len();
+    for p in api.list(&ListParams::default()).await.unwrap().items {
+        api.delete(&p.name_any(), &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+    let repairs = layer.ensure(&t, &mut creds).await.unwrap();
+    assert_eq!(repairs.len(), planned, "{repairs:?}");
+    assert!(
+        repairs
+            .iter()
+            .all(|r| r.0.contains("was deleted; created again")),
+        "{repairs:?}"
+    );
+    assert!(layer.verify(&t, &creds).await.unwrap().verified());
+
     // Edited to admit every namespace: caught by name, repaired, and the spec is the plan's again.
     let open = json!({"spec": {"ingress": [{"from": [{"namespaceSelector": {}}]}]}});
     api.patch(

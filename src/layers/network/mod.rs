@@ -55,6 +55,11 @@ pub struct NetworkLayer {
     config: NetworkConfig,
     raw: NetworkPlatform,
     snapshot: Mutex<Option<Arc<Snapshot>>>,
+    /// Plan hash this process last applied, per Organization UID. A pass that finds none of the
+    /// organization's objects left (all deleted at once) still knows they were there, and
+    /// reports the re-creation as a repair. Kept in memory only: it costs no write, and after
+    /// a restart objects deleted while the operator was down are created again unreported.
+    applied: Mutex<std::collections::HashMap<String, String>>,
 }
 
 impl NetworkLayer {
@@ -66,6 +71,7 @@ impl NetworkLayer {
             config: validated,
             raw: config.clone(),
             snapshot: Mutex::new(None),
+            applied: Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -344,7 +350,13 @@ impl Layer for NetworkLayer {
             .map(|p| &p.metadata)
             .chain(live_quotas.iter().map(|q| &q.metadata))
             .chain(live_limits.iter().map(|l| &l.metadata))
-            .any(|m| annotation(m) == Some(plan.hash.as_str()));
+            .any(|m| annotation(m) == Some(plan.hash.as_str()))
+            || self
+                .applied
+                .lock()
+                .map_err(|_| poisoned())?
+                .get(&tenant.owner.uid)
+                == Some(&plan.hash);
 
         let mut repairs = Vec::new();
         for planned in &plan.policies {
@@ -393,6 +405,10 @@ impl Layer for NetworkLayer {
         {
             delete_quietly(&limits, &l.name_any()).await?;
         }
+        self.applied
+            .lock()
+            .map_err(|_| poisoned())?
+            .insert(tenant.owner.uid.clone(), plan.hash.clone());
         Ok(repairs)
     }
 
@@ -446,6 +462,10 @@ impl Layer for NetworkLayer {
     }
 
     async fn cleanup(&self, tenant: &Tenant) -> Result<(), LayerError> {
+        self.applied
+            .lock()
+            .map_err(|_| poisoned())?
+            .remove(&tenant.owner.uid);
         let selector = plan::managed_selector(tenant);
         for p in list_all(&Api::<NetworkPolicy>::all(self.client.clone()), &selector).await? {
             delete_quietly(
