@@ -479,11 +479,15 @@ async fn a_tenant_search_path_cannot_change_the_identity() {
         "with a tenant's objects on its search_path",
     );
 
-    // The same body unqualified and without SET search_path reads the tenant's temp table.
+    // The same bodies unqualified and without SET search_path read the tenant's temp table
+    // (the function for the identity, its set-returning twin, inlined, for the policies).
     admin
         .batch_execute(
             "CREATE OR REPLACE FUNCTION auth.org_id() RETURNS text LANGUAGE plpgsql STABLE PARALLEL SAFE AS
-             $$ BEGIN RETURN (SELECT m.org_id FROM tenant_roles m WHERE m.role_name = current_user::text); END $$",
+             $$ BEGIN RETURN (SELECT m.org_id FROM tenant_roles m WHERE m.role_name = current_user::text); END $$;
+             SET check_function_bodies = off;
+             CREATE OR REPLACE FUNCTION auth.org_id_rows() RETURNS SETOF text LANGUAGE sql STABLE PARALLEL SAFE AS
+             $$ SELECT m.org_id FROM tenant_roles m WHERE m.role_name = current_user::text $$",
         )
         .await
         .unwrap();
@@ -1443,4 +1447,31 @@ async fn a_failed_assertion_leaks_no_database_or_role() {
         .expect("count")
         .get(0);
     assert_eq!(left, 0, "database {name} or role {role} outlived the panic");
+}
+
+/// The policy's identity lookup is inlined: a tenant's query plan scans the role mapping in an
+/// InitPlan and calls no function (no `Function Scan`, no `org_id_rows()` in the plan).
+#[tokio::test]
+async fn the_policy_lookup_is_inlined_into_the_tenant_query() {
+    let p = pair(json!({})).await;
+    let c = p.tenant_client().await;
+    let lines: Vec<String> = c
+        .query(
+            "EXPLAIN (VERBOSE, COSTS OFF) SELECT * FROM public.conversations WHERE id = 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let plan = lines.join("\n");
+    assert!(plan.contains("InitPlan"), "{plan}");
+    assert!(plan.contains("tenant_roles"), "the mapping lookup is in the plan: {plan}");
+    assert!(!plan.contains("Function Scan"), "{plan}");
+    assert!(!plan.contains("org_id_rows"), "{plan}");
+    drop(c);
+    let Pair { db, layer, .. } = p;
+    drop(layer);
+    db.finish().await;
 }

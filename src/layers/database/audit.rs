@@ -346,6 +346,63 @@ pub fn audit(s: &Settings, cat: &Catalog) -> AuditReport {
         }
     }
 
+    let rows = s.identity_rows_function.plain();
+    match &cat.rows_function {
+        None => f.push(Finding::breach(
+            format!("function {rows}()"),
+            "the identity function's set-returning twin, which the policies call, does not exist",
+        )),
+        Some(x) => {
+            let subject = format!("function {rows}()");
+            if x.body != plan::identity_rows_body(s) {
+                f.push(Finding::breach(
+                    subject.clone(),
+                    "the set-returning identity function's body differs from the planned one",
+                ));
+            }
+            if x.volatility != "s" {
+                f.push(Finding::breach(
+                    subject.clone(),
+                    "the set-returning identity function is not STABLE",
+                ));
+            }
+            if x.security_definer {
+                f.push(Finding::breach(
+                    subject.clone(),
+                    "the set-returning identity function is SECURITY DEFINER",
+                ));
+            }
+            if !search_path_safe(&x.body, &x.config) {
+                f.push(Finding::breach(
+                    subject.clone(),
+                    "the set-returning identity function neither pins search_path nor schema-qualifies every name",
+                ));
+            }
+            if !plan::rows_function_intact(x, &plan::identity_rows_body(s))
+                && x.body == plan::identity_rows_body(s)
+                && x.volatility == "s"
+                && !x.security_definer
+            {
+                f.push(Finding::warning(
+                    subject.clone(),
+                    "the set-returning identity function is not the planned SQL, PARALLEL SAFE, SETOF text one without a SET clause: PostgreSQL cannot inline it (slower queries)",
+                ));
+            }
+            if !cat.group_can_execute_rows_function {
+                f.push(Finding::warning(
+                    subject.clone(),
+                    "tenants cannot execute the set-returning identity function: every governed query fails (closed, but broken)",
+                ));
+            }
+            if tenants.contains(x.owner.as_str()) || x.owner == g {
+                f.push(Finding::breach(
+                    subject,
+                    format!("owned by tenant role {}", x.owner),
+                ));
+            }
+        }
+    }
+
     let mapping = s.mapping.plain();
     match &cat.mapping {
         None => f.push(Finding::breach(
@@ -803,6 +860,17 @@ mod tests {
                 owner: "postgres".into(),
                 result: "text".into(),
             }),
+            rows_function: Some(FunctionState {
+                body: plan::identity_rows_body(&s),
+                volatility: "s".into(),
+                parallel: "s".into(),
+                language: "sql".into(),
+                security_definer: false,
+                config: vec![],
+                owner: "postgres".into(),
+                result: "SETOF text".into(),
+            }),
+            group_can_execute_rows_function: true,
             mapping: Some(mapping),
             registry: Some(registry),
             relations: vec![good_table("conversations"), good_table("messages")],
@@ -840,6 +908,35 @@ mod tests {
     }
 
     type Mutation = Box<dyn FnOnce(&mut Catalog)>;
+
+    #[test]
+    fn a_twin_that_cannot_be_inlined_or_executed_is_a_warning() {
+        let cases: Vec<(&str, Mutation)> = vec![
+            (
+                "cannot inline it",
+                Box::new(|c| c.rows_function.as_mut().unwrap().language = "plpgsql".into()),
+            ),
+            (
+                "cannot inline it",
+                Box::new(|c| c.rows_function.as_mut().unwrap().result = "text".into()),
+            ),
+            (
+                "cannot execute",
+                Box::new(|c| c.group_can_execute_rows_function = false),
+            ),
+        ];
+        for (want, mutate) in cases {
+            let mut cat = good_catalog();
+            mutate(&mut cat);
+            let r = audit(&settings(), &cat);
+            assert_eq!(r.breaches().count(), 0, "{want}");
+            assert!(
+                r.findings.iter().any(|f| f.text().contains(want)),
+                "{want}: {:?}",
+                r.findings
+            );
+        }
+    }
 
     #[test]
     fn every_breach_is_found() {
@@ -901,6 +998,32 @@ mod tests {
                 Box::new(|c| c.function.as_mut().unwrap().body = "SELECT 'x'".into()),
             ),
             ("does not exist", Box::new(|c| c.function = None)),
+            (
+                "twin, which the policies call, does not exist",
+                Box::new(|c| c.rows_function = None),
+            ),
+            (
+                "set-returning identity function's body differs",
+                Box::new(|c| c.rows_function.as_mut().unwrap().body = "SELECT 'x'".into()),
+            ),
+            (
+                "set-returning identity function is not STABLE",
+                Box::new(|c| c.rows_function.as_mut().unwrap().volatility = "v".into()),
+            ),
+            (
+                "set-returning identity function is SECURITY DEFINER",
+                Box::new(|c| c.rows_function.as_mut().unwrap().security_definer = true),
+            ),
+            (
+                "set-returning identity function neither pins",
+                Box::new(|c| {
+                    c.rows_function.as_mut().unwrap().config = vec!["search_path=public".into()]
+                }),
+            ),
+            (
+                "owned by tenant role bulkhead_org_acme",
+                Box::new(|c| c.rows_function.as_mut().unwrap().owner = "bulkhead_org_acme".into()),
+            ),
             (
                 "search_path could change",
                 Box::new(|c| {

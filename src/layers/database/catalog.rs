@@ -104,7 +104,7 @@ pub struct TableState {
     pub policies: Vec<PolicyState>,
     /// Sequences owned by the table's columns on which the group lacks USAGE (schema, name).
     pub sequences_without_usage: Vec<(String, String)>,
-    /// None when the identity function is missing or the planned policy cannot be built here.
+    /// None when the identity function or its twin is missing or the planned policy cannot be built here.
     pub expected: Option<Expected>,
 }
 
@@ -147,6 +147,9 @@ pub struct Catalog {
     pub group_mapped: bool,
     pub function: Option<FunctionState>,
     pub group_can_execute_function: bool,
+    /// The identity's set-returning twin that the policies call.
+    pub rows_function: Option<FunctionState>,
+    pub group_can_execute_rows_function: bool,
     pub mapping: Option<TableState>,
     pub registry: Option<TableState>,
     /// The operator's lock table.
@@ -270,6 +273,20 @@ LEFT JOIN pg_catalog.pg_roles g ON g.rolname OPERATOR(pg_catalog.=) $3::pg_catal
 WHERE n.nspname OPERATOR(pg_catalog.=) $1::pg_catalog.name AND p.proname OPERATOR(pg_catalog.=) $2::pg_catalog.name
   AND p.pronargs OPERATOR(pg_catalog.=) 0::pg_catalog.int2
 "#;
+
+/// A row of [`FUNCTION_SQL`].
+fn function_state(row: &tokio_postgres::Row) -> FunctionState {
+    FunctionState {
+        body: row.get(0),
+        volatility: row.get(1),
+        parallel: row.get(7),
+        language: row.get(8),
+        security_definer: row.get(2),
+        config: row.get(3),
+        owner: row.get(4),
+        result: row.get(5),
+    }
+}
 
 const DEFINER_SQL: &str = r#"
 SELECT p.oid::pg_catalog.regprocedure::pg_catalog.text
@@ -397,17 +414,23 @@ pub async fn read(client: &impl GenericClient, s: &Settings) -> Result<Catalog, 
         .await
         .map_err(db)?
     {
-        cat.function = Some(FunctionState {
-            body: row.get(0),
-            volatility: row.get(1),
-            parallel: row.get(7),
-            language: row.get(8),
-            security_definer: row.get(2),
-            config: row.get(3),
-            owner: row.get(4),
-            result: row.get(5),
-        });
+        cat.function = Some(function_state(&row));
         cat.group_can_execute_function = row.get(6);
+    }
+    if let Some(row) = client
+        .query_opt(
+            FUNCTION_SQL,
+            &[
+                &s.identity_rows_function.schema.as_str(),
+                &s.identity_rows_function.name.as_str(),
+                &group,
+            ],
+        )
+        .await
+        .map_err(db)?
+    {
+        cat.rows_function = Some(function_state(&row));
+        cat.group_can_execute_rows_function = row.get(6);
     }
 
     let extra = vec![
@@ -500,7 +523,7 @@ pub async fn read(client: &impl GenericClient, s: &Settings) -> Result<Catalog, 
         }
     }
 
-    if cat.function.is_some() {
+    if cat.function.is_some() && cat.rows_function.is_some() {
         let mut targets: Vec<usize> = cat
             .relations
             .iter()

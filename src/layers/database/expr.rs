@@ -4,10 +4,15 @@
 use super::ident::quote_literal;
 use super::settings::{Settings, SharedRead};
 
-/// `USING` of the operator's policy: the identity function wrapped in a sub-select so it runs
-/// once per query, not once per row.
+/// `USING` of the operator's policy: the identity's set-returning twin called in FROM inside a
+/// sub-select, so it runs once per query (an InitPlan), not once per row, and PostgreSQL inlines
+/// the function's body, the mapping lookup, into the query: no function call at all. No row
+/// (no mapping) makes the sub-select NULL, and `org_id = NULL` admits nothing: fail-closed.
 pub fn policy_using(s: &Settings) -> String {
-    format!("{} = (SELECT {}())", s.tenant_column, s.identity_function)
+    format!(
+        "{} = (SELECT o FROM {}() o)",
+        s.tenant_column, s.identity_rows_function
+    )
 }
 
 /// `WITH CHECK` of the operator's policy; shared rows can never be written by a tenant.
@@ -43,7 +48,7 @@ mod tests {
         let s = settings(json!({}));
         assert_eq!(
             policy_using(&s),
-            "\"org_id\" = (SELECT \"auth\".\"org_id\"())"
+            "\"org_id\" = (SELECT o FROM \"auth\".\"org_id_rows\"() o)"
         );
         let s = settings(json!({
             "overrides": [{"table": "skills", "sharedReadColumn": "scope", "sharedReadValue": "sys'tem"}]
@@ -51,7 +56,7 @@ mod tests {
         let sr = s.shared_read("skills").unwrap();
         assert_eq!(
             policy_check(&s, Some(sr)),
-            "\"org_id\" = (SELECT \"auth\".\"org_id\"()) AND \"scope\" IS DISTINCT FROM 'sys''tem'"
+            "\"org_id\" = (SELECT o FROM \"auth\".\"org_id_rows\"() o) AND \"scope\" IS DISTINCT FROM 'sys''tem'"
         );
         assert_eq!(shared_read_using(sr), "\"scope\" = 'sys''tem'");
     }

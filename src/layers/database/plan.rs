@@ -44,12 +44,17 @@ impl Plan {
 /// `NULLIF`, which looks `=` up): the function needs no `SET search_path`, and the caller's
 /// search_path (or a temporary object) cannot change what it returns.
 pub fn identity_body(s: &Settings) -> String {
+    format!("\nBEGIN\n  RETURN {};\nEND\n", identity_value(s))
+}
+
+/// The identity as one parenthesized expression, shared by the function and its twin.
+fn identity_value(s: &Settings) -> String {
     let mapped = format!(
         "SELECT m.org_id FROM {} m WHERE m.role_name OPERATOR(pg_catalog.=) CURRENT_USER::pg_catalog.text",
         s.mapping
     );
     let fallback = match s.mode {
-        IdentityMode::Role => return format!("\nBEGIN\n  RETURN ({mapped});\nEND\n"),
+        IdentityMode::Role => return format!("({mapped})"),
         IdentityMode::Setting => format!(
             "(SELECT CASE WHEN c OPERATOR(pg_catalog.=) '' THEN NULL ELSE c END FROM pg_catalog.current_setting({}, true) c)",
             quote_literal(&s.setting_name)
@@ -62,9 +67,36 @@ pub fn identity_body(s: &Settings) -> String {
         ),
     };
     format!(
-        "\nBEGIN\n  RETURN COALESCE(({mapped}), CASE WHEN pg_catalog.pg_has_role(CURRENT_USER, {}, 'MEMBER') THEN NULL ELSE {fallback} END);\nEND\n",
+        "COALESCE(({mapped}), CASE WHEN pg_catalog.pg_has_role(CURRENT_USER, {}, 'MEMBER') THEN NULL ELSE {fallback} END)",
         quote_literal(s.group_role.as_str())
     )
+}
+
+/// The body of the identity's set-returning twin: one `SELECT` of the same value, so
+/// PostgreSQL can inline it where a policy calls it in FROM. Same schema-qualification rules.
+pub fn identity_rows_body(s: &Settings) -> String {
+    format!("\nSELECT {}\n", identity_value(s))
+}
+
+/// `CREATE OR REPLACE FUNCTION` for the twin. Inlining needs exactly this shape: `LANGUAGE sql`,
+/// a set result, not STRICT, not SECURITY DEFINER, no SET clause, not VOLATILE.
+pub fn identity_rows_function_sql(s: &Settings) -> String {
+    format!(
+        "CREATE OR REPLACE FUNCTION {}() RETURNS SETOF text LANGUAGE sql STABLE PARALLEL SAFE SECURITY INVOKER AS {}",
+        s.identity_rows_function,
+        dollar_quote(&identity_rows_body(s))
+    )
+}
+
+/// Whether the stored twin is the planned one, in the shape PostgreSQL inlines.
+pub fn rows_function_intact(f: &super::catalog::FunctionState, planned_body: &str) -> bool {
+    f.body == planned_body
+        && f.volatility == "s"
+        && f.parallel == "s"
+        && f.language == "sql"
+        && f.result == "SETOF text"
+        && !f.security_definer
+        && f.config.is_empty()
 }
 
 /// `CREATE OR REPLACE FUNCTION` for the identity function. PL/pgSQL keeps the lookup's plan
@@ -300,6 +332,31 @@ pub fn bootstrap(s: &Settings, cat: &Catalog) -> Plan {
                 ));
                 p.repair(format!(
                     "identity function was owned by tenant role {}; reassigned",
+                    f.owner
+                ));
+            }
+        }
+    }
+
+    let planned_rows = identity_rows_body(s);
+    match &cat.rows_function {
+        None => p.push(identity_rows_function_sql(s)),
+        Some(f) => {
+            if !rows_function_intact(f, &planned_rows) {
+                p.push(identity_rows_function_sql(s));
+                p.repair(format!(
+                    "identity function {}() differed from the planned one; replaced",
+                    s.identity_rows_function.plain()
+                ));
+            }
+            if cat.tenant_role_names().contains(f.owner.as_str()) || f.owner == g.as_str() {
+                p.push(format!(
+                    "ALTER FUNCTION {}() OWNER TO CURRENT_USER",
+                    s.identity_rows_function
+                ));
+                p.repair(format!(
+                    "identity function {}() was owned by tenant role {}; reassigned",
+                    s.identity_rows_function.plain(),
                     f.owner
                 ));
             }
@@ -727,6 +784,38 @@ mod tests {
                 "NULLIF looks `=` up on the search_path"
             );
         }
+    }
+
+    #[test]
+    fn the_rows_twin_selects_the_same_value_in_an_inlinable_shape() {
+        for mode in [
+            json!({}),
+            json!({"identityMode": "setting"}),
+            json!({"identityMode": "jwt"}),
+        ] {
+            let s = settings(mode);
+            let body = identity_rows_body(&s);
+            let value = identity_body(&s)
+                .trim()
+                .strip_prefix("BEGIN\n  RETURN ")
+                .and_then(|b| b.strip_suffix(";\nEND"))
+                .unwrap()
+                .to_owned();
+            assert_eq!(
+                body,
+                format!("\nSELECT {value}\n"),
+                "one SELECT of the same value"
+            );
+            assert!(!body.contains("NULLIF"));
+        }
+        let sql = identity_rows_function_sql(&settings(json!({})));
+        assert!(sql.starts_with(
+            "CREATE OR REPLACE FUNCTION \"auth\".\"org_id_rows\"() RETURNS SETOF text LANGUAGE sql STABLE PARALLEL SAFE SECURITY INVOKER AS $bulkhead$"
+        ), "{sql}");
+        assert!(
+            !sql.contains(" SET ") && !sql.contains("STRICT"),
+            "either blocks inlining"
+        );
     }
 
     #[test]

@@ -99,6 +99,9 @@ impl Limits {
     }
 }
 
+/// Suffix of the identity function's set-returning twin.
+pub const ROWS_SUFFIX: &str = "_rows";
+
 /// The database layer's configuration, validated.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settings {
@@ -106,6 +109,9 @@ pub struct Settings {
     pub tenant_column: Ident,
     pub operator_schema: Ident,
     pub identity_function: QualifiedName,
+    /// The set-returning twin of the identity function that the policies call in FROM
+    /// (`<identityFunction>_rows`): PostgreSQL inlines it into the query.
+    pub identity_rows_function: QualifiedName,
     pub registry: QualifiedName,
     pub mapping: QualifiedName,
     pub locks: QualifiedName,
@@ -159,6 +165,14 @@ impl Settings {
                 "database: identityFunction must live outside the governed schemas".into(),
             ));
         }
+        let identity_rows_function = QualifiedName::new(
+            identity_function.schema.clone(),
+            Ident::new(
+                &format!("{}{ROWS_SUFFIX}", identity_function.name.as_str()),
+                "identityFunction's name plus \"_rows\" (the policies' set-returning twin)",
+            )
+            .map_err(cfg)?,
+        );
         let registry_name = Ident::new(&spec.registry_table, "registryTable").map_err(cfg)?;
         let setting_name = spec.setting_name.clone();
         let valid_setting = setting_name.contains('.')
@@ -254,6 +268,7 @@ impl Settings {
             tenant_column: Ident::new(&spec.tenant_column, "tenantColumn").map_err(cfg)?,
             operator_schema,
             identity_function,
+            identity_rows_function,
             mode: spec.identity_mode,
             setting_name,
             jwt_claim: spec.jwt_claim.clone(),
