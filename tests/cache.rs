@@ -1572,15 +1572,36 @@ async fn state_without_an_owner_record_is_adopted_only_as_legacy() {
     let a = org_id();
     let t = owned_by(&a, "uid-legacy-owner");
     let mut creds = provision(&layer, &t).await;
-    // As before owner records existed: the user and keys, no record.
+    // The record lost, the ACL user kept (a restart with an aclfile and no data persistence):
+    // the Organization whose Secret holds the user's password records itself again.
     admin_cmd(&["DEL", &format!("bulkhead:owner:{a}")])
         .await
         .unwrap();
-    let err = layer.ensure(&t, &mut creds).await.expect_err("refused");
+    let repairs = layer
+        .ensure(&t, &mut creds)
+        .await
+        .expect("proven by the password");
     assert!(
-        matches!(err, LayerError::Refused(ref m) if m.contains("no recorded owner") && m.contains("legacy")),
-        "{err}"
+        repairs.iter().any(|r| r.0.contains("was recorded again")),
+        "{repairs:?}"
     );
+    assert!(layer.ensure(&t, &mut creds).await.unwrap().is_empty());
+
+    // As before owner records existed: the user and keys, no record, and a claimant that does
+    // not hold the user's password (none, or another one) is refused.
+    admin_cmd(&["DEL", &format!("bulkhead:owner:{a}")])
+        .await
+        .unwrap();
+    let mut wrong = creds.clone();
+    wrong.set(cache::KEY_PASSWORD, "not-the-password");
+    for mut c in [Credentials::default(), wrong] {
+        let err = layer.ensure(&t, &mut c).await.expect_err("refused");
+        assert!(
+            matches!(err, LayerError::Refused(ref m) if m.contains("no recorded owner") && m.contains("legacy")),
+            "{err}"
+        );
+    }
+    let mut creds = Credentials::default();
     // Cleanup without the adoption removes nothing.
     let mut td = t.clone();
     td.deletion_policy = DeletionPolicy::Delete;

@@ -1467,7 +1467,10 @@ async fn the_policy_lookup_is_inlined_into_the_tenant_query() {
         .collect();
     let plan = lines.join("\n");
     assert!(plan.contains("InitPlan"), "{plan}");
-    assert!(plan.contains("tenant_roles"), "the mapping lookup is in the plan: {plan}");
+    assert!(
+        plan.contains("tenant_roles"),
+        "the mapping lookup is in the plan: {plan}"
+    );
     assert!(!plan.contains("Function Scan"), "{plan}");
     assert!(!plan.contains("org_id_rows"), "{plan}");
     drop(c);

@@ -669,7 +669,17 @@ impl CacheLayer {
     /// Records `uid` as the owner of `org` before anything is created, or refuses when the org
     /// id belongs to another Organization (or has state nobody recorded) and `tenant.adopt_from`
     /// does not name it.
-    async fn claim(&self, tenant: &Tenant, org: &OrgId) -> Result<Vec<Repair>, LayerError> {
+    /// Records `tenant` as the owner of `org`'s Redis state, or refuses. `known_password` is the
+    /// password the Organization's own credentials Secret already held: state without an owner
+    /// record whose ACL user accepts exactly that password was made for this Organization (the
+    /// record, kept in Redis data, was lost in a restart that kept the aclfile), and is
+    /// recorded again without an annotation. Anyone else would have to know the password.
+    async fn claim(
+        &self,
+        tenant: &Tenant,
+        org: &OrgId,
+        known_password: Option<&str>,
+    ) -> Result<Vec<Repair>, LayerError> {
         let uid = tenant.owner.uid.as_str();
         if uid.is_empty() {
             return Err(LayerError::Refused(format!(
@@ -707,8 +717,10 @@ impl CacheLayer {
                     }
                 }
                 Owner::Nobody => {
+                    let mut proven = false;
                     let legacy = if self.has_state(org).await? {
-                        if tenant.adopt_from.as_deref() != Some(rules::ADOPT_LEGACY) {
+                        proven = self.password_proves(org, known_password).await?;
+                        if !proven && tenant.adopt_from.as_deref() != Some(rules::ADOPT_LEGACY) {
                             return Err(LayerError::Refused(format!(
                                 "cache: orgId {org} already has Redis state (ACL user {} or keys under {}) with no recorded owner; it is not adopted. To take it over, set the annotation {ADOPT_ANNOTATION}: {}",
                                 self.inner.rules.user_name(org),
@@ -728,7 +740,11 @@ impl CacheLayer {
                         )
                         .await?;
                     if set == Value::Okay {
-                        return Ok(if legacy {
+                        return Ok(if proven {
+                            vec![Repair(format!(
+                                "cache: the owner record of orgId {org} was lost (Redis kept its ACLs but not its data); the ACL user accepts this Organization's password, so it was recorded again"
+                            ))]
+                        } else if legacy {
                             vec![Repair(format!(
                                 "cache: re-attached retained data of Organization UID {}",
                                 rules::ADOPT_LEGACY
@@ -743,6 +759,24 @@ impl CacheLayer {
         Err(LayerError::Backend(format!(
             "redis {primary}: the owner record {key} changed concurrently; retrying"
         )))
+    }
+
+    /// Whether `org`'s ACL user, on the primary, accepts `password` and no other one.
+    async fn password_proves(
+        &self,
+        org: &OrgId,
+        password: Option<&str>,
+    ) -> Result<bool, LayerError> {
+        let Some(password) = password.filter(|p| !p.is_empty()) else {
+            return Ok(false);
+        };
+        let primary = self.inner.primary.clone();
+        let user = self
+            .getuser(&primary, &self.inner.rules.user_name(org))
+            .await?;
+        Ok(user.is_some_and(|u| {
+            u.passwords == std::collections::BTreeSet::from([rules::password_sha256(password)])
+        }))
     }
 
     /// Whether `tenant` may remove `org`'s state: the record names its UID, or nothing is
@@ -1050,7 +1084,8 @@ impl Layer for CacheLayer {
         let key_prefix = self.inner.rules.key_prefix(&org)?;
         let channel_prefix = self.inner.rules.channel_prefix(&org)?;
         // Ownership first: nothing is written for an org id another Organization owns.
-        let mut repairs = self.claim(tenant, &org).await?;
+        let known = creds.get(KEY_PASSWORD).map(str::to_owned);
+        let mut repairs = self.claim(tenant, &org, known.as_deref()).await?;
         for node in self.nodes() {
             let mut reference = self.reference(&node).await?;
             let actual = self.getuser(&node, &plan.user).await?;
