@@ -5,8 +5,9 @@
 //! 2. Loads 1,000,000 rows spread over those organizations and compares, in one run, queries
 //!    through the generated policy (tenant role, no WHERE) with hand-written `WHERE org_id = $1`
 //!    (admin, RLS bypassed): point lookup, 50-row page, sequential-scan aggregate (over an
-//!    unindexed copy, `docs_scan`). Then the same
-//!    with the naive policy `org_id = auth.org_id()` (unwrapped), restored afterwards.
+//!    unindexed copy, `docs_scan`). Then the same with the previous form of the policy
+//!    (`org_id = (SELECT auth.org_id())`, the PL/pgSQL function, not inlined) and with the naive
+//!    policy `org_id = auth.org_id()` (unwrapped), restored afterwards.
 //!
 //! Every loop is bounded in count and time; all traffic goes to the testbed on 127.0.0.1.
 
@@ -355,8 +356,22 @@ async fn run(tag: &str) {
         .collect();
     let generated = measure(&admin, &tenant_db, &org, &ids).await;
     print(
-        "generated policy: org_id = (SELECT auth.org_id())",
+        "generated policy: org_id = (SELECT o FROM auth.org_id_rows() o) (inlined)",
         &generated,
+    );
+
+    // The form used before: the PL/pgSQL identity function in a scalar sub-select.
+    admin
+        .batch_execute(
+            "ALTER POLICY bulkhead_isolation ON docs USING (org_id = (SELECT auth.org_id())) WITH CHECK (org_id = (SELECT auth.org_id()));
+             ALTER POLICY bulkhead_isolation ON docs_scan USING (org_id = (SELECT auth.org_id())) WITH CHECK (org_id = (SELECT auth.org_id()))",
+        )
+        .await
+        .unwrap();
+    let scalar = measure(&admin, &tenant_db, &org, &ids).await;
+    print(
+        "previous policy: org_id = (SELECT auth.org_id()) (PL/pgSQL, not inlined)",
+        &scalar,
     );
 
     admin

@@ -9,60 +9,11 @@ use std::time::Duration;
 
 use aws_sdk_s3::config::{BehaviorVersion, Credentials as AwsCredentials, Region};
 use bulkhead::api::{IsolationPlatform, Organization};
+use common::org::{conditions, credentials, is_true, wait_verified};
 use common::{Operator, Testbed, install_crds, pg_connect, unique, wait_for};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
-
-fn is_true(o: &Organization, t: &str) -> bool {
-    o.status.as_ref().is_some_and(|s| {
-        s.conditions
-            .iter()
-            .any(|c| c.type_ == t && format!("{:?}", c.status) == "True")
-    })
-}
-
-fn conditions(o: &Organization) -> String {
-    o.status
-        .as_ref()
-        .map(|s| {
-            s.conditions
-                .iter()
-                .map(|c| format!("{}={:?} {}: {}", c.type_, c.status, c.reason, c.message))
-                .collect::<Vec<_>>()
-                .join("\n")
-        })
-        .unwrap_or_default()
-}
-
-async fn wait_verified(api: &Api<Organization>, name: &str) -> Organization {
-    let start = std::time::Instant::now();
-    loop {
-        let o = api.get(name).await.expect("get org");
-        if is_true(&o, "Ready") && is_true(&o, "IsolationVerified") {
-            return o;
-        }
-        if start.elapsed() > Duration::from_secs(180) {
-            panic!(
-                "{name} not Ready and Verified after 180s:\n{}",
-                conditions(&o)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
-async fn credentials(client: &kube::Client, ns: &str) -> BTreeMap<String, String> {
-    let s = Api::<Secret>::namespaced(client.clone(), ns)
-        .get("bulkhead-credentials")
-        .await
-        .expect("credentials Secret");
-    s.data
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(k, v)| (k, String::from_utf8(v.0).unwrap()))
-        .collect()
-}
 
 async fn redis_connect(url: &str) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
     redis::Client::open(url)?

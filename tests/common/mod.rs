@@ -1,6 +1,8 @@
 //! Shared set-up for tests that run against the local testbed (`testbed/up`).
 #![allow(dead_code)]
 
+pub mod org;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::OnceLock;
