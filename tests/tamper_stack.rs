@@ -17,8 +17,9 @@ use std::collections::BTreeSet;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use aws_sdk_iam::config::{BehaviorVersion, Credentials as AwsCredentials, Region};
 use bulkhead::api::Organization;
+use bulkhead::layers::database::ident::quote_ident as quote;
+use common::admin::{iam_admin, redis_cmd, s3_admin};
 use common::org::{conditions, credentials, wait_verified};
 use common::{FullPlatform, Operator, Testbed, install_crds, pg_connect, unique};
 use k8s_openapi::ByteString;
@@ -56,19 +57,6 @@ where
     }
 }
 
-async fn redis_cmd(url: &str, args: &[&str]) -> redis::Value {
-    let mut c = redis::Client::open(url)
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let mut cmd = redis::cmd(args[0]);
-    for a in &args[1..] {
-        cmd.arg(*a);
-    }
-    cmd.query_async(&mut c).await.unwrap()
-}
-
 /// The key patterns of an ACL user (empty when it does not exist).
 async fn acl_keys(url: &str, user: &str) -> Option<BTreeSet<String>> {
     let redis::Value::Array(fields) = redis_cmd(url, &["ACL", "GETUSER", user]).await else {
@@ -100,43 +88,6 @@ async fn table_state(db: &tokio_postgres::Client, table: &str) -> (bool, bool, i
         .await
         .expect("table state");
     (row.get(0), row.get(1), row.get(2), row.get(3))
-}
-
-fn quote(ident: &str) -> String {
-    format!("\"{}\"", ident.replace('"', "\"\""))
-}
-
-fn iam_admin(tb: &Testbed) -> aws_sdk_iam::Client {
-    let conf = aws_sdk_iam::config::Builder::new()
-        .behavior_version(BehaviorVersion::latest())
-        .region(Region::new("us-east-1"))
-        .credentials_provider(AwsCredentials::new(
-            tb.s3_access_key(),
-            tb.s3_secret_key(),
-            None,
-            None,
-            "tamper-admin",
-        ))
-        .endpoint_url(tb.s3_endpoint())
-        .build();
-    aws_sdk_iam::Client::from_conf(conf)
-}
-
-fn s3_admin(tb: &Testbed) -> aws_sdk_s3::Client {
-    let conf = aws_sdk_s3::config::Builder::new()
-        .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
-        .region(aws_sdk_s3::config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_s3::config::Credentials::new(
-            tb.s3_access_key(),
-            tb.s3_secret_key(),
-            None,
-            None,
-            "tamper-admin",
-        ))
-        .endpoint_url(tb.s3_endpoint())
-        .force_path_style(true)
-        .build();
-    aws_sdk_s3::Client::from_conf(conf)
 }
 
 #[tokio::test]

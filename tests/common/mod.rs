@@ -1,6 +1,7 @@
 //! Shared set-up for tests that run against the local testbed (`testbed/up`).
 #![allow(dead_code)]
 
+pub mod admin;
 pub mod org;
 
 use std::collections::BTreeMap;

@@ -48,6 +48,29 @@ pub enum Record {
     Legacy,
     /// Not made by bulkhead for this orgId: untagged, or tagged for another orgId.
     Foreign,
+    /// Created by this Organization UID in a pass that stopped before the owner tags were
+    /// written: untagged, holding nothing, and named by the creation record written before the
+    /// create call (see [`interrupted_creation`]).
+    Interrupted(String),
+}
+
+/// The record of a principal, given the creation record (`pending`: the UID that was about to
+/// create it) and whether it is `empty` (no access key, no policy). A crash between CreateUser
+/// and TagUser leaves exactly that: an untagged, empty principal named in an operator-only
+/// creation record, which only the admin could have written. Anything else stays as recorded;
+/// a tagged or non-empty principal is never taken as an interrupted creation.
+pub fn interrupted_creation(
+    record: Record,
+    tags: &OwnerTags,
+    empty: bool,
+    pending: Option<&str>,
+) -> Record {
+    match (record, pending) {
+        (Record::Foreign, Some(uid)) if *tags == OwnerTags::default() && empty => {
+            Record::Interrupted(uid.to_owned())
+        }
+        (r, _) => r,
+    }
 }
 
 /// The record of a principal named after `org`, from its tags.
@@ -80,6 +103,8 @@ pub enum Claim {
     Ours,
     /// Explicitly taken over from this earlier owner (a UID, or `legacy`): record the new owner.
     Adopt(String),
+    /// This Organization's own creation, interrupted before the owner was recorded: record it.
+    Finish,
 }
 
 /// Decides whether the Organization `uid` may take `what` (e.g. "IAM user acme"); `Err` is the
@@ -104,7 +129,8 @@ pub fn claim(
         Record::Legacy => Err(format!(
             "orgId {org}: {what} has no recorded owner (made before owners were recorded); to take it over set the annotation {ADOPT_ANNOTATION}: {LEGACY}"
         )),
-        Record::Foreign => Err(format!(
+        Record::Interrupted(owner) if owner == uid => Ok(Claim::Finish),
+        Record::Foreign | Record::Interrupted(_) => Err(format!(
             "orgId {org}: {what} exists and was not created by bulkhead for this orgId; it is never adopted, choose another orgId"
         )),
     }
@@ -112,7 +138,7 @@ pub fn claim(
 
 /// Whether removal by the Organization `uid` may touch the thing: only what it owns.
 pub fn removable(record: &Record, uid: &str) -> bool {
-    matches!(record, Record::Owned(owner) if owner == uid)
+    matches!(record, Record::Owned(owner) | Record::Interrupted(owner) if owner == uid)
 }
 
 /// The audit's view of a principal's ownership; an empty `uid` (a caller that does not know the
@@ -127,6 +153,10 @@ pub fn ownership_finding(what: &str, org: &str, record: &Record, uid: &str) -> O
         Record::Legacy if uid.is_empty() => None,
         Record::Legacy => Some(format!("{what} has no {OWNER_TAG} tag")),
         Record::Foreign => Some(format!("{what} is not tagged {ORG_TAG}={org}")),
+        Record::Interrupted(owner) if owner == uid => Some(format!(
+            "{what} is not tagged yet: its creation was interrupted; the next pass records the owner"
+        )),
+        Record::Interrupted(_) => Some(format!("{what} is not tagged {ORG_TAG}={org}")),
     }
 }
 

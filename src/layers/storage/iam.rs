@@ -228,6 +228,23 @@ impl StorageLayer {
         })
     }
 
+    /// Who owns the organization's user, as read: its tags, or, for an untagged user holding
+    /// nothing, the creation record of a pass that stopped between CreateUser and TagUser.
+    async fn user_record(&self, org: &OrgId, st: &UserState) -> Result<diff::Record, LayerError> {
+        let record = diff::principal_record(st.exists, &st.tags, org.as_str());
+        let empty = st.keys.is_empty() && st.attached.is_empty() && st.inline.is_empty();
+        if record != diff::Record::Foreign || st.tags != diff::OwnerTags::default() || !empty {
+            return Ok(record);
+        }
+        let pending = self.creation_owner(org).await?;
+        Ok(diff::interrupted_creation(
+            record,
+            &st.tags,
+            empty,
+            pending.as_deref(),
+        ))
+    }
+
     /// A role, its tags, trust policy and policies.
     async fn read_role(&self, name: &str) -> Result<RoleState, LayerError> {
         let iam = &self.iam;
@@ -274,15 +291,21 @@ impl StorageLayer {
         let (iam, name) = (&self.iam, run.name);
         match action {
             Action::CreateUser => {
+                let tenant = run.tenant()?;
+                // Recorded first, so a crash before the tags are written leaves a user the
+                // next pass can prove it created (an untagged user is otherwise foreign).
+                self.record_creation(tenant).await?;
+                let tags = Some(owner_tags(tenant)?);
                 let req = iam.create_user().user_name(name).path(&self.spec.iam_path);
-                call("CreateUser", req.send()).await?;
+                call("CreateUser", req.set_tags(tags).send()).await?;
                 // Servers that drop tags on CreateUser keep them from TagUser.
-                let tagged = self.tag_principal(run.tenant()?).await;
+                let tagged = self.tag_principal(tenant).await;
                 if tagged.is_err() {
                     // An untagged user would be refused as foreign next pass: undo the creation.
                     let _ = gone!("DeleteUser", iam.delete_user().user_name(name));
                 }
-                tagged
+                tagged?;
+                self.forget_creation(&tenant.org_id).await
             }
             Action::DeleteUser => gone!("DeleteUser", iam.delete_user().user_name(name)),
             Action::CreatePolicy => {
@@ -392,11 +415,18 @@ impl StorageLayer {
 
     /// Takes over a principal recorded as another Organization's, when the claim says so.
     async fn adopt(&self, tenant: &Tenant, claim: &Claim) -> Result<Vec<Repair>, LayerError> {
+        let name = principal_name(&tenant.org_id);
+        if *claim == Claim::Finish {
+            self.tag_principal(tenant).await?;
+            self.forget_creation(&tenant.org_id).await?;
+            return Ok(vec![Repair(format!(
+                "IAM user {name}: its interrupted creation finished, the owner tags written"
+            ))]);
+        }
         let Claim::Adopt(old) = claim else {
             return Ok(Vec::new());
         };
         self.tag_principal(tenant).await?;
-        let name = principal_name(&tenant.org_id);
         Ok(vec![Repair(format!(
             "IAM principal {name} taken over from Organization UID {old}; its old credentials are replaced"
         ))])
@@ -460,7 +490,7 @@ impl StorageLayer {
         match self.spec.mode {
             StorageMode::User => {
                 let st = self.read_user(org).await?;
-                let record = diff::principal_record(st.exists, &st.tags, org.as_str());
+                let record = self.user_record(org, &st).await?;
                 let claim = claim_principal_of(&format!("IAM user {name}"), tenant, &record)?;
                 Ok(PrincipalWork::User(st, claim))
             }
@@ -646,7 +676,7 @@ impl StorageLayer {
                 let st = self.read_user(org).await?;
                 let keys = st.keys.len();
                 (
-                    diff::principal_record(st.exists, &st.tags, org.as_str()),
+                    self.user_record(org, &st).await?,
                     diff::user_removal(&st),
                     format!("IAM user {name}, its policy and {keys} access key(s) removed"),
                 )
@@ -662,11 +692,20 @@ impl StorageLayer {
             StorageMode::Abac => return Ok(Vec::new()),
         };
         if !diff::removable(&record, &tenant.owner.uid) {
+            // A creation record of this Organization whose CreateUser never ran.
+            if self.spec.mode == StorageMode::User
+                && self.creation_owner(org).await?.as_deref() == Some(tenant.owner.uid.as_str())
+            {
+                self.forget_creation(org).await?;
+            }
             return Ok(Vec::new());
         }
         let mut run = Run::new(&name, Some(tenant));
         for action in actions {
             self.apply(&mut run, &action).await?;
+        }
+        if self.spec.mode == StorageMode::User {
+            self.forget_creation(org).await?;
         }
         Ok(vec![Repair(what)])
     }
@@ -686,7 +725,7 @@ impl StorageLayer {
         match self.spec.mode {
             StorageMode::User => {
                 let st = self.read_user(org).await?;
-                let record = diff::principal_record(st.exists, &st.tags, org.as_str());
+                let record = self.user_record(org, &st).await?;
                 let document = policy::org_policy(&self.spec.bucket, &self.prefix(org)).to_value();
                 let pname = policy_name(org);
                 let plan = UserPlan {

@@ -13,6 +13,8 @@ use crate::tenant::OrgId;
 
 /// Key prefix of the owner records; prefix templates may not start with it.
 pub const OWNER_MARKERS: &str = ".bulkhead/owners/";
+/// Suffix of a creation record beside the owner records.
+pub const CREATION_SUFFIX: &str = ".creating";
 
 /// The owner record's content.
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -47,15 +49,37 @@ impl StorageLayer {
         format!("{OWNER_MARKERS}{}", org.as_str())
     }
 
+    /// Key of the record written right before the organization's IAM user is created: which
+    /// Organization UID is creating it. Org ids hold no '.', so it never names another org's
+    /// owner record.
+    pub fn creation_record_key(&self, org: &OrgId) -> String {
+        format!("{OWNER_MARKERS}{}{CREATION_SUFFIX}", org.as_str())
+    }
+
     /// The UID recorded as owning the organization's prefix, if any.
     pub async fn prefix_owner(&self, org: &OrgId) -> Result<Option<String>, LayerError> {
+        let key = self.owner_record_key(org);
+        self.read_record("GetObject owner record", "owner record", &key, org)
+            .await
+    }
+
+    /// The UID recorded as creating the organization's IAM user, if a creation record is there.
+    pub(super) async fn creation_owner(&self, org: &OrgId) -> Result<Option<String>, LayerError> {
+        let key = self.creation_record_key(org);
+        self.read_record("GetObject creation record", "creation record", &key, org)
+            .await
+    }
+
+    /// The owner UID of the record at `key`, which must name `org`.
+    async fn read_record(
+        &self,
+        op: &'static str,
+        what: &str,
+        key: &str,
+        org: &OrgId,
+    ) -> Result<Option<String>, LayerError> {
         let req = self.s3.get_object().bucket(&self.spec.bucket);
-        let got = call_opt(
-            "GetObject owner record",
-            "NoSuchKey",
-            req.key(self.owner_record_key(org)).send(),
-        )
-        .await?;
+        let got = call_opt(op, "NoSuchKey", req.key(key).send()).await?;
         let Some(out) = got else {
             return Ok(None);
         };
@@ -63,13 +87,46 @@ impl StorageLayer {
             .body
             .collect()
             .await
-            .map_err(|e| LayerError::Backend(format!("GetObject owner record: {e}")))?;
+            .map_err(|e| LayerError::Backend(format!("{op}: {e}")))?;
         let record: OwnerRecord = serde_json::from_slice(&bytes.into_bytes()).map_err(|e| {
             LayerError::Backend(format!(
-                "owner record of {org} is not readable, so nothing is assumed: {e}"
+                "{what} of {org} is not readable, so nothing is assumed: {e}"
             ))
         })?;
+        if record.org_id != org.as_str() {
+            return Err(LayerError::Backend(format!(
+                "{what} at {key} names orgId {}, not {org}, so nothing is assumed",
+                record.org_id
+            )));
+        }
         Ok(Some(record.owner_uid))
+    }
+
+    /// Writes the creation record: the tenant's Organization is about to create its IAM user.
+    pub(super) async fn record_creation(&self, tenant: &Tenant) -> Result<(), LayerError> {
+        let record = OwnerRecord {
+            org_id: tenant.org_id.to_string(),
+            owner_uid: tenant.owner.uid.clone(),
+        };
+        let body = serde_json::to_vec(&record)
+            .map_err(|e| LayerError::Backend(format!("creation record: {e}")))?;
+        let req = self.s3.put_object().bucket(&self.spec.bucket);
+        let req = req.key(self.creation_record_key(&tenant.org_id));
+        call(
+            "PutObject creation record",
+            req.body(ByteStream::from(body)).send(),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Removes the creation record once the owner is recorded on the user, or the user is gone.
+    pub(super) async fn forget_creation(&self, org: &OrgId) -> Result<(), LayerError> {
+        self.delete_object(
+            "DeleteObject creation record",
+            &self.creation_record_key(org),
+        )
+        .await
     }
 
     async fn prefix_record(&self, org: &OrgId) -> Result<diff::Record, LayerError> {

@@ -99,6 +99,54 @@ fn principal_records_follow_the_tags() {
 }
 
 #[test]
+fn only_an_untagged_empty_principal_named_in_the_creation_record_is_an_interrupted_creation() {
+    let none = OwnerTags::default();
+    let interrupted = |r, t: &OwnerTags, empty, pending| interrupted_creation(r, t, empty, pending);
+    assert_eq!(
+        interrupted(Record::Foreign, &none, true, Some("u1")),
+        Record::Interrupted("u1".into())
+    );
+    // No creation record: someone else's user.
+    assert_eq!(
+        interrupted(Record::Foreign, &none, true, None),
+        Record::Foreign
+    );
+    // Holding a key or a policy: not what a crash between CreateUser and TagUser leaves.
+    assert_eq!(
+        interrupted(Record::Foreign, &none, false, Some("u1")),
+        Record::Foreign
+    );
+    // Tagged for another orgId or owner: never.
+    let other = tags(Some("other"), Some("u9"));
+    assert_eq!(
+        interrupted(Record::Foreign, &other, true, Some("u1")),
+        Record::Foreign
+    );
+    let half = tags(None, Some("u1"));
+    assert_eq!(
+        interrupted(Record::Foreign, &half, true, Some("u1")),
+        Record::Foreign
+    );
+    // What is recorded otherwise stays.
+    for r in [Record::Absent, Record::Owned("u2".into()), Record::Legacy] {
+        assert_eq!(interrupted(r.clone(), &none, true, Some("u1")), r);
+    }
+    // Its own interrupted creation is finished and removable by its creator only.
+    let rec = Record::Interrupted("u1".into());
+    assert_eq!(
+        claim("IAM user acme", "acme", &rec, "u1", None),
+        Ok(Claim::Finish)
+    );
+    let refused = claim("IAM user acme", "acme", &rec, "u2", Some("u1")).unwrap_err();
+    assert!(refused.contains("never adopted"), "{refused}");
+    assert!(removable(&rec, "u1") && !removable(&rec, "u2"));
+    assert!(
+        ownership_finding("IAM user acme", "acme", &rec, "u1")
+            .is_some_and(|f| f.contains("interrupted"))
+    );
+}
+
+#[test]
 fn prefix_records_follow_the_marker_then_the_objects() {
     assert_eq!(prefix_record(None, false), Record::Absent);
     assert_eq!(prefix_record(None, true), Record::Legacy);
