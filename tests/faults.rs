@@ -505,6 +505,7 @@ async fn backend_stopped_mid_burst(backend: Backend) {
     if backend == Backend::KubeApiserver {
         // The watches resumed: a new Organization and a deleted NetworkPolicy are acted on.
         let late = format!("{tag}-late");
+        let t_late = Instant::now();
         create_all(&api, &fp.name, std::slice::from_ref(&late)).await;
         let ns = format!("{tag}-{}", residents[0]);
         let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), &ns);
@@ -516,6 +517,7 @@ async fn backend_stopped_mid_burst(backend: Backend) {
             .into_iter()
             .find_map(|p| p.metadata.name)
             .expect("a NetworkPolicy");
+        let t_np = Instant::now();
         policies
             .delete(&np, &DeleteParams::default())
             .await
@@ -526,7 +528,13 @@ async fn backend_stopped_mid_burst(backend: Backend) {
             || async { policies.get_opt(&np).await.ok().flatten().map(|_| ()) },
         )
         .await;
+        let t_np = t_np.elapsed();
         converge(&api, std::slice::from_ref(&late), Duration::from_secs(120)).await;
+        println!(
+            "after the restart: NetworkPolicy recreated in {:.1} s, a new Organization Ready in {:.1} s",
+            t_np.as_secs_f64(),
+            t_late.elapsed().as_secs_f64()
+        );
     }
 
     let after = data.checksum().await;

@@ -245,7 +245,11 @@ impl Operator {
             ])
             .args(extra_args)
             .env("KUBECONFIG", kubeconfig.as_ref())
-            .env("RUST_LOG", "info,bulkhead=debug,kube=warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("BULKHEAD_TEST_OPERATOR_LOG")
+                    .unwrap_or_else(|_| "info,bulkhead=debug,kube=warn".to_owned()),
+            )
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
