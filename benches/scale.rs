@@ -90,6 +90,8 @@ struct Config {
     concurrency: usize,
     storage: StorageChoice,
     timeout: Duration,
+    /// Run the floor before the operator at each size (it runs after by default).
+    floor_first: bool,
     out: PathBuf,
 }
 
@@ -110,6 +112,7 @@ impl Config {
             concurrency: env_or("BULKHEAD_SCALE_CONCURRENCY", 8),
             storage: StorageChoice::from_env(),
             timeout: Duration::from_secs(env_or("BULKHEAD_SCALE_TIMEOUT", 2400)),
+            floor_first: env_or("BULKHEAD_SCALE_FLOOR_FIRST", 0) == 1,
             out: std::env::var_os("BULKHEAD_SCALE_OUT")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| root.join("target/scale.md")),
@@ -1621,6 +1624,14 @@ async fn main() {
     let mut toggle = interval;
     for (k, &n) in cfg.sizes.iter().enumerate() {
         let names: Vec<String> = (0..n).map(|i| format!("{run}-b{k}-{i}")).collect();
+        let mut floor_result = None;
+        if cfg.floor_first {
+            say(format!("floor for {n} (before the operator)"));
+            let (t, cpu, orgs) = floor.run(&format!("{k}"), n, cfg.concurrency).await;
+            say(format!("floor for {n}: {:.1} s", t.as_secs_f64()));
+            floor_left.extend(orgs);
+            floor_result = Some((t, cpu));
+        }
         say(format!("burst of {n}: creating"));
         let b = burst(
             &op,
@@ -1671,11 +1682,16 @@ async fn main() {
             ));
             restart = Some(r);
         }
-        say(format!("floor for {n}"));
-        let (floor_time, floor_cpu, floor_orgs) =
-            floor.run(&format!("{k}"), n, cfg.concurrency).await;
-        say(format!("floor for {n}: {:.1} s", floor_time.as_secs_f64()));
-        floor_left.extend(floor_orgs);
+        let (floor_time, floor_cpu) = match floor_result {
+            Some(f) => f,
+            None => {
+                say(format!("floor for {n}"));
+                let (t, cpu, orgs) = floor.run(&format!("{k}"), n, cfg.concurrency).await;
+                say(format!("floor for {n}: {:.1} s", t.as_secs_f64()));
+                floor_left.extend(orgs);
+                (t, cpu)
+            }
+        };
         bursts.push((b, floor_time, floor_cpu));
         if n != largest {
             say(format!("deleting {} Organizations", live.len()));
@@ -1752,10 +1768,11 @@ async fn main() {
     lines.push(format!("Machine: {machine}  "));
     lines.push(format!("Date: {date}  "));
     lines.push(format!(
-        "Operator: `{}` (`--concurrency {}`), every layer on; storage {}. Organizations use `deletionPolicy: Retain`.",
+        "Operator: `{}` (`--concurrency {}`); storage {}. Organizations use `deletionPolicy: Retain`. The floor ran {} the operator at each size, on the same backends.",
         std::env::var("BULKHEAD_BIN").unwrap_or_else(|_| "the bench profile's bulkhead".into()),
         cfg.concurrency,
-        cfg.storage.describe()
+        cfg.storage.describe(),
+        if cfg.floor_first { "before" } else { "after" }
     ));
     lines.push(String::new());
     lines.push("| figure | N | operator | floor | ratio | goal |".into());
