@@ -1755,7 +1755,11 @@ async fn main() {
         let r = op.rss_mb();
         say(format!("RSS with {} Organizations: {r:.1} MB", live.len()));
         rss.push((
-            format!("{} ({extra} with the network layer only)", live.len()),
+            format!(
+                "{} ({extra} with the network layer only, {} of them Ready)",
+                live.len(),
+                b.ready
+            ),
             r,
         ));
         big = Some(b);
