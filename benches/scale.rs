@@ -1566,6 +1566,23 @@ fn machine() -> String {
     format!("{nproc} cores (nproc), {mem_gib:.1} GiB memory, load average {load} at start")
 }
 
+/// Replaces the block between `<!-- scale-table NAME -->` and `<!-- /scale-table NAME -->` in
+/// `path` with `table`.
+fn record(path: &Path, name: &str, table: &str) {
+    let text = std::fs::read_to_string(path).expect("read BENCHMARKS.md");
+    let (open, close) = (
+        format!("<!-- scale-table {name} -->"),
+        format!("<!-- /scale-table {name} -->"),
+    );
+    let (Some(a), Some(b)) = (text.find(&open), text.find(&close)) else {
+        panic!("{} has no {open} … {close} block", path.display());
+    };
+    assert!(a < b, "{open} comes after {close}");
+    let new = format!("{}{open}\n{table}\n{}", &text[..a], &text[b..]);
+    std::fs::write(path, new).expect("write BENCHMARKS.md");
+    eprintln!("[scale] table recorded in {} ({name})", path.display());
+}
+
 fn secs(x: f64) -> String {
     if x.is_nan() {
         "-".into()
@@ -1921,6 +1938,9 @@ async fn main() {
     }
     std::fs::write(&cfg.out, format!("{table}\n")).expect("write the table");
     eprintln!("[scale] table written to {}", cfg.out.display());
+    if let Ok(name) = std::env::var("BULKHEAD_SCALE_RECORD") {
+        record(&root.join("BENCHMARKS.md"), &name, &table);
+    }
     if env_or("BULKHEAD_SCALE_CLEANUP", 1) == 1 {
         say(format!("cleanup: {} floor organizations", floor_left.len()));
         floor.cleanup(floor_left).await;
