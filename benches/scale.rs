@@ -1,8 +1,8 @@
 //! Scale harness: `scripts/scale` (testbed, release build, this bench, table into a file).
 //!
 //! Runs the operator binary (`BULKHEAD_BIN`, else the one `cargo bench` builds with release
-//! settings) through `testbed/operator` against the local testbed, with every layer on, and
-//! measures in one run:
+//! settings) through `testbed/operator` against the local testbed, with the database, cache and
+//! network layers on (storage as `BULKHEAD_SCALE_STORAGE` says), and measures in one run:
 //!
 //! - the time for N Organizations (`BULKHEAD_SCALE_SIZES`, default `100,1000`) created at once
 //!   to reach Ready, and passes per Organization from creation to Ready (operator log lines and
@@ -22,8 +22,10 @@
 //! SeaweedFS, whose IAM store slows down past ~100 users: see the Storage section of
 //! `BENCHMARKS.md`). moto is not offered: it evaluates no policy variables or conditions, so its
 //! probe answers fail and no Organization gets Ready there. `BULKHEAD_SCALE_CONCURRENCY`
-//! (default 8, the operator's default) is the operator's `--concurrency` and the floor's. The table is printed and written to
-//! `BULKHEAD_SCALE_OUT` (default `target/scale.md`).
+//! (default 8, the operator's default) is the operator's `--concurrency` and the floor's. The
+//! table is printed and written to `BULKHEAD_SCALE_OUT` (default `target/scale.md`);
+//! `BULKHEAD_SCALE_RECORD=NAME` also puts it in `BENCHMARKS.md` between
+//! `<!-- scale-table NAME -->` and `<!-- /scale-table NAME -->`.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
