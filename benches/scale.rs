@@ -312,6 +312,9 @@ fn component_cpu() -> BTreeMap<String, f64> {
     out
 }
 
+/// CPU seconds per process, largest first.
+type CpuByProcess = Vec<(String, f64)>;
+
 /// `after - before` per component, largest first, as "name 12.3".
 fn cpu_delta(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> Vec<(String, f64)> {
     let mut d: Vec<(String, f64)> = after
@@ -1058,16 +1061,23 @@ struct Burst {
     reconciles_per_org: f64,
 }
 
-async fn burst(
-    op: &Operator,
-    api: &Api<Organization>,
-    seen: &ReadySeen,
-    run: &str,
-    platform: &str,
-    names: &[String],
-    all_layers: bool,
+/// Where the harness creates Organizations and how it sees them get Ready.
+struct Fleet<'a> {
+    api: &'a Api<Organization>,
+    seen: &'a ReadySeen,
+    run: &'a str,
+    platform: &'a str,
     timeout: Duration,
-) -> Burst {
+}
+
+async fn burst(op: &Operator, fleet: &Fleet<'_>, names: &[String], all_layers: bool) -> Burst {
+    let Fleet {
+        api,
+        seen,
+        run,
+        platform,
+        timeout,
+    } = *fleet;
     let log_from = op.log_len();
     let before = op.org_reconciles().await;
     let (op_cpu0, cpu0) = (op.cpu_seconds(), component_cpu());
@@ -1172,15 +1182,18 @@ struct Latency {
 }
 
 async fn steady_rate(
-    api: &Api<Organization>,
-    seen: &ReadySeen,
-    run: &str,
-    platform: &str,
+    fleet: &Fleet<'_>,
     prefix: &str,
     rate: f64,
     seconds: u64,
-    timeout: Duration,
 ) -> (Latency, Vec<String>) {
+    let Fleet {
+        api,
+        seen,
+        run,
+        platform,
+        timeout,
+    } = *fleet;
     let count = (rate * seconds as f64).round() as usize;
     let names: Vec<String> = (0..count).map(|i| format!("{prefix}{i}")).collect();
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
@@ -1498,7 +1511,7 @@ async fn noop_restart(
                     .map(|(k, v)| (k.clone(), v - before.pg_tables.get(k).copied().unwrap_or(0)))
                     .filter(|(_, d)| *d != 0)
                     .collect();
-                t.sort_by(|a, b| b.1.cmp(&a.1));
+                t.sort_by_key(|e| std::cmp::Reverse(e.1));
                 t
             },
             pg_roles_changed: changed(&before.roles, &after.roles),
@@ -1619,6 +1632,13 @@ async fn main() {
     let floor = Floor::setup(&format!("{run}f"), cfg.storage, client.clone()).await;
     let api: Api<Organization> = Api::all(client.clone());
     let seen = ReadySeen::start(client.clone(), &run);
+    let fleet = Fleet {
+        api: &api,
+        seen: &seen,
+        run: &run,
+        platform: &platform.name,
+        timeout: cfg.timeout,
+    };
     let mut op = start_operator(
         &root,
         &platform.name,
@@ -1630,7 +1650,7 @@ async fn main() {
     let rss0 = op.rss_mb();
     say(format!("RSS with 0 Organizations: {rss0:.1} MB"));
 
-    let mut bursts: Vec<(Burst, Duration, Vec<(String, f64)>)> = Vec::new();
+    let mut bursts: Vec<(Burst, Duration, CpuByProcess)> = Vec::new();
     let mut rss: Vec<(String, f64)> = vec![("0".into(), rss0)];
     let mut sweeps: Vec<Sweep> = Vec::new();
     let mut restart: Option<Restart> = None;
@@ -1652,17 +1672,7 @@ async fn main() {
             floor_result = Some((t, cpu));
         }
         say(format!("burst of {n}: creating"));
-        let b = burst(
-            &op,
-            &api,
-            &seen,
-            &run,
-            &platform.name,
-            &names,
-            true,
-            cfg.timeout,
-        )
-        .await;
+        let b = burst(&op, &fleet, &names, true).await;
         say(format!(
             "burst of {n}: {} Ready in {:.1} s, passes per org mean {:.2} (min {}, max {}), reconciles per org {:.2}",
             b.ready, b.seconds, b.passes_mean, b.passes_min, b.passes_max, b.reconciles_per_org
@@ -1728,17 +1738,8 @@ async fn main() {
             cfg.rate_seconds,
             live.len()
         ));
-        let (l, names) = steady_rate(
-            &api,
-            &seen,
-            &run,
-            &platform.name,
-            &format!("{run}-r-"),
-            cfg.rate,
-            cfg.rate_seconds,
-            cfg.timeout,
-        )
-        .await;
+        let (l, names) =
+            steady_rate(&fleet, &format!("{run}-r-"), cfg.rate, cfg.rate_seconds).await;
         say(format!(
             "latency: {} of {} Ready, p50 {:.2} s, p99 {:.2} s, max {:.2} s, achieved {:.1}/s",
             l.ready, l.created, l.p50, l.p99, l.max, l.achieved_rate
@@ -1754,17 +1755,7 @@ async fn main() {
             "{extra} more Organizations, network layer only, up to {}",
             cfg.rss_orgs
         ));
-        let b = burst(
-            &op,
-            &api,
-            &seen,
-            &run,
-            &platform.name,
-            &names,
-            false,
-            cfg.timeout,
-        )
-        .await;
+        let b = burst(&op, &fleet, &names, false).await;
         say(format!(
             "{} of {extra} Ready in {:.1} s, passes per org mean {:.2} (max {})",
             b.ready, b.seconds, b.passes_mean, b.passes_max
