@@ -1,5 +1,5 @@
 # bulkhead: the two commands are `make demo` (the operator on the local testbed) and `make test`.
-.PHONY: demo test up down crds lint bench build
+.PHONY: demo test up down crds lint bench scale build
 
 demo:
 	scripts/demo
@@ -28,3 +28,6 @@ lint:
 bench:
 	cargo bench --bench network
 	. "$$(testbed/up)" && cargo bench --bench database && cargo bench --bench cache && cargo bench --bench storage
+
+scale:
+	scripts/scale
