@@ -529,7 +529,7 @@ async fn backend_stopped_mid_burst(backend: Backend) {
         )
         .await;
         let t_np = t_np.elapsed();
-        converge(&api, std::slice::from_ref(&late), Duration::from_secs(120)).await;
+        converge(&api, std::slice::from_ref(&late), Duration::from_secs(45)).await;
         println!(
             "after the restart: NetworkPolicy recreated in {:.1} s, a new Organization Ready in {:.1} s",
             t_np.as_secs_f64(),

@@ -60,19 +60,20 @@ pub async fn run(ctx: Arc<Context>, health: Arc<Health>, opts: RunOptions) {
             .unwrap_or_default()
     });
     // Only spec, deletion and rotation requests start a pass; status writes never do.
-    let trigger = watcher(orgs, watch_config().any_semantic())
+    let trigger = watcher(orgs, watcher::Config::default().any_semantic())
         .default_backoff()
         .reflect(writer)
         .applied_objects()
         .predicate_filter(pass_trigger, Default::default());
-    let owned = watch_config().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
+    let owned =
+        watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
     let platform_reader = reader.clone();
     // A platform's status (organization counts, audits) changes with every pass; only a change
     // of its spec, after it was first seen, concerns its Organizations (each gets a pass of its
     // own at start).
     let platform_specs = watcher(
         Api::<IsolationPlatform>::all(client.clone()),
-        watch_config(),
+        watcher::Config::default(),
     )
     .default_backoff()
     .applied_objects();
@@ -98,6 +99,7 @@ pub async fn run(ctx: Arc<Context>, health: Arc<Health>, opts: RunOptions) {
         .watches_stream(platform_specs, move |p: IsolationPlatform| {
             organizations_of_changed_platform(&platform_reader, &generations, &p)
         })
+        .trigger_backoff(TriggerBackoff)
         .with_config(kube::runtime::controller::Config::default().concurrency(opts.concurrency))
         .shutdown_on_signal()
         .run(
@@ -117,17 +119,20 @@ pub async fn run(ctx: Arc<Context>, health: Arc<Health>, opts: RunOptions) {
         .and_then(|mut rx| rx.take())
         .map(|rx| debounced(rx, DRIFT_DEBOUNCE).boxed())
         .unwrap_or_else(|| futures::stream::pending().boxed());
-    let platform_controller =
-        Controller::new(Api::<IsolationPlatform>::all(client), watch_config())
-            .reconcile_on(drift)
-            .with_config(kube::runtime::controller::Config::default().concurrency(2))
-            .shutdown_on_signal()
-            .run(platform::reconcile, platform_error_policy, ctx.clone())
-            .for_each(|res| async move {
-                if let Err(e) = res {
-                    tracing::debug!(error = %e, "platform reconcile not run");
-                }
-            });
+    let platform_controller = Controller::new(
+        Api::<IsolationPlatform>::all(client),
+        watcher::Config::default(),
+    )
+    .reconcile_on(drift)
+    .trigger_backoff(TriggerBackoff)
+    .with_config(kube::runtime::controller::Config::default().concurrency(2))
+    .shutdown_on_signal()
+    .run(platform::reconcile, platform_error_policy, ctx.clone())
+    .for_each(|res| async move {
+        if let Err(e) = res {
+            tracing::debug!(error = %e, "platform reconcile not run");
+        }
+    });
     health.set_ready(true);
     tracing::info!(concurrency = opts.concurrency, "controllers running");
     futures::join!(org_controller, platform_controller);
@@ -137,16 +142,28 @@ pub async fn run(ctx: Arc<Context>, health: Arc<Health>, opts: RunOptions) {
 /// How long drift notifications are gathered before the platforms they name get a pass.
 pub const DRIFT_DEBOUNCE: Duration = Duration::from_millis(200);
 
-/// Longest a watch call lasts before it is made again from its last resourceVersion (the
-/// default is 290 s). After a kube-apiserver restart, a watch of Organizations opened while the
-/// server was still starting delivered no event at all until the call ended (found by
-/// tests/faults.rs: an Organization created after the restart got no pass for minutes); a
-/// shorter call bounds such a silent watch to a minute, for one cheap request per watch.
-pub const WATCH_TIMEOUT_SECONDS: u32 = 60;
+/// The Controllers' backoff over all their trigger streams together. Each watch already backs
+/// off on its own (`default_backoff`), so one stream's error must not hold back the others:
+/// with kube's default here, the 410 Expired that every watch meets once after a kube-apiserver
+/// restart (and answers by listing again) grew one shared delay to 17, 43, then 50 s, during
+/// which no event of any watch was read. A new Organization waited up to two minutes for its
+/// first pass (found by tests/faults.rs). A constant second keeps a failing stream from
+/// spinning and costs the others at most that.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TriggerBackoff;
 
-/// A watcher configuration with the bounded call length.
-fn watch_config() -> watcher::Config {
-    watcher::Config::default().timeout(WATCH_TIMEOUT_SECONDS)
+/// Delay after an error of any trigger stream.
+pub const TRIGGER_BACKOFF: Duration = Duration::from_secs(1);
+
+impl Iterator for TriggerBackoff {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        Some(TRIGGER_BACKOFF)
+    }
+}
+
+impl kube::runtime::utils::Backoff for TriggerBackoff {
+    fn reset(&mut self) {}
 }
 
 /// The platforms named on `rx`, each once per burst: after the first name, every name that
