@@ -98,6 +98,25 @@ impl Context {
             .unwrap_or_default()
     }
 
+    /// The org ids of `platform`'s Organizations that are not being deleted, read in place in
+    /// the watch cache: no Organization is copied (a pass needs only the ids, and copying every
+    /// cached Organization on every pass made a sweep quadratic in memory traffic).
+    pub fn live_org_ids(&self, platform: &str) -> Vec<crate::tenant::OrgId> {
+        self.orgs
+            .get()
+            .map(|s| {
+                s.state()
+                    .iter()
+                    .filter_map(|g| g.0.as_ref().ok())
+                    .filter(|o| {
+                        o.spec.platform_ref == platform && o.metadata.deletion_timestamp.is_none()
+                    })
+                    .filter_map(|o| crate::tenant::OrgId::parse(&o.spec.org_id).ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Whether this is the first pass of `name` in this process (and records that it happened).
     pub(crate) async fn first_pass(&self, name: &str) -> bool {
         self.seen.lock().await.insert(name.to_owned())

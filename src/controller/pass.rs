@@ -186,15 +186,7 @@ pub async fn resolve(
 /// Other organizations whose canaries this one's probes attack: the sentinel, then the next
 /// organization of the same platform by org id (so every pair is eventually exercised).
 fn peers(ctx: &Context, org: &Organization, me: &OrgId) -> Vec<OrgId> {
-    let ids: Vec<OrgId> = ctx
-        .organizations()
-        .iter()
-        .filter(|o| {
-            o.spec.platform_ref == org.spec.platform_ref && o.metadata.deletion_timestamp.is_none()
-        })
-        .filter_map(|o| OrgId::parse(&o.spec.org_id).ok())
-        .collect();
-    peers_among(me, ids)
+    peers_among(me, ctx.live_org_ids(&org.spec.platform_ref))
 }
 
 /// The sentinel, then the next org id after `me` among `ids` (wrapping around).
