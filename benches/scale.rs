@@ -1332,37 +1332,13 @@ async fn snapshot(client: &kube::Client, platform: &Platform, storage: StorageCh
     for (kind, items) in [
         (
             "Namespace",
-            Api::<Namespace>::all(client.clone())
-                .list_metadata(&sel)
-                .await
-                .expect("namespaces")
-                .items
-                .into_iter()
-                .map(|m| m.metadata)
-                .collect::<Vec<_>>(),
+            managed_metadata::<Namespace>(client, &sel).await,
         ),
         (
             "NetworkPolicy",
-            Api::<NetworkPolicy>::all(client.clone())
-                .list_metadata(&sel)
-                .await
-                .expect("policies")
-                .items
-                .into_iter()
-                .map(|m| m.metadata)
-                .collect::<Vec<_>>(),
+            managed_metadata::<NetworkPolicy>(client, &sel).await,
         ),
-        (
-            "Secret",
-            Api::<Secret>::all(client.clone())
-                .list_metadata(&sel)
-                .await
-                .expect("secrets")
-                .items
-                .into_iter()
-                .map(|m| m.metadata)
-                .collect::<Vec<_>>(),
-        ),
+        ("Secret", managed_metadata::<Secret>(client, &sel).await),
     ] {
         for m in items {
             let ns = m.namespace.clone().unwrap_or_default();
@@ -1968,4 +1944,19 @@ async fn main() {
             ))
             .await;
     }
+}
+
+/// The metadata of every object of kind `K` that `sel` selects, cluster-wide.
+async fn managed_metadata<K>(client: &kube::Client, sel: &ListParams) -> Vec<kube::api::ObjectMeta>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    Api::<K>::all(client.clone())
+        .list_metadata(sel)
+        .await
+        .unwrap_or_else(|e| panic!("list {}: {e}", K::kind(&())))
+        .items
+        .into_iter()
+        .map(|m| m.metadata)
+        .collect()
 }

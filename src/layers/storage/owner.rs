@@ -104,19 +104,26 @@ impl StorageLayer {
 
     /// Writes the creation record: the tenant's Organization is about to create its IAM user.
     pub(super) async fn record_creation(&self, tenant: &Tenant) -> Result<(), LayerError> {
+        let key = self.creation_record_key(&tenant.org_id);
+        self.write_record("PutObject creation record", &key, tenant)
+            .await
+    }
+
+    /// Writes the record at `key`: the tenant's orgId and its Organization's UID.
+    async fn write_record(
+        &self,
+        op: &'static str,
+        key: &str,
+        tenant: &Tenant,
+    ) -> Result<(), LayerError> {
         let record = OwnerRecord {
             org_id: tenant.org_id.to_string(),
             owner_uid: tenant.owner.uid.clone(),
         };
-        let body = serde_json::to_vec(&record)
-            .map_err(|e| LayerError::Backend(format!("creation record: {e}")))?;
-        let req = self.s3.put_object().bucket(&self.spec.bucket);
-        let req = req.key(self.creation_record_key(&tenant.org_id));
-        call(
-            "PutObject creation record",
-            req.body(ByteStream::from(body)).send(),
-        )
-        .await?;
+        let body =
+            serde_json::to_vec(&record).map_err(|e| LayerError::Backend(format!("{op}: {e}")))?;
+        let req = self.s3.put_object().bucket(&self.spec.bucket).key(key);
+        call(op, req.body(ByteStream::from(body)).send()).await?;
         Ok(())
     }
 
@@ -187,19 +194,9 @@ impl StorageLayer {
         if *claim == Claim::Ours {
             return Ok(Vec::new());
         }
-        let record = OwnerRecord {
-            org_id: tenant.org_id.to_string(),
-            owner_uid: tenant.owner.uid.clone(),
-        };
-        let body = serde_json::to_vec(&record)
-            .map_err(|e| LayerError::Backend(format!("owner record: {e}")))?;
-        let req = self.s3.put_object().bucket(&self.spec.bucket);
-        let req = req.key(self.owner_record_key(&tenant.org_id));
-        call(
-            "PutObject owner record",
-            req.body(ByteStream::from(body)).send(),
-        )
-        .await?;
+        let key = self.owner_record_key(&tenant.org_id);
+        self.write_record("PutObject owner record", &key, tenant)
+            .await?;
         Ok(match claim {
             Claim::Adopt(old) => vec![Repair(format!(
                 "re-attached retained data of Organization UID {old}"
