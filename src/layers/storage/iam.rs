@@ -297,7 +297,19 @@ impl StorageLayer {
                 self.record_creation(tenant).await?;
                 let tags = Some(owner_tags(tenant)?);
                 let req = iam.create_user().user_name(name).path(&self.spec.iam_path);
-                call("CreateUser", req.set_tags(tags).send()).await?;
+                let req = req.set_tags(tags).send();
+                if call_opt("CreateUser", "EntityAlreadyExists", req)
+                    .await?
+                    .is_none()
+                {
+                    // Someone else created the name between the read and this call: the record
+                    // must not let a later pass take their user as this Organization's own.
+                    self.forget_creation(&tenant.org_id).await?;
+                    return Err(LayerError::Refused(format!(
+                        "orgId {}: IAM user {name} was created by someone else while this pass created it; it is never adopted, choose another orgId",
+                        tenant.org_id
+                    )));
+                }
                 // Servers that drop tags on CreateUser keep them from TagUser.
                 let tagged = self.tag_principal(tenant).await;
                 if tagged.is_err() {
