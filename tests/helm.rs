@@ -891,6 +891,12 @@ async fn the_service_account_has_least_privilege_and_runs_the_operator() {
     kubectl(&["delete", "namespace", &foreign, "--wait=false"]).ok();
     label.refused("owned by an Organization");
     delete.refused("owned by an Organization");
+    // Pods (network.trafficProbe): read anywhere, created only through the namespace role that
+    // the operator binds in organizations' namespaces.
+    assert!(can_i(&sa_config, &["list", "pods", "--all-namespaces"]));
+    assert!(!can_i(&sa_config, &["create", "pods", "-n", "kube-system"]));
+    assert!(!can_i(&sa_config, &["create", "pods", "-n", ns]));
+    assert!(!can_i(&sa_config, &["delete", "pods", "-n", "kube-system"]));
     // The Lease of leader election, in its own namespace only.
     assert!(can_i(
         &sa_config,

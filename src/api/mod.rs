@@ -7,7 +7,7 @@ pub mod platform;
 pub use condition::{Condition, ConditionStatus};
 pub use organization::{
     AiProviderRef, DeletionPolicy, LayerDetail, Organization, OrganizationIdentities,
-    OrganizationSpec, OrganizationStatus,
+    OrganizationSpec, OrganizationStatus, TrafficPath,
 };
 pub use platform::{IsolationPlatform, IsolationPlatformSpec, IsolationPlatformStatus};
 

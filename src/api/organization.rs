@@ -234,4 +234,24 @@ pub struct LayerDetail {
     /// The failing checks and findings, in words.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failures: Vec<String>,
+    /// Network layer with `trafficProbe`: every connection tried with real packets in the last
+    /// pass, beside the policy evaluator's verdict for the same path.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub traffic: Vec<TrafficPath>,
+}
+
+/// One connection tried with real packets.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficPath {
+    /// The path in words, e.g. `to beta's canary`.
+    pub path: String,
+    /// `namespace/pod address:port`.
+    pub destination: String,
+    /// The policy evaluator's verdict for this path: `allows` or `refuses`.
+    pub policy: String,
+    /// What the packet did: `open`, `refused`, `timeout`, `unreachable`, `denied` or `error`.
+    pub packet: String,
+    /// Whether the packet did what the policies say.
+    pub agrees: bool,
 }

@@ -493,6 +493,58 @@ pub struct NetworkPlatform {
     /// that contain them get them as `except`.
     #[serde(default = "default_pod_cidrs")]
     pub pod_cidrs: Vec<String>,
+    /// Real packets beside the policy evaluator, for clusters whose CNI enforces NetworkPolicy:
+    /// a canary Pod in each organization's namespace, and a short-lived probe Pod that tries TCP
+    /// to another organization's canary, its own canary, DNS and the platform's egress targets.
+    /// Needs `mode: namespace`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic_probe: Option<TrafficProbe>,
+}
+
+/// How the network layer sends real packets. The image's entrypoint is `bulkhead-netprobe`
+/// (roles `listen` for canaries, `connect` for probes); it runs as user 65534 under the
+/// `restricted` Pod Security profile.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficProbe {
+    /// Image holding `bulkhead-netprobe`, e.g. `ghcr.io/example/bulkhead-netprobe:0.1.0`.
+    #[schemars(length(min = 1, max = 512))]
+    pub image: String,
+    /// `Always`, `IfNotPresent` (default) or `Never`.
+    #[serde(default = "default_pull_policy")]
+    pub image_pull_policy: String,
+    /// TCP port each canary listens on (1024-65535: the canary runs without privileges).
+    #[serde(default = "default_canary_port")]
+    #[schemars(range(min = 1024, max = 65535))]
+    pub canary_port: i32,
+    /// Milliseconds a probe waits before its first packet, so that the policy enforcer has
+    /// learned the new Pod's address.
+    #[serde(default = "default_settle_millis")]
+    #[schemars(range(max = 30000))]
+    pub settle_millis: u32,
+    /// Milliseconds each connection attempt may take.
+    #[serde(default = "default_connect_timeout_millis")]
+    #[schemars(range(min = 100, max = 30000))]
+    pub connect_timeout_millis: u32,
+    /// Labels of the cluster DNS Pods in `dnsNamespace`; the probe tries TCP 53 on one of them.
+    #[serde(default = "default_dns_pod_labels")]
+    pub dns_pod_labels: std::collections::BTreeMap<String, String>,
+}
+
+fn default_pull_policy() -> String {
+    "IfNotPresent".to_owned()
+}
+fn default_canary_port() -> i32 {
+    8080
+}
+fn default_settle_millis() -> u32 {
+    2000
+}
+fn default_connect_timeout_millis() -> u32 {
+    1500
+}
+fn default_dns_pod_labels() -> std::collections::BTreeMap<String, String> {
+    std::collections::BTreeMap::from([("k8s-app".to_owned(), "kube-dns".to_owned())])
 }
 
 impl Default for NetworkPlatform {
@@ -505,6 +557,7 @@ impl Default for NetworkPlatform {
             dns_namespace: default_dns_namespace(),
             egress: Vec::new(),
             pod_cidrs: default_pod_cidrs(),
+            traffic_probe: None,
         }
     }
 }

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::api::{Condition, ConditionStatus, LayerDetail};
+use crate::layers::network::traffic::Traffic;
 use crate::layers::{LayerKind, Verification};
 
 /// Longest condition message; the API server allows 32 KiB, `kubectl` readers far less.
@@ -51,6 +52,11 @@ pub fn conditions(
     for kind in LayerKind::ALL {
         let outcome = layers.get(&kind).unwrap_or(&LayerOutcome::NotConfigured);
         out.push(layer_condition(kind, outcome, &mut not_ready));
+    }
+    if let Some(LayerOutcome::Checked { verification, .. }) = layers.get(&LayerKind::Network)
+        && let Some(traffic) = &verification.traffic
+    {
+        out.push(enforced_condition(traffic, &mut not_ready));
     }
     out.push(verified_condition(layers, &mut not_ready));
     let any_layer = layers.values().any(LayerOutcome::counts);
@@ -114,6 +120,67 @@ fn layer_condition(
         }
     };
     Condition::new(kind.condition_type(), status, reason, message)
+}
+
+/// `NetworkPolicyEnforced`: whether real packets did what the NetworkPolicies say.
+fn enforced_condition(t: &Traffic, not_ready: &mut Vec<(String, String)>) -> Condition {
+    const TYPE: &str = "NetworkPolicyEnforced";
+    let unenforced: Vec<String> = t
+        .unenforced()
+        .map(|p| {
+            format!(
+                "{} ({}): the policies refuse it, a packet got through",
+                p.path, p.destination
+            )
+        })
+        .collect();
+    let dropped: Vec<String> = t
+        .dropped()
+        .map(|p| {
+            format!(
+                "{} ({}): the policies allow it, the packet was {}",
+                p.path, p.destination, p.packet
+            )
+        })
+        .collect();
+    let (status, reason, msg) = if let Some(why) = &t.not_run {
+        (
+            ConditionStatus::Unknown,
+            "TrafficProbeNotRun",
+            format!("no packet was sent: {why}"),
+        )
+    } else if !unenforced.is_empty() {
+        (
+            ConditionStatus::False,
+            "NotEnforced",
+            format!(
+                "the cluster's network does not enforce NetworkPolicy: {}",
+                unenforced.join("; ")
+            ),
+        )
+    } else if !dropped.is_empty() {
+        (
+            ConditionStatus::False,
+            "DataplaneRefuses",
+            format!(
+                "the cluster's network refuses what the NetworkPolicies allow: {}",
+                dropped.join("; ")
+            ),
+        )
+    } else {
+        let mut msg = format!(
+            "{} paths tried with real packets; each did what the NetworkPolicies say",
+            t.paths.len()
+        );
+        if !t.skipped.is_empty() {
+            msg.push_str(&format!(" (not tried: {})", t.skipped.join("; ")));
+        }
+        (ConditionStatus::True, "PacketsMatchPolicy", msg)
+    };
+    if status != ConditionStatus::True {
+        not_ready.push((reason.to_owned(), format!("network traffic: {msg}")));
+    }
+    Condition::new(TYPE, status, reason, clip(&msg))
 }
 
 fn ready_condition(not_ready: &[(String, String)], any_layer: bool) -> Condition {
@@ -226,6 +293,7 @@ pub fn layer_details(layers: &BTreeMap<LayerKind, LayerOutcome>) -> Vec<LayerDet
                 probes_passed: 0,
                 probes_failed: 0,
                 failures: vec![clip(message)],
+                traffic: Vec::new(),
             }),
             LayerOutcome::Checked {
                 verification,
@@ -243,6 +311,11 @@ pub fn layer_details(layers: &BTreeMap<LayerKind, LayerOutcome>) -> Vec<LayerDet
                     .take(20)
                     .map(|f| clip(f))
                     .collect(),
+                traffic: verification
+                    .traffic
+                    .as_ref()
+                    .map(|t| t.paths.clone())
+                    .unwrap_or_default(),
             }),
         })
         .collect()
@@ -281,6 +354,7 @@ mod tests {
                     .iter()
                     .map(|(n, ok)| Probe::new(*n, *ok, if *ok { "refused" } else { "allowed" }))
                     .collect(),
+                traffic: None,
             },
             probed_at: now(),
         }
@@ -288,6 +362,104 @@ mod tests {
 
     fn get<'a>(cs: &'a [Condition], t: &str) -> &'a Condition {
         cs.iter().find(|c| c.type_ == t).unwrap()
+    }
+
+    fn network_with(traffic: Traffic) -> BTreeMap<LayerKind, LayerOutcome> {
+        let mut outcome = checked(&[], &[("ingress from org-b", true)]);
+        if let LayerOutcome::Checked { verification, .. } = &mut outcome {
+            verification.traffic = Some(traffic);
+        }
+        BTreeMap::from([(LayerKind::Network, outcome)])
+    }
+
+    fn path(policy: &str, packet: &str) -> crate::api::TrafficPath {
+        crate::api::TrafficPath {
+            path: "to beta's canary".into(),
+            destination: "org-beta/bulkhead-canary 10.244.0.7:8080".into(),
+            policy: policy.into(),
+            packet: packet.into(),
+            agrees: (policy == "allows") == (packet == "open"),
+        }
+    }
+
+    #[test]
+    fn no_traffic_probe_means_no_enforcement_condition() {
+        let layers = BTreeMap::from([(LayerKind::Network, checked(&[], &[("x", true)]))]);
+        let cs = conditions(&Workspace::Ready, &layers);
+        assert!(cs.iter().all(|c| c.type_ != "NetworkPolicyEnforced"));
+    }
+
+    #[test]
+    fn packets_that_match_the_policies_are_enforced() {
+        let cs = conditions(
+            &Workspace::Ready,
+            &network_with(Traffic {
+                paths: vec![path("refuses", "refused"), path("allows", "open")],
+                not_run: None,
+                skipped: vec!["no Ready DNS Pod in kube-system".into()],
+            }),
+        );
+        let c = get(&cs, "NetworkPolicyEnforced");
+        assert_eq!(c.status, ConditionStatus::True);
+        assert_eq!(c.reason, "PacketsMatchPolicy");
+        assert!(c.message.contains("no Ready DNS Pod"), "{}", c.message);
+        assert_eq!(get(&cs, "Ready").status, ConditionStatus::True);
+    }
+
+    #[test]
+    fn a_packet_through_a_refusing_policy_is_not_enforced_and_not_ready() {
+        let cs = conditions(
+            &Workspace::Ready,
+            &network_with(Traffic {
+                paths: vec![path("refuses", "open"), path("allows", "open")],
+                ..Default::default()
+            }),
+        );
+        let c = get(&cs, "NetworkPolicyEnforced");
+        assert_eq!(c.status, ConditionStatus::False);
+        assert_eq!(c.reason, "NotEnforced");
+        assert!(
+            c.message.contains("does not enforce NetworkPolicy"),
+            "{}",
+            c.message
+        );
+        assert!(c.message.contains("10.244.0.7:8080"), "{}", c.message);
+        assert_eq!(get(&cs, "Ready").status, ConditionStatus::False);
+        // The evaluator still says isolated: the two verdicts stand side by side.
+        assert_eq!(get(&cs, "NetworkIsolated").status, ConditionStatus::True);
+    }
+
+    #[test]
+    fn a_dropped_allowed_packet_and_a_probe_that_did_not_run_are_told_apart() {
+        let cs = conditions(
+            &Workspace::Ready,
+            &network_with(Traffic {
+                paths: vec![path("allows", "timeout")],
+                ..Default::default()
+            }),
+        );
+        assert_eq!(get(&cs, "NetworkPolicyEnforced").reason, "DataplaneRefuses");
+        let cs = conditions(
+            &Workspace::Ready,
+            &network_with(Traffic::not_run(
+                "the canary Pod org-a/bulkhead-canary is not Ready",
+                vec![],
+            )),
+        );
+        let c = get(&cs, "NetworkPolicyEnforced");
+        assert_eq!(c.status, ConditionStatus::Unknown);
+        assert_eq!(c.reason, "TrafficProbeNotRun");
+        assert_eq!(get(&cs, "Ready").status, ConditionStatus::False);
+    }
+
+    #[test]
+    fn traffic_paths_reach_the_layer_detail() {
+        let d = layer_details(&network_with(Traffic {
+            paths: vec![path("refuses", "refused")],
+            ..Default::default()
+        }));
+        assert_eq!(d[0].traffic.len(), 1);
+        assert_eq!(d[0].traffic[0].packet, "refused");
     }
 
     #[test]

@@ -148,6 +148,8 @@ pub struct Verification {
     pub findings: Vec<String>,
     /// Active probes.
     pub probes: Vec<Probe>,
+    /// Network layer with traffic probes: the real packets, beside the evaluator's verdicts.
+    pub traffic: Option<network::traffic::Traffic>,
 }
 
 impl Verification {

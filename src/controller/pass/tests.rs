@@ -232,6 +232,7 @@ fn checked(passed: bool) -> LayerOutcome {
         verification: Verification {
             findings: vec![],
             probes: vec![Probe::new("GET other", passed, "NOPERM")],
+            traffic: None,
         },
         probed_at: now(),
     }

@@ -996,6 +996,7 @@ impl Layer for DatabaseLayer {
         let mut v = Verification {
             findings: audit.breaches().map(|f| f.text()).collect(),
             probes: Vec::new(),
+            traffic: None,
         };
         let role = self.role_of(&tenant.org_id);
         let Some(password) = creds.get(KEY_PASSWORD) else {

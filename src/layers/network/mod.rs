@@ -5,6 +5,7 @@
 pub mod assess;
 pub mod plan;
 pub mod reach;
+pub mod traffic;
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use k8s_openapi::NamespaceResourceScope;
-use k8s_openapi::api::core::v1::{LimitRange, Namespace, ResourceQuota};
+use k8s_openapi::api::core::v1::{LimitRange, Namespace, Pod, ResourceQuota};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Resource, ResourceExt};
@@ -21,12 +22,13 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use self::plan::{NetworkConfig, NetworkPlan, PLAN_ANNOTATION};
-use self::reach::Cluster;
+use self::reach::{Cluster, Endpoint, PodSet};
 use super::{
     BuildEnv, Credentials, Layer, LayerError, LayerKind, LayerSlot, Repair, Tenant, Verification,
 };
 use crate::api::platform::{NetworkMode, NetworkPlatform};
 use crate::api::{FIELD_MANAGER, ORG_ID_LABEL};
+use crate::tenant::OrgId;
 
 /// How long a cluster-wide read of namespaces and policies is reused across organizations. The
 /// namespaces where the organization's own pods run are always read fresh.
@@ -245,6 +247,429 @@ impl NetworkLayer {
     }
 }
 
+/// How often Pod state is polled while waiting for a canary or a probe.
+const POD_POLL: Duration = Duration::from_millis(500);
+/// How long a pass waits for the organization's own canary to be Ready.
+const CANARY_READY: Duration = Duration::from_secs(30);
+/// Peers whose canaries are looked up per pass at most.
+const PEERS_TRIED: usize = 8;
+
+fn pod_ready(p: &Pod) -> bool {
+    p.metadata.deletion_timestamp.is_none()
+        && p.status.as_ref().is_some_and(|s| {
+            s.pod_ip.is_some()
+                && s.conditions
+                    .as_ref()
+                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+}
+
+fn pod_phase(p: &Pod) -> &str {
+    p.status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .unwrap_or("Unknown")
+}
+
+/// Why a Pod's container is not running, in the kubelet's words (`ErrImagePull`, ...).
+fn waiting_reason(p: &Pod) -> Option<String> {
+    p.status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .iter()
+        .find_map(|c| {
+            let w = c.state.as_ref()?.waiting.as_ref()?;
+            Some(match &w.message {
+                Some(m) => format!("{}: {m}", w.reason.clone().unwrap_or_default()),
+                None => w.reason.clone().unwrap_or_default(),
+            })
+        })
+}
+
+/// A Ready pod's address and named ports, as the evaluator sees it.
+fn pod_endpoint(p: &Pod) -> Option<(String, PodSet)> {
+    let ip = p.status.as_ref()?.pod_ip.clone()?;
+    let bits = if ip.contains(':') { 128 } else { 32 };
+    let addresses = reach::AddrSet::parse([format!("{ip}/{bits}").as_str()]).ok()?;
+    let mut named = reach::NamedPorts::new();
+    for c in p
+        .spec
+        .as_ref()
+        .map(|s| s.containers.as_slice())
+        .unwrap_or_default()
+    {
+        for port in c.ports.iter().flatten() {
+            if let Some(n) = &port.name {
+                named.insert(
+                    n.clone(),
+                    (
+                        port.protocol.clone().unwrap_or_else(|| "TCP".to_owned()),
+                        port.container_port,
+                    ),
+                );
+            }
+        }
+    }
+    Some((
+        ip,
+        PodSet {
+            namespace: reach::NamespaceRef::Known(p.namespace().unwrap_or_default()),
+            labels: reach::LabelSpace::exactly(p.labels()),
+            addresses,
+            named_ports: Some(named),
+        },
+    ))
+}
+
+impl NetworkLayer {
+    fn pods(&self, ns: &str) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), ns)
+    }
+
+    /// Creates the organization's canary, or replaces one whose spec is no longer current.
+    /// A Pod of that name that bulkhead did not create for this organization is never touched.
+    async fn ensure_canary(
+        &self,
+        tc: &traffic::TrafficConfig,
+        tenant: &Tenant,
+    ) -> Result<(), LayerError> {
+        let ns = &tenant.namespace;
+        let api = self.pods(ns);
+        let want = traffic::canary_pod(tc, tenant);
+        let live = api
+            .get_opt(traffic::CANARY_NAME)
+            .await
+            .map_err(|e| not_found_as_config(e, ns))?;
+        if let Some(live) = live {
+            if !traffic::owned_by(&live, tenant) {
+                return Err(LayerError::Config(format!(
+                    "Pod {ns}/{} exists and is not bulkhead's canary for this organization; \
+                     it is left alone: delete or rename it",
+                    traffic::CANARY_NAME
+                )));
+            }
+            let finished = matches!(pod_phase(&live), "Succeeded" | "Failed");
+            if traffic::current(&live, &want)
+                && live.metadata.deletion_timestamp.is_none()
+                && !finished
+            {
+                return Ok(());
+            }
+            let dp = DeleteParams {
+                grace_period_seconds: Some(0),
+                preconditions: live.uid().map(|uid| kube::api::Preconditions {
+                    uid: Some(uid),
+                    resource_version: None,
+                }),
+                ..Default::default()
+            };
+            match api.delete(traffic::CANARY_NAME, &dp).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let pp = PostParams {
+            field_manager: Some(FIELD_MANAGER.to_owned()),
+            ..Default::default()
+        };
+        match api.create(&pp, &want).await {
+            Ok(_) => Ok(()),
+            // The old canary is still going: the next pass creates the new one.
+            Err(kube::Error::Api(s)) if s.code == 409 => Err(LayerError::Backend(format!(
+                "the canary Pod {ns}/{} is being replaced",
+                traffic::CANARY_NAME
+            ))),
+            Err(e) => Err(not_found_as_config(e, ns)),
+        }
+    }
+
+    /// Deletes the organization's canary and probe Pods (`role`: only those of one role).
+    async fn remove_probe_pods(
+        &self,
+        tenant: &Tenant,
+        role: Option<&str>,
+    ) -> Result<(), LayerError> {
+        let selector = match role {
+            Some(r) => traffic::role_selector(tenant, r),
+            None => format!("{},{}", plan::managed_selector(tenant), traffic::ROLE_LABEL),
+        };
+        let api = self.pods(&tenant.namespace);
+        let dp = DeleteParams {
+            grace_period_seconds: Some(0),
+            ..Default::default()
+        };
+        for p in list_all(&api, &selector).await? {
+            match api.delete(&p.name_any(), &dp).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits (bounded) for the organization's own canary to be Ready; `Err` says why not.
+    async fn own_canary(&self, tenant: &Tenant) -> Result<Result<Pod, String>, LayerError> {
+        let api = self.pods(&tenant.namespace);
+        let deadline = Instant::now() + CANARY_READY;
+        loop {
+            let live = api.get_opt(traffic::CANARY_NAME).await?;
+            match live {
+                Some(p) if traffic::owned_by(&p, tenant) && pod_ready(&p) => return Ok(Ok(p)),
+                _ if Instant::now() < deadline => tokio::time::sleep(POD_POLL).await,
+                None => {
+                    return Ok(Err(format!(
+                        "the canary Pod {}/{} does not exist",
+                        tenant.namespace,
+                        traffic::CANARY_NAME
+                    )));
+                }
+                Some(p) => {
+                    let mut why = format!(
+                        "the canary Pod {}/{} is not Ready after {} s (phase {}",
+                        tenant.namespace,
+                        traffic::CANARY_NAME,
+                        CANARY_READY.as_secs(),
+                        pod_phase(&p)
+                    );
+                    if let Some(w) = waiting_reason(&p) {
+                        why.push_str(&format!(", {w}"));
+                    }
+                    why.push(')');
+                    return Ok(Err(why));
+                }
+            }
+        }
+    }
+
+    /// The first peer whose canary bulkhead created and which is Ready.
+    async fn peer_canary(&self, tenant: &Tenant) -> Result<Option<(OrgId, Pod)>, LayerError> {
+        let peers = tenant
+            .peers
+            .iter()
+            .filter(|p| !p.is_sentinel() && *p != &tenant.org_id)
+            .take(PEERS_TRIED);
+        for peer in peers {
+            let ns = crate::tenant::render_template(&self.raw.namespace_template, peer);
+            let Some(p) = self.pods(&ns).get_opt(traffic::CANARY_NAME).await? else {
+                continue;
+            };
+            let l = p.labels();
+            let theirs = l.get(ORG_ID_LABEL).map(String::as_str) == Some(peer.as_str())
+                && l.get(plan::MANAGED_BY_LABEL).map(String::as_str)
+                    == Some(crate::api::MANAGED_BY)
+                && l.get(traffic::ROLE_LABEL).map(String::as_str) == Some(traffic::CANARY);
+            if theirs && pod_ready(&p) {
+                return Ok(Some((peer.clone(), p)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The first Ready Pod in `ns` with all of `labels`.
+    async fn ready_pod(
+        &self,
+        ns: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Option<Pod>, LayerError> {
+        let selector = labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let lp = ListParams::default().labels(&selector).limit(50);
+        Ok(self
+            .pods(ns)
+            .list(&lp)
+            .await?
+            .items
+            .into_iter()
+            .find(pod_ready))
+    }
+
+    /// Sends the packets: finds the targets, asks the evaluator about each path, runs one probe
+    /// Pod, and sets its report beside the verdicts.
+    async fn traffic(
+        &self,
+        tc: &traffic::TrafficConfig,
+        tenant: &Tenant,
+        cluster: &Cluster,
+    ) -> Result<(traffic::Traffic, Vec<super::Probe>), LayerError> {
+        let own = match self.own_canary(tenant).await? {
+            Ok(p) => p,
+            Err(why) => return Ok((traffic::Traffic::not_run(why, Vec::new()), Vec::new())),
+        };
+        let src = PodSet {
+            namespace: reach::NamespaceRef::Known(tenant.namespace.clone()),
+            labels: reach::LabelSpace::exactly(&traffic::probe_labels(tenant)),
+            addresses: reach::AddrSet::new(self.config.pod_cidrs.clone()),
+            named_ports: Some(reach::NamedPorts::new()),
+        };
+        let mut targets = Vec::new();
+        let mut skipped = Vec::new();
+        let mut add = |name: String, what: String, pod: &Pod, port: i32, cross_tenant: bool| {
+            if let Some((ip, dst)) = pod_endpoint(pod) {
+                let allows = cluster
+                    .path(
+                        &Endpoint::Pods(src.clone()),
+                        &Endpoint::Pods(dst),
+                        &reach::Port::tcp(port),
+                    )
+                    .reachable();
+                targets.push(traffic::Target {
+                    name,
+                    what,
+                    pod: format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any()),
+                    ip,
+                    port,
+                    cross_tenant,
+                    policy_allows: allows,
+                });
+            }
+        };
+        match self.peer_canary(tenant).await? {
+            Some((peer, pod)) => add(
+                "peer".to_owned(),
+                format!("to {peer}'s canary"),
+                &pod,
+                tc.port,
+                true,
+            ),
+            None => skipped.push("no other organization's canary is Ready".to_owned()),
+        }
+        add(
+            "own".to_owned(),
+            "to the organization's own canary".to_owned(),
+            &own,
+            tc.port,
+            false,
+        );
+        match self
+            .ready_pod(&self.config.dns_namespace, &tc.dns_labels)
+            .await?
+        {
+            Some(pod) => add(
+                "dns".to_owned(),
+                format!("to DNS in {} (TCP 53)", self.config.dns_namespace),
+                &pod,
+                53,
+                false,
+            ),
+            None => skipped.push(format!("no Ready DNS Pod in {}", self.config.dns_namespace)),
+        }
+        for t in &self.raw.egress {
+            let (Some(ns), Some(port)) = (&t.namespace, t.ports.first()) else {
+                continue;
+            };
+            if t.pod_labels.is_empty() {
+                continue;
+            }
+            match self.ready_pod(ns, &t.pod_labels).await? {
+                Some(pod) => add(
+                    format!("egress-{}", t.name),
+                    format!("to egress target {} (TCP {port})", t.name),
+                    &pod,
+                    *port,
+                    false,
+                ),
+                None => skipped.push(format!("no Ready Pod of egress target {} in {ns}", t.name)),
+            }
+        }
+
+        self.remove_probe_pods(tenant, Some(traffic::PROBE)).await?;
+        let api = self.pods(&tenant.namespace);
+        let pp = PostParams {
+            field_manager: Some(FIELD_MANAGER.to_owned()),
+            ..Default::default()
+        };
+        let created = api
+            .create(&pp, &traffic::probe_pod(tc, tenant, &targets))
+            .await
+            .map_err(|e| not_found_as_config(e, &tenant.namespace))?;
+        let name = created.name_any();
+        let outcome = self.probe_report(&api, &name, tc.probe_deadline()).await;
+        let dp = DeleteParams {
+            grace_period_seconds: Some(0),
+            ..Default::default()
+        };
+        match api.delete(&name, &dp).await {
+            Ok(_) | Err(kube::Error::Api(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let report = match outcome? {
+            Ok(r) => r,
+            Err(why) => return Ok((traffic::Traffic::not_run(why, skipped), Vec::new())),
+        };
+        match traffic::parse_report(&report, &targets) {
+            Ok(answers) => {
+                let (paths, probes) = traffic::judge(&targets, &answers);
+                Ok((
+                    traffic::Traffic {
+                        paths,
+                        not_run: None,
+                        skipped,
+                    },
+                    probes,
+                ))
+            }
+            Err(e) => Ok((
+                traffic::Traffic::not_run(format!("the probe's report is unusable: {e}"), skipped),
+                Vec::new(),
+            )),
+        }
+    }
+
+    /// Waits for the probe Pod to finish and returns its termination message; `Err` says why
+    /// there is none.
+    async fn probe_report(
+        &self,
+        api: &Api<Pod>,
+        name: &str,
+        limit: Duration,
+    ) -> Result<Result<String, String>, LayerError> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let Some(p) = api.get_opt(name).await? else {
+                return Ok(Err(format!(
+                    "the probe Pod {name} was deleted before it finished"
+                )));
+            };
+            let terminated = p
+                .status
+                .as_ref()
+                .and_then(|s| s.container_statuses.as_ref())
+                .and_then(|c| c.first())
+                .and_then(|c| c.state.as_ref())
+                .and_then(|s| s.terminated.clone());
+            if let Some(t) = terminated {
+                return Ok(match (t.exit_code, t.message) {
+                    (0, Some(m)) if !m.trim().is_empty() => Ok(m),
+                    (code, m) => Err(format!(
+                        "the probe Pod {name} ended with exit code {code}{}",
+                        m.map(|m| format!(": {}", m.chars().take(200).collect::<String>()))
+                            .unwrap_or_default()
+                    )),
+                });
+            }
+            if matches!(pod_phase(&p), "Failed" | "Succeeded") || Instant::now() >= deadline {
+                let mut why = format!(
+                    "the probe Pod {name} gave no report in {} s (phase {}",
+                    limit.as_secs(),
+                    pod_phase(&p)
+                );
+                if let Some(w) = waiting_reason(&p) {
+                    why.push_str(&format!(", {w}"));
+                }
+                why.push(')');
+                return Ok(Err(why));
+            }
+            tokio::time::sleep(POD_POLL).await;
+        }
+    }
+}
+
 fn poisoned() -> LayerError {
     LayerError::Backend("network snapshot lock poisoned".to_owned())
 }
@@ -405,6 +830,11 @@ impl Layer for NetworkLayer {
         {
             delete_quietly(&limits, &l.name_any()).await?;
         }
+        match &self.config.traffic {
+            Some(tc) => self.ensure_canary(tc, tenant).await?,
+            // Switched off (or never on): no canary of the organization stays behind.
+            None => self.remove_probe_pods(tenant, None).await?,
+        }
         self.applied
             .lock()
             .map_err(|_| poisoned())?
@@ -458,6 +888,11 @@ impl Layer for NetworkLayer {
         let mut v = assess::assess(&cluster, &self.config, tenant);
         findings.append(&mut v.findings);
         v.findings = findings;
+        if let Some(tc) = &self.config.traffic {
+            let (traffic, mut probes) = self.traffic(tc, tenant, &cluster).await?;
+            v.probes.append(&mut probes);
+            v.traffic = Some(traffic);
+        }
         Ok(v)
     }
 
@@ -466,6 +901,8 @@ impl Layer for NetworkLayer {
             .lock()
             .map_err(|_| poisoned())?
             .remove(&tenant.owner.uid);
+        // Pods before policies: no canary runs unprotected, even for a moment.
+        self.remove_probe_pods(tenant, None).await?;
         let selector = plan::managed_selector(tenant);
         for p in list_all(&Api::<NetworkPolicy>::all(self.client.clone()), &selector).await? {
             delete_quietly(

@@ -55,6 +55,8 @@ pub struct NetworkConfig {
     /// Namespaces of backends given by namespace (trusted egress destinations).
     pub backend_namespaces: Vec<String>,
     pub pod_cidrs: Vec<IpRange>,
+    /// Real packets beside the evaluator, when the platform asks for them.
+    pub traffic: Option<super::traffic::TrafficConfig>,
 }
 
 fn is_dns_label(s: &str, max: usize) -> bool {
@@ -110,7 +112,13 @@ pub fn validate(cfg: &NetworkPlatform) -> Result<NetworkConfig, String> {
         }
         backends.push(b);
     }
+    let traffic = cfg
+        .traffic_probe
+        .as_ref()
+        .map(|t| super::traffic::validate(t, cfg.mode))
+        .transpose()?;
     Ok(NetworkConfig {
+        traffic,
         mode: cfg.mode,
         shared_namespaces: cfg.shared_namespaces.clone(),
         ingress_namespaces: cfg.ingress_namespaces.clone(),

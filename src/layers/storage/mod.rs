@@ -591,7 +591,11 @@ impl Layer for StorageLayer {
         findings.extend(self.audit_org(tenant, creds).await?);
         let client = self.tenant_client(tenant, creds).await?;
         let probes = self.probes(tenant, &client).await;
-        Ok(Verification { findings, probes })
+        Ok(Verification {
+            findings,
+            probes,
+            traffic: None,
+        })
     }
 
     async fn cleanup(&self, tenant: &Tenant) -> Result<(), LayerError> {
