@@ -377,6 +377,34 @@ tb_state_ports() {
 	sed -n 's/^[A-Z0-9_]*_PORT=\([0-9][0-9]*\)$/\1/p' "$TB_DIR/state.env"
 }
 
+# ----------------------------------------------------------- installing
+
+# tb_apt_install PACKAGE...: install Debian packages (root only), logging to
+# $TB_DIR/logs/install.log; `apt-get update` once per run.
+tb_apt_install() {
+	local log=$TB_DIR/logs/install.log policy=/usr/sbin/policy-rc.d made_policy=0
+	((EUID == 0)) || tb_die "missing Debian packages: $* (run as root, or install them)"
+	mkdir -p "$TB_DIR/logs"
+	if [[ ! -e $policy ]]; then
+		# keep package scripts from starting system-wide redis/postgres services
+		printf '#!/bin/sh\nexit 101\n' >"$policy"
+		chmod 755 "$policy"
+		made_policy=1
+	fi
+	local rc=0
+	{
+		if [[ -z ${APT_UPDATED:-} ]]; then
+			DEBIAN_FRONTEND=noninteractive apt-get update -qq && APT_UPDATED=1
+		fi &&
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
+	} >>"$log" 2>&1 || rc=$?
+	((made_policy)) && rm -f "$policy"
+	if ((rc != 0)); then
+		tb_tail_log "$log" 30
+		tb_die "apt-get install $* failed (log: $log)"
+	fi
+}
+
 # ------------------------------------------------------------- locking
 
 # tb_lock: take the testbed lock on fd 9 (waiting for a running up/down).

@@ -578,6 +578,15 @@ impl NetworkLayer {
             }
         }
 
+        if targets.len() > traffic::MAX_TARGETS {
+            skipped.extend(targets.drain(traffic::MAX_TARGETS..).map(|t| {
+                format!(
+                    "{} (one probe tries at most {} paths)",
+                    t.what,
+                    traffic::MAX_TARGETS
+                )
+            }));
+        }
         self.remove_probe_pods(tenant, Some(traffic::PROBE)).await?;
         let api = self.pods(&tenant.namespace);
         let pp = PostParams {
