@@ -339,8 +339,13 @@ async fn real_packets_prove_isolation_and_catch_a_dataplane_that_does_not_enforc
         90,
         |o| {
             network(o).is_some_and(|d| {
+                // Until both of a pass's policy reads see the new policy, the path shows as
+                // changing.
                 d.traffic.iter().any(|p| {
-                    p.path.ends_with("'s canary") && !p.path.contains("own") && p.packet == "open"
+                    p.path.ends_with("'s canary")
+                        && !p.path.contains("own")
+                        && p.packet == "open"
+                        && p.policy == "allows"
                 })
             })
         },
@@ -392,7 +397,7 @@ async fn real_packets_prove_isolation_and_catch_a_dataplane_that_does_not_enforc
     let peer = d
         .traffic
         .iter()
-        .find(|p| !p.agrees)
+        .find(|p| !p.agrees && p.policy != "changed during the probe")
         .expect("a disagreeing path");
     assert_eq!(
         (peer.policy.as_str(), peer.packet.as_str()),

@@ -248,7 +248,9 @@ pub struct TrafficPath {
     pub path: String,
     /// `namespace/pod address:port`.
     pub destination: String,
-    /// The policy evaluator's verdict for this path: `allows` or `refuses`.
+    /// The policy evaluator's verdict for this path: `allows`, `refuses`, or `changed during
+    /// the probe` (the policies of a namespace on the path changed while the packet was sent;
+    /// such a path counts neither way towards `NetworkPolicyEnforced`).
     pub policy: String,
     /// What the packet did: `open`, `refused`, `timeout`, `unreachable`, `denied` or `error`.
     pub packet: String,

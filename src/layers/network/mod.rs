@@ -508,16 +508,12 @@ impl NetworkLayer {
             named_ports: Some(reach::NamedPorts::new()),
         };
         let mut targets = Vec::new();
+        // The evaluator's side of each target: its Pods (namespace, labels, address) and port.
+        let mut sets: Vec<(PodSet, i32)> = Vec::new();
         let mut skipped = Vec::new();
         let mut add = |name: String, what: String, pod: &Pod, port: i32, cross_tenant: bool| {
             if let Some((ip, dst)) = pod_endpoint(pod) {
-                let allows = cluster
-                    .path(
-                        &Endpoint::Pods(src.clone()),
-                        &Endpoint::Pods(dst),
-                        &reach::Port::tcp(port),
-                    )
-                    .reachable();
+                sets.push((dst, port));
                 targets.push(traffic::Target {
                     name,
                     what,
@@ -525,7 +521,8 @@ impl NetworkLayer {
                     ip,
                     port,
                     cross_tenant,
-                    policy_allows: allows,
+                    policy_allows: false,
+                    policy_stable: true,
                 });
             }
         };
@@ -579,6 +576,7 @@ impl NetworkLayer {
         }
 
         if targets.len() > traffic::MAX_TARGETS {
+            sets.truncate(traffic::MAX_TARGETS);
             skipped.extend(targets.drain(traffic::MAX_TARGETS..).map(|t| {
                 format!(
                     "{} (one probe tries at most {} paths)",
@@ -586,6 +584,31 @@ impl NetworkLayer {
                     traffic::MAX_TARGETS
                 )
             }));
+        }
+        // The policies of every namespace a packet touches, read fresh just before the probe
+        // and again after it: a verdict that changed meanwhile says nothing about enforcement.
+        let mut involved = std::collections::BTreeSet::from([tenant.namespace.clone()]);
+        involved.extend(
+            targets
+                .iter()
+                .filter_map(|t| t.pod.split_once('/'))
+                .map(|(ns, _)| ns.to_owned()),
+        );
+        let verdicts = |view: &Cluster| -> Vec<bool> {
+            sets.iter()
+                .map(|(dst, port)| {
+                    view.path(
+                        &Endpoint::Pods(src.clone()),
+                        &Endpoint::Pods(dst.clone()),
+                        &reach::Port::tcp(*port),
+                    )
+                    .reachable()
+                })
+                .collect()
+        };
+        let before = verdicts(&self.fresh_policies(cluster, &involved).await?);
+        for (t, allows) in targets.iter_mut().zip(&before) {
+            t.policy_allows = *allows;
         }
         self.remove_probe_pods(tenant, Some(traffic::PROBE)).await?;
         let api = self.pods(&tenant.namespace);
@@ -611,6 +634,10 @@ impl NetworkLayer {
             Ok(r) => r,
             Err(why) => return Ok((traffic::Traffic::not_run(why, skipped), Vec::new())),
         };
+        let after = verdicts(&self.fresh_policies(cluster, &involved).await?);
+        for (t, (b, a)) in targets.iter_mut().zip(before.iter().zip(&after)) {
+            t.policy_stable = b == a;
+        }
         match traffic::parse_report(&report, &targets) {
             Ok(answers) => {
                 let (paths, probes) = traffic::judge(&targets, &answers);
@@ -628,6 +655,19 @@ impl NetworkLayer {
                 Vec::new(),
             )),
         }
+    }
+
+    /// `base` with the policies of `namespaces` read again.
+    async fn fresh_policies(
+        &self,
+        base: &Cluster,
+        namespaces: &std::collections::BTreeSet<String>,
+    ) -> Result<Cluster, LayerError> {
+        let mut view = base.clone();
+        for ns in namespaces {
+            view.replace_policies(ns, &list_all(&self.policies(ns), "").await?);
+        }
+        Ok(view)
     }
 
     /// Waits for the probe Pod to finish and returns its termination message; `Err` says why

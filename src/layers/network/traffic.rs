@@ -319,6 +319,9 @@ pub struct Target {
     pub cross_tenant: bool,
     /// The evaluator's verdict: the policies let this connection through.
     pub policy_allows: bool,
+    /// The verdict was the same just before and just after the probe. A policy that changed
+    /// meanwhile says nothing about enforcement either way.
+    pub policy_stable: bool,
 }
 
 /// The probe Pod's arguments.
@@ -484,9 +487,14 @@ pub fn judge(targets: &[Target], answers: &[(Packet, u64)]) -> (Vec<TrafficPath>
         paths.push(TrafficPath {
             path: t.what.clone(),
             destination: format!("{} {}:{}", t.pod, t.ip, t.port),
-            policy: if t.policy_allows { "allows" } else { "refuses" }.to_owned(),
+            policy: match (t.policy_stable, t.policy_allows) {
+                (false, _) => "changed during the probe",
+                (true, true) => "allows",
+                (true, false) => "refuses",
+            }
+            .to_owned(),
             packet: packet.as_str().to_owned(),
-            agrees: t.policy_allows == open,
+            agrees: t.policy_stable && t.policy_allows == open,
         });
         let name = format!("TCP {}", t.what);
         if t.cross_tenant {

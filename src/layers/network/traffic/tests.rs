@@ -48,6 +48,7 @@ fn target(name: &str, cross: bool, allows: bool) -> Target {
         port: 8080,
         cross_tenant: cross,
         policy_allows: allows,
+        policy_stable: true,
     }
 }
 
@@ -329,4 +330,21 @@ fn a_dropped_allowed_path_is_told_apart() {
     );
     // DNS and egress are not isolation probes: only the condition reports them.
     assert_eq!(probes.len(), 1);
+}
+
+#[test]
+fn a_policy_that_changed_during_the_probe_counts_neither_way() {
+    let mut t = target("peer", true, false);
+    t.policy_stable = false;
+    let (paths, probes) = judge(&[t], &[(Packet::Open, 1)]);
+    assert_eq!(paths[0].policy, "changed during the probe");
+    assert!(!paths[0].agrees);
+    // The packet still reached another organization: the isolation probe fails.
+    assert!(!probes[0].passed);
+    let t = Traffic {
+        paths,
+        ..Default::default()
+    };
+    assert_eq!(t.unenforced().count(), 0);
+    assert_eq!(t.dropped().count(), 0);
 }
