@@ -59,14 +59,9 @@ fn usage(err: &str) -> ExitCode {
 /// Blocks the stop and child signals in every thread (call before spawning any), then waits
 /// for a stop signal, reaping children meanwhile: the duties of a container's PID 1.
 fn wait_for_stop() -> ExitCode {
+    let set = block_stop_signals();
     // SAFETY: plain libc calls on a signal set owned by this frame.
     unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGCHLD] {
-            libc::sigaddset(&mut set, s);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         loop {
             let mut sig: libc::c_int = 0;
             if libc::sigwait(&set, &mut sig) != 0 {
@@ -81,8 +76,10 @@ fn wait_for_stop() -> ExitCode {
     }
 }
 
-fn block_stop_signals() {
-    // SAFETY: as in `wait_for_stop`; threads spawned afterwards inherit the mask.
+/// Blocks SIGTERM, SIGINT and SIGCHLD in this thread and every thread spawned afterwards, and
+/// returns that set for `sigwait`.
+fn block_stop_signals() -> libc::sigset_t {
+    // SAFETY: plain libc calls on a signal set owned by this frame.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
@@ -90,6 +87,7 @@ fn block_stop_signals() {
             libc::sigaddset(&mut set, s);
         }
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
     }
 }
 
@@ -198,7 +196,11 @@ fn connect(args: &[String]) -> ExitCode {
     if rest.is_empty() || rest.len() > MAX_TARGETS {
         return usage(&format!("connect takes 1 to {MAX_TARGETS} targets"));
     }
-    let targets = match rest.iter().map(|t| parse_target(t)).collect::<Result<Vec<_>, _>>() {
+    let targets = match rest
+        .iter()
+        .map(|t| parse_target(t))
+        .collect::<Result<Vec<_>, _>>()
+    {
         Ok(t) => t,
         Err(e) => return usage(&e),
     };
@@ -222,7 +224,10 @@ fn connect(args: &[String]) -> ExitCode {
     let mut bytes = report.into_bytes();
     bytes.truncate(TERMINATION_MAX);
     // The log exists only in a container; run by hand, stdout is the report.
-    if let Ok(mut f) = std::fs::OpenOptions::new().write(true).open(TERMINATION_LOG) {
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .write(true)
+        .open(TERMINATION_LOG)
+    {
         let _ = f.write_all(&bytes);
     }
     ExitCode::SUCCESS

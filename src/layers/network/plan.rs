@@ -565,4 +565,4 @@ pub fn same_meta(live: &ObjectMeta, planned: &ObjectMeta) -> bool {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -8,7 +8,8 @@ use crate::tenant::OrgId;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use serde_json::json;
 
-fn tenant(id: &str) -> Tenant {
+/// A Tenant for pure tests of the network layer.
+pub(crate) fn tenant(id: &str) -> Tenant {
     Tenant {
         name: format!("{id}-org"),
         org_id: OrgId::parse(id).unwrap(),

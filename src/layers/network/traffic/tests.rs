@@ -1,31 +1,6 @@
 use super::*;
-use crate::api::DeletionPolicy;
-use crate::tenant::OrgId;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use crate::layers::network::plan::tests::tenant;
 use serde_json::json;
-
-fn tenant(id: &str) -> Tenant {
-    Tenant {
-        name: format!("{id}-org"),
-        org_id: OrgId::parse(id).unwrap(),
-        display_name: id.to_owned(),
-        namespace: format!("org-{id}"),
-        deletion_policy: DeletionPolicy::Retain,
-        rotate: false,
-        peers: vec![OrgId::sentinel()],
-        owner: OwnerReference {
-            api_version: "bulkhead.dev/v1alpha1".into(),
-            kind: "Organization".into(),
-            name: format!("{id}-org"),
-            uid: format!("uid-{id}"),
-            controller: Some(true),
-            block_owner_deletion: Some(true),
-        },
-        adopt_from: None,
-        resource_quota: None,
-        limit_range: None,
-    }
-}
 
 fn probe(v: serde_json::Value) -> TrafficProbe {
     serde_json::from_value(v).unwrap()
