@@ -290,6 +290,8 @@ impl TenantData {
     }
 
     /// One line per backend: the tenant rows, objects (key, size, ETag) and keys with values.
+    /// Only what `seed` wrote is compared: the layers' own canaries and the short-lived keys
+    /// a verification pass writes under the org's prefix (with a TTL) come and go on their own.
     async fn checksum(&self) -> BTreeMap<&'static str, String> {
         let tb = Testbed::get();
         let mut out = BTreeMap::new();
@@ -318,7 +320,7 @@ impl TenantData {
             let list = s3
                 .list_objects_v2()
                 .bucket(&self.bucket)
-                .prefix(format!("{o}/"))
+                .prefix(format!("{o}/data/"))
                 .send()
                 .await
                 .expect("list objects");
@@ -343,7 +345,7 @@ impl TenantData {
                         "SCAN",
                         &cursor,
                         "MATCH",
-                        &format!("org:{o}:*"),
+                        &format!("org:{o}:data:*"),
                         "COUNT",
                         "1000",
                     ],
