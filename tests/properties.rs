@@ -1005,6 +1005,7 @@ proptest! {
                     iam_path: "/bulkhead/".into(),
                     by_tag,
                     exempt_users: vec!["admin".into()],
+                    sessions: None,
                 };
                 let own = format!("arn:aws:s3:::files/{}*", template.replace("{orgId}", var));
                 for st in guard.statement_values() {

@@ -176,6 +176,10 @@ pub struct OrganizationStatus {
     /// the credentials themselves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret: Option<String>,
+    /// When the temporary credentials in that Secret (storage `session` mode) are next replaced:
+    /// the next pass runs by then, after an operator restart too. Never the credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_renew_time: Option<Time>,
     /// External identities derived from `orgId`, recorded before they are created so that
     /// cleanup works after a crash.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -202,7 +206,8 @@ pub struct OrganizationIdentities {
     /// PostgreSQL login role.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub database_role: Option<String>,
-    /// IAM user (mode `user`) or role (mode `role`) name.
+    /// IAM user (mode `user`) or role (mode `role`) name, or the session (mode `session`,
+    /// `assumed-role/{role}/{orgId}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_principal: Option<String>,
     /// Redis ACL user name.

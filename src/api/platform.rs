@@ -297,6 +297,10 @@ pub enum StorageMode {
     Role,
     /// One shared tenant role assumed with session tag `org_id`; no per-organization IAM object.
     Abac,
+    /// No per-organization IAM object: the operator assumes one existing role (`sessionRoleArn`)
+    /// per organization with a session policy scoped to its prefix, and writes the temporary
+    /// credentials into the credentials Secret, replacing them before they expire.
+    Session,
 }
 
 /// S3 settings.
@@ -347,6 +351,25 @@ pub struct StoragePlatform {
     /// besides the operator itself (which assumes it for probes).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub abac_trusted_principals: Vec<String>,
+    /// The existing role every organization's session is assumed from in `session` mode
+    /// (`arn:aws:iam::{account}:role/{name}`). Its trust policy must let the operator assume it
+    /// (and, with the `pathCondition` guard, tag the session: `sts:TagSession`); its permissions
+    /// must include the object actions and `s3:ListBucket` on the bucket. bulkhead never changes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_role_arn: Option<String>,
+    /// Lifetime of each organization's session in `session` mode (AssumeRole `DurationSeconds`):
+    /// 900 to 43200, and at most the role's maximum session duration.
+    #[serde(default = "default_session_duration")]
+    #[schemars(range(min = 900, max = 43200))]
+    #[schemars(extend("format" = "int64"))]
+    pub session_duration_seconds: u32,
+    /// How long before a session expires its replacement is written into the credentials Secret,
+    /// in `session` mode: the time consumers have to re-read the Secret. At least 60 and at
+    /// most `sessionDurationSeconds` - 60; empty means half of `sessionDurationSeconds`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 60, max = 43140))]
+    #[schemars(extend("format" = "int64"))]
+    pub session_refresh_before_seconds: Option<u32>,
     /// How the bucket-policy guard names tenant principals; empty picks `pathCondition` on AWS
     /// (no endpoint) and `allUsers` on S3-compatible servers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -386,6 +409,9 @@ fn default_service_account() -> String {
 }
 fn default_shared_role_name() -> String {
     "bulkhead-tenant".to_owned()
+}
+fn default_session_duration() -> u32 {
+    3600
 }
 
 /// A whole Secret.

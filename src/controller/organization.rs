@@ -239,6 +239,7 @@ async fn apply(org: Arc<Organization>, ctx: &Context) -> Result<Action, Error> {
         rand::random::<f64>(),
         r.platform.spec.verification.interval_seconds,
         &r.tenant.name,
+        pass::renew_delay(report.renew_by, &now()),
     ))
 }
 

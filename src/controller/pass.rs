@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
+use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 
@@ -458,6 +459,8 @@ pub struct PassReport {
     pub ai_providers: Vec<String>,
     /// Every part that failed this pass, with its error class: the retry policy's input.
     pub failures: Vec<Failure>,
+    /// The earliest time a layer's temporary credentials written this pass must be replaced.
+    pub renew_by: Option<Timestamp>,
 }
 
 impl PassReport {
@@ -514,13 +517,15 @@ pub async fn ensure(
             let layer = layer_of(rt, *kind)?;
             rt.ensure_prepared(*kind).await?;
             let repairs = layer.ensure(tenant, &mut layer_creds).await?;
-            Ok::<_, LayerError>((repairs, layer_creds))
+            let renew_by = layer.renew_by(&layer_creds);
+            Ok::<_, LayerError>((repairs, layer_creds, renew_by))
         }
     }))
     .await;
     for (kind, result) in schedule.run.iter().zip(results) {
         match result {
-            Ok((repairs, layer_creds)) => {
+            Ok((repairs, layer_creds, renew_by)) => {
+                report.renew_by = report.renew_by.into_iter().chain(renew_by).min();
                 report
                     .repairs
                     .extend(repairs.into_iter().map(|r| (Some(*kind), r)));
@@ -662,6 +667,7 @@ pub fn compose_status(
     status.observed_generation = generation;
     status.layers = status::layer_details(&report.outcomes);
     status.credentials_secret = secret_written.then(|| workspace::CREDENTIALS_SECRET.to_owned());
+    status.credentials_renew_time = report.renew_by.map(Time);
     status.ai_providers = report.ai_providers.clone();
     let all_ensured = report.all_ensured(workspace);
     if r.rotation.due && all_ensured {
@@ -735,10 +741,13 @@ pub fn milestones(
 ) -> Vec<(&'static str, String)> {
     let mut out = Vec::new();
     if status.rotation.is_some() && status.rotation != previous.rotation {
-        out.push((
-            "CredentialsRotated",
-            "every layer's credentials were replaced and their old sessions ended".to_owned(),
-        ));
+        let note = if status.credentials_renew_time.is_some() {
+            // Storage `session` mode: STS sessions cannot be ended before they expire.
+            "every layer's credentials were replaced and their old sessions ended, except the storage layer's STS session, which stays valid until it expires"
+        } else {
+            "every layer's credentials were replaced and their old sessions ended"
+        };
+        out.push(("CredentialsRotated", note.to_owned()));
     }
     if let Some(from) = status
         .adopted_from
@@ -757,8 +766,9 @@ pub fn milestones(
 
 /// Stage 0, at the first pass of this process (pure): an Organization that was Ready, verified
 /// less than one interval ago and asks for nothing new is not probed again; its next pass is
-/// due when its last verification turns one interval old. So a restart resumes the schedule
-/// instead of re-probing (and re-writing) everything at once.
+/// due when its last verification turns one interval old, or when its temporary credentials
+/// are due for replacement (`credentialsRenewTime`), whichever comes first. So a restart
+/// resumes the schedule instead of re-probing (and re-writing) everything at once.
 pub fn resume_delay(r: &Resolved, interval_seconds: u32, now: &Time) -> Option<Duration> {
     let p = &r.previous;
     let ready = p
@@ -780,11 +790,22 @@ pub fn resume_delay(r: &Resolved, interval_seconds: u32, now: &Time) -> Option<D
         .filter_map(|l| l.last_probe_time.as_ref())
         .min()?;
     let age = now.0.duration_since(oldest.0).as_secs_f64();
-    let left = f64::from(interval_seconds) - age;
+    let mut left = f64::from(interval_seconds) - age;
+    if let Some(renew) = &p.credentials_renew_time {
+        left = left.min(renew.0.duration_since(now.0).as_secs_f64());
+    }
     (age >= 0.0 && left > 0.0).then(|| Duration::from_secs_f64(left))
 }
 
-/// Stage 10 (pure): the next pass. Without failures, the verification schedule. A transient
+/// How long until temporary credentials written this pass are due for replacement (pure); at
+/// least one second, so a renewal already due runs at once without spinning.
+pub fn renew_delay(renew_by: Option<Timestamp>, now: &Time) -> Option<Duration> {
+    let left = renew_by?.duration_since(now.0).as_secs_f64();
+    Some(Duration::from_secs_f64(left.max(1.0)))
+}
+
+/// Stage 10 (pure): the next pass. Without failures, the verification schedule, or sooner when
+/// temporary credentials are due for replacement (`renew_in`). A transient
 /// failure backs off exponentially from the part's consecutive failures (`attempts`), spread by
 /// `jitter` in [0, 1) to ±20% so an outage does not bring every organization back on the same
 /// beat. Configuration errors and refusals cannot heal by retrying: they wait for the schedule
@@ -795,13 +816,15 @@ pub fn next_action(
     jitter: f64,
     interval_seconds: u32,
     name: &str,
+    renew_in: Option<Duration>,
 ) -> Action {
     if failures.iter().any(|f| f.class == ErrorClass::Transient) {
         let base = retry_delay(attempts).as_secs_f64();
         let spread = 0.8 + 0.4 * jitter.clamp(0.0, 1.0);
         Action::requeue(Duration::from_secs_f64(base * spread))
     } else {
-        Action::requeue(verification_delay(interval_seconds, name))
+        let scheduled = verification_delay(interval_seconds, name);
+        Action::requeue(renew_in.map_or(scheduled, |r| r.min(scheduled)))
     }
 }
 

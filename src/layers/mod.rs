@@ -282,6 +282,12 @@ pub trait Layer: Send + Sync {
         None
     }
 
+    /// When the temporary credentials this layer wrote into `creds` must be replaced: the next
+    /// pass has to run by then. `None` for credentials that do not expire.
+    fn renew_by(&self, _creds: &Credentials) -> Option<k8s_openapi::jiff::Timestamp> {
+        None
+    }
+
     /// Fills this layer's part of the platform's status (audit coverage, guard state).
     async fn platform_status(
         &self,

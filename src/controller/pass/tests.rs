@@ -269,6 +269,17 @@ fn compose_status_records_rotation_and_adoption_only_when_everything_ensured() {
         .map(|m| m.0)
         .collect();
     assert_eq!(names, vec!["CredentialsRotated", "RetainedDataAdopted"]);
+    assert_eq!(s.credentials_renew_time, None, "nothing expires");
+    assert!(!milestones(&r.previous, &s)[0].1.contains("STS"));
+    // Temporary credentials: their renewal time is recorded, and the rotation says the old
+    // session was not ended.
+    let mut with_session = report_with(&[(LayerKind::Database, checked(true))]);
+    with_session.renew_by = Some(at(5_000).0);
+    let s = compose_status(&r, &intent, &Workspace::Ready, &with_session, true, &now());
+    assert_eq!(s.credentials_renew_time, Some(at(5_000)));
+    let rotated = &milestones(&r.previous, &s)[0];
+    assert_eq!(rotated.0, "CredentialsRotated");
+    assert!(rotated.1.contains("STS session") && rotated.1.contains("until it expires"));
 
     let failed = report_with(&[(
         LayerKind::Database,
@@ -310,8 +321,72 @@ fn failure(class: ErrorClass) -> Failure {
 #[test]
 fn without_failures_the_next_pass_is_the_verification_schedule() {
     assert_eq!(
-        next_action(&[], 0, 0.5, 300, "acme"),
+        next_action(&[], 0, 0.5, 300, "acme", None),
         Action::requeue(verification_delay(300, "acme"))
+    );
+}
+
+#[test]
+fn credentials_due_for_renewal_bring_the_next_pass_forward() {
+    let scheduled = verification_delay(300, "acme");
+    assert_eq!(
+        next_action(&[], 0, 0.5, 300, "acme", Some(Duration::from_secs(120))),
+        Action::requeue(Duration::from_secs(120)),
+        "renewal before the verification schedule"
+    );
+    assert_eq!(
+        next_action(&[], 0, 0.5, 300, "acme", Some(Duration::from_secs(3000))),
+        Action::requeue(scheduled),
+        "the schedule comes first"
+    );
+    for class in [ErrorClass::Configuration, ErrorClass::Refused] {
+        assert_eq!(
+            next_action(
+                &[failure(class)],
+                7,
+                0.5,
+                86_400,
+                "acme",
+                Some(Duration::from_secs(90))
+            ),
+            Action::requeue(Duration::from_secs(90)),
+            "a long interval never outlasts the credentials"
+        );
+    }
+    let now = at(10_000);
+    assert_eq!(
+        renew_delay(Some(at(10_600).0), &now),
+        Some(Duration::from_secs(600))
+    );
+    assert_eq!(
+        renew_delay(Some(at(9_000).0), &now),
+        Some(Duration::from_secs(1)),
+        "overdue: at once, without spinning"
+    );
+    assert_eq!(renew_delay(None, &now), None);
+}
+
+#[test]
+fn a_restart_renews_credentials_due_before_the_next_verification() {
+    let mut s = verified_at(1_000);
+    s.credentials_renew_time = Some(at(1_150));
+    let r = with_status(org("acme", &[]), s.clone());
+    assert_eq!(
+        resume_delay(&r, 300, &at(1_100)),
+        Some(Duration::from_secs(50)),
+        "the renewal comes before the verification"
+    );
+    assert_eq!(
+        resume_delay(&r, 300, &at(1_150)),
+        None,
+        "due now: run the pass"
+    );
+    assert_eq!(resume_delay(&r, 300, &at(1_200)), None, "overdue");
+    s.credentials_renew_time = Some(at(5_000));
+    assert_eq!(
+        resume_delay(&with_status(org("acme", &[]), s), 300, &at(1_100)),
+        Some(Duration::from_secs(200)),
+        "a later renewal leaves the schedule alone"
     );
 }
 
@@ -324,6 +399,7 @@ fn transient_failures_back_off_exponentially_with_jitter() {
             jitter,
             300,
             "acme",
+            Some(Duration::from_secs(1)),
         )
     };
     assert_eq!(at(1, 0.5), Action::requeue(Duration::from_secs(2)));
@@ -349,7 +425,7 @@ fn transient_failures_back_off_exponentially_with_jitter() {
         failure(ErrorClass::Transient),
     ];
     assert_eq!(
-        next_action(&mixed, 1, 0.5, 300, "acme"),
+        next_action(&mixed, 1, 0.5, 300, "acme", None),
         Action::requeue(Duration::from_secs(2))
     );
 }
@@ -358,7 +434,7 @@ fn transient_failures_back_off_exponentially_with_jitter() {
 fn configuration_errors_and_refusals_wait_for_the_schedule_not_a_retry_loop() {
     for class in [ErrorClass::Configuration, ErrorClass::Refused] {
         assert_eq!(
-            next_action(&[failure(class)], 7, 0.5, 300, "acme"),
+            next_action(&[failure(class)], 7, 0.5, 300, "acme", None),
             Action::requeue(verification_delay(300, "acme"))
         );
     }

@@ -12,8 +12,8 @@ use super::diff::{
 };
 use super::policy::{self, ORG_TAG, PolicyDocument};
 use super::{
-    KEY_ACCESS_KEY_ID, KEY_ROLE_ARN, KEY_SECRET_ACCESS_KEY, KEY_SESSION_TAG, StorageLayer,
-    api_error, call, call_opt,
+    KEY_ACCESS_KEY_ID, KEY_CREDENTIAL_EXPIRATION, KEY_ROLE_ARN, KEY_SECRET_ACCESS_KEY,
+    KEY_SESSION_TAG, KEY_SESSION_TOKEN, StorageLayer, api_error, call, call_opt,
 };
 use crate::api::platform::StorageMode;
 use crate::layers::{Credentials, LayerError, Repair, Tenant};
@@ -95,6 +95,15 @@ pub(super) enum PrincipalWork {
     User(UserState, Claim),
     Role(RoleState, Claim),
     Shared,
+    /// `session` mode: nothing in IAM, a session per organization.
+    Session,
+}
+
+/// Drops the keys of temporary credentials (a session's token and expiry) from a Secret that
+/// gets a long-lived key or a role ARN instead.
+fn drop_session_keys(creds: &mut Credentials) {
+    creds.remove(KEY_SESSION_TOKEN);
+    creds.remove(KEY_CREDENTIAL_EXPIRATION);
 }
 
 /// What the applier needs besides the action: the principal, its plan, and where results go.
@@ -513,6 +522,10 @@ impl StorageLayer {
                 Ok(PrincipalWork::Role(st, claim))
             }
             StorageMode::Abac => Ok(PrincipalWork::Shared),
+            StorageMode::Session => {
+                self.claim_session(tenant)?;
+                Ok(PrincipalWork::Session)
+            }
         }
     }
 
@@ -534,8 +547,10 @@ impl StorageLayer {
                 creds.remove(KEY_SECRET_ACCESS_KEY);
                 creds.set(KEY_ROLE_ARN, arn);
                 creds.set(KEY_SESSION_TAG, tenant.org_id.as_str());
+                drop_session_keys(creds);
                 Ok(Vec::new())
             }
+            PrincipalWork::Session => self.converge_session(tenant, creds).await,
         }
     }
 
@@ -571,6 +586,7 @@ impl StorageLayer {
         };
         let steps = diff::user_diff(&plan, &st);
         creds.remove(KEY_ROLE_ARN);
+        drop_session_keys(creds);
         let mut run = Run::new(&name, Some(tenant));
         run.policy = planned;
         run.policy_arn = st.policy.as_ref().map(|p| p.arn.clone());
@@ -649,6 +665,7 @@ impl StorageLayer {
         creds.remove(KEY_ACCESS_KEY_ID);
         creds.remove(KEY_SECRET_ACCESS_KEY);
         creds.remove(KEY_SESSION_TAG);
+        drop_session_keys(creds);
         creds.set(KEY_ROLE_ARN, arn);
         Ok(repairs)
     }
@@ -701,7 +718,7 @@ impl StorageLayer {
                     format!("IAM role {name} and its policies removed"),
                 )
             }
-            StorageMode::Abac => return Ok(Vec::new()),
+            StorageMode::Abac | StorageMode::Session => return Ok(Vec::new()),
         };
         if !diff::removable(&record, &tenant.owner.uid) {
             // A creation record of this Organization whose CreateUser never ran.
@@ -782,6 +799,7 @@ impl StorageLayer {
                 }
                 Ok(findings)
             }
+            StorageMode::Session => self.audit_session(tenant, creds).await,
         }
     }
 
@@ -802,8 +820,9 @@ impl StorageLayer {
         diff::findings(&diff::role_diff(&plan, st))
     }
 
-    /// An S3 client acting as the organization, from its credentials Secret: its access key, or a
-    /// session of its role (tagged with its org id in `abac` mode). `Err` is a probe failure.
+    /// An S3 client acting as the organization, from its credentials Secret: its access key, the
+    /// session the Secret holds (`session` mode), or a session of its role (tagged with its org id
+    /// in `abac` mode). `Err` is a probe failure.
     pub(super) async fn tenant_client(
         &self,
         tenant: &Tenant,
@@ -818,6 +837,22 @@ impl StorageLayer {
                     return Ok(Err("the credentials Secret holds no access key".to_owned()));
                 };
                 AwsCredentials::new(id, secret, None, None, "bulkhead-tenant")
+            }
+            StorageMode::Session => {
+                let (Some(id), Some(secret), Some(token)) = (
+                    creds.get(KEY_ACCESS_KEY_ID),
+                    creds.get(KEY_SECRET_ACCESS_KEY),
+                    creds.get(KEY_SESSION_TOKEN),
+                ) else {
+                    return Ok(Err("the credentials Secret holds no session".to_owned()));
+                };
+                AwsCredentials::new(
+                    id,
+                    secret,
+                    Some(token.to_owned()),
+                    None,
+                    "bulkhead-tenant-session",
+                )
             }
             StorageMode::Role | StorageMode::Abac => {
                 let Some(role) = creds.get(KEY_ROLE_ARN) else {

@@ -1,12 +1,14 @@
 //! Storage layer: each organization owns the prefix `{orgId}/` of one shared bucket. Access is
-//! granted by IAM (a user, a role, or one shared tag-scoped role per mode) and fenced by one Deny
-//! statement in the bucket policy whose size does not depend on the number of organizations.
+//! granted by IAM (a user, a role, one shared tag-scoped role, or a session of one shared role
+//! scoped by a session policy, per mode) and fenced by Deny statements in the bucket policy whose
+//! size does not depend on the number of organizations.
 
 pub mod diff;
 mod iam;
 mod owner;
 pub mod policy;
 mod probe;
+pub mod session;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,7 +26,7 @@ use super::{
 };
 use crate::api::platform::{GuardStyle, StorageAudit, StorageMode, StoragePlatform};
 use crate::tenant::{OrgId, render_template};
-use policy::{BucketGuard, BucketPolicy, GuardState};
+use policy::{BucketGuard, BucketPolicy, GuardState, SessionRole};
 
 /// Secret keys this layer writes.
 pub const KEY_BUCKET: &str = "S3_BUCKET";
@@ -36,8 +38,13 @@ pub const KEY_ACCESS_KEY_ID: &str = "AWS_ACCESS_KEY_ID";
 pub const KEY_SECRET_ACCESS_KEY: &str = "AWS_SECRET_ACCESS_KEY";
 pub const KEY_ROLE_ARN: &str = "AWS_ROLE_ARN";
 pub const KEY_SESSION_TAG: &str = "S3_SESSION_TAG_ORG_ID";
+/// The session token of temporary credentials (`session` mode).
+pub const KEY_SESSION_TOKEN: &str = "AWS_SESSION_TOKEN";
+/// When the temporary credentials expire, RFC 3339 in UTC (`session` mode). The name is the one
+/// `aws configure export-credentials --format env` uses.
+pub const KEY_CREDENTIAL_EXPIRATION: &str = "AWS_CREDENTIAL_EXPIRATION";
 /// Every Secret key this layer writes.
-pub const CREDENTIAL_KEYS: [&str; 9] = [
+pub const CREDENTIAL_KEYS: [&str; 11] = [
     KEY_BUCKET,
     KEY_PREFIX,
     KEY_ENDPOINT,
@@ -47,6 +54,8 @@ pub const CREDENTIAL_KEYS: [&str; 9] = [
     KEY_SECRET_ACCESS_KEY,
     KEY_ROLE_ARN,
     KEY_SESSION_TAG,
+    KEY_SESSION_TOKEN,
+    KEY_CREDENTIAL_EXPIRATION,
 ];
 
 /// Name of the canary object under every organization's prefix (and the sentinel's).
@@ -177,6 +186,10 @@ pub struct StorageLayer {
     iam: aws_sdk_iam::Client,
     sts: aws_sdk_sts::Client,
     operator: OnceCell<Operator>,
+    /// The role of `session` mode.
+    session: Option<SessionRole>,
+    /// Session lifetime and refresh (`session` mode; the defaults otherwise).
+    timing: session::Timing,
 }
 
 impl std::fmt::Debug for StorageLayer {
@@ -270,7 +283,25 @@ pub fn validate(spec: &StoragePlatform) -> Result<(), LayerError> {
             "sharedRoleName must be 1-64 characters".to_owned(),
         ));
     }
+    if spec.mode == StorageMode::Session {
+        session_role(spec)?;
+        session::Timing::of(spec).map_err(LayerError::Config)?;
+        session::check_policy_size(&spec.bucket, &spec.prefix_template)
+            .map_err(LayerError::Config)?;
+    }
     Ok(())
+}
+
+/// The role of `session` mode, parsed; `None` in other modes.
+fn session_role(spec: &StoragePlatform) -> Result<Option<SessionRole>, LayerError> {
+    if spec.mode != StorageMode::Session {
+        return Ok(None);
+    }
+    let arn = non_empty(&spec.session_role_arn)
+        .ok_or_else(|| LayerError::Config("mode session needs sessionRoleArn".to_owned()))?;
+    SessionRole::parse(&arn)
+        .map(Some)
+        .map_err(LayerError::Config)
 }
 
 impl StorageLayer {
@@ -302,6 +333,14 @@ impl StorageLayer {
         } else {
             GuardStyle::PathCondition
         });
+        let timing = if spec.mode == StorageMode::Session {
+            session::Timing::of(spec).map_err(LayerError::Config)?
+        } else {
+            session::Timing {
+                duration_seconds: session::MIN_DURATION_SECONDS,
+                refresh_before_seconds: session::MIN_DURATION_SECONDS / 2,
+            }
+        };
         Ok(Self {
             spec: spec.clone(),
             style,
@@ -310,6 +349,8 @@ impl StorageLayer {
             sts: conn.sts(creds),
             conn,
             operator: OnceCell::new(),
+            session: session_role(spec)?,
+            timing,
         })
     }
 
@@ -366,8 +407,9 @@ impl StorageLayer {
             bucket: self.spec.bucket.clone(),
             prefix_template: self.spec.prefix_template.clone(),
             iam_path: self.spec.iam_path.clone(),
-            by_tag: self.spec.mode != StorageMode::User,
+            by_tag: matches!(self.spec.mode, StorageMode::Role | StorageMode::Abac),
             exempt_users: exempt,
+            sessions: self.session.clone(),
         })
     }
 
@@ -638,7 +680,12 @@ impl Layer for StorageLayer {
         match self.spec.mode {
             StorageMode::User | StorageMode::Role => Some(iam::principal_name(org)),
             StorageMode::Abac => None,
+            StorageMode::Session => self.session_identity(org),
         }
+    }
+
+    fn renew_by(&self, creds: &Credentials) -> Option<k8s_openapi::jiff::Timestamp> {
+        self.session_renew_by(creds)
     }
 
     async fn platform_status(

@@ -11,8 +11,19 @@ pub const GUARD_SID: &str = "BulkheadTenantGuard";
 /// `Sid` of the guard statement that fences bucket-level actions (listing outside the own prefix,
 /// reading or writing the bucket policy).
 pub const GUARD_BUCKET_SID: &str = "BulkheadTenantGuardBucket";
+/// `Sid`s of the same two fences for the sessions of the shared role (`session` mode).
+pub const GUARD_SESSION_SID: &str = "BulkheadTenantGuardSession";
+pub const GUARD_SESSION_BUCKET_SID: &str = "BulkheadTenantGuardSessionBucket";
 /// The statements the operator owns in the shared bucket policy, by `Sid`.
-pub const GUARD_SIDS: [&str; 2] = [GUARD_SID, GUARD_BUCKET_SID];
+pub const GUARD_SIDS: [&str; 4] = [
+    GUARD_SID,
+    GUARD_BUCKET_SID,
+    GUARD_SESSION_SID,
+    GUARD_SESSION_BUCKET_SID,
+];
+/// The largest session policy STS accepts (AWS: 2,048 characters of plain text; SeaweedFS 4.48
+/// refuses longer ones too).
+pub const SESSION_POLICY_MAX_BYTES: usize = 2048;
 /// IAM policy language version.
 pub const POLICY_VERSION: &str = "2012-10-17";
 /// Tag (and session tag) that names a principal's organization.
@@ -122,6 +133,13 @@ pub fn org_policy(bucket: &str, prefix: &str) -> PolicyDocument {
     PolicyDocument::new(prefix_statements(bucket, prefix))
 }
 
+/// The session policy of one organization's session in `session` mode: the same two statements
+/// as a user's policy, for its own prefix only. STS grants the session the intersection of this
+/// and the role's permissions.
+pub fn session_policy(bucket: &str, prefix: &str) -> PolicyDocument {
+    org_policy(bucket, prefix)
+}
+
 /// The shared tenant role's permissions in `abac` mode: the prefix named by the session's tag.
 pub fn abac_policy(bucket: &str, prefix_template: &str) -> PolicyDocument {
     PolicyDocument::new(prefix_statements(
@@ -143,6 +161,74 @@ pub struct BucketGuard {
     pub by_tag: bool,
     /// User names never subject to the guard (the operator itself, other services).
     pub exempt_users: Vec<String>,
+    /// The role whose sessions are fenced too (`session` mode), besides the principals above.
+    pub sessions: Option<SessionRole>,
+}
+
+/// The one role every organization's session is assumed from (`session` mode), from its ARN
+/// `arn:{partition}:iam::{account}:role/{path}{name}`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionRole {
+    pub arn: String,
+    pub partition: String,
+    pub account: String,
+    pub name: String,
+}
+
+impl SessionRole {
+    /// Parses and checks a role ARN.
+    pub fn parse(arn: &str) -> Result<Self, String> {
+        let bad = |why: &str| {
+            Err(format!(
+                "sessionRoleArn {arn:?} is not an IAM role ARN (arn:aws:iam::<account>:role/<name>): {why}"
+            ))
+        };
+        let parts: Vec<&str> = arn.splitn(6, ':').collect();
+        let [scheme, partition, service, region, account, resource] = parts[..] else {
+            return bad("it needs six ':'-separated fields");
+        };
+        if scheme != "arn" || service != "iam" || !region.is_empty() {
+            return bad("it must start with arn:<partition>:iam::");
+        }
+        if partition.is_empty()
+            || !partition
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c == '-')
+        {
+            return bad("the partition is not valid");
+        }
+        if account.is_empty() || !account.chars().all(|c| c.is_ascii_digit()) {
+            return bad("the account id must be digits");
+        }
+        let Some(path_and_name) = resource.strip_prefix("role/") else {
+            return bad("the resource must be role/<name>");
+        };
+        let name = path_and_name.rsplit('/').next().unwrap_or_default();
+        let name_ok = (1..=64).contains(&name.len())
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_+=,.@-".contains(c));
+        let path_ok = path_and_name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_+=,.@-/".contains(c));
+        if !name_ok || !path_ok {
+            return bad("the role name has 1-64 letters, digits or _+=,.@-");
+        }
+        Ok(Self {
+            arn: arn.to_owned(),
+            partition: partition.to_owned(),
+            account: account.to_owned(),
+            name: name.to_owned(),
+        })
+    }
+
+    /// The ARN STS gives the session named `session`, as `GetCallerIdentity` reports it.
+    pub fn session_arn(&self, session: &str) -> String {
+        format!(
+            "arn:{}:sts::{}:assumed-role/{}/{session}",
+            self.partition, self.account, self.name
+        )
+    }
 }
 
 impl BucketGuard {
@@ -203,6 +289,61 @@ impl BucketGuard {
         );
         let bucket = Statement {
             sid: Some(GUARD_BUCKET_SID.to_owned()),
+            effect: "Deny",
+            principal: Some(principal),
+            action: vec!["s3:*".to_owned()],
+            resource: Some(vec![bucket_arn(&self.bucket)]),
+            not_resource: None,
+            condition: Some(Value::Object(bucket_condition)),
+        };
+        let mut out = vec![objects, bucket];
+        if let Some(role) = &self.sessions {
+            out.extend(self.session_statements(role));
+        }
+        out
+    }
+
+    /// The same two fences for the sessions of the shared role, whose session name is the
+    /// organization's id. SeaweedFS names such a session in `Principal` by its assumed-role ARN
+    /// and resolves `${aws:username}` to the session name (tested). AWS names it by the role's
+    /// ARN in `aws:PrincipalArn` and has no variable for the session name, so there the session
+    /// carries the tag `org_id` (not tested here: it needs an AWS account).
+    fn session_statements(&self, role: &SessionRole) -> Vec<Statement> {
+        let (principal, condition, var) = match self.style {
+            GuardStyle::AllUsers => (
+                json!({ "AWS": format!("arn:{}:sts::{}:assumed-role/{}/*", role.partition, role.account, role.name) }),
+                Map::new(),
+                USERNAME_VAR,
+            ),
+            GuardStyle::PathCondition => {
+                let mut condition = Map::new();
+                condition.insert(
+                    "ArnEquals".to_owned(),
+                    json!({ "aws:PrincipalArn": role.arn }),
+                );
+                (json!("*"), condition, ORG_TAG_VAR)
+            }
+        };
+        let own_prefix = self.prefix_template.replace("{orgId}", var);
+        let objects = Statement {
+            sid: Some(GUARD_SESSION_SID.to_owned()),
+            effect: "Deny",
+            principal: Some(principal.clone()),
+            action: vec!["s3:*".to_owned()],
+            resource: None,
+            not_resource: Some(vec![
+                objects_arn(&self.bucket, &own_prefix),
+                bucket_arn(&self.bucket),
+            ]),
+            condition: (!condition.is_empty()).then(|| Value::Object(condition.clone())),
+        };
+        let mut bucket_condition = condition;
+        bucket_condition.insert(
+            "StringNotLike".to_owned(),
+            json!({ "s3:prefix": format!("{own_prefix}*") }),
+        );
+        let bucket = Statement {
+            sid: Some(GUARD_SESSION_BUCKET_SID.to_owned()),
             effect: "Deny",
             principal: Some(principal),
             action: vec!["s3:*".to_owned()],
@@ -382,10 +523,10 @@ impl GuardState {
         match self {
             Self::InPlace => None,
             Self::Missing => Some(format!(
-                "the bucket policy has no guard statement ({GUARD_SID}, {GUARD_BUCKET_SID})"
+                "the bucket policy has no guard statement ({GUARD_SID}*)"
             )),
             Self::Edited => Some(format!(
-                "the bucket policy's guard statements ({GUARD_SID}, {GUARD_BUCKET_SID}) were edited or removed"
+                "the bucket policy's guard statements ({GUARD_SID}*) were edited or removed"
             )),
         }
     }
@@ -556,7 +697,12 @@ mod tests {
             iam_path: "/bulkhead/".into(),
             by_tag: false,
             exempt_users: vec!["admin".into(), "admin".into(), "backup".into()],
+            sessions: None,
         }
+    }
+
+    fn session_role() -> SessionRole {
+        SessionRole::parse("arn:aws:iam::000000000000:role/tenants/bulkhead-sessions").unwrap()
     }
 
     #[test]
@@ -588,6 +734,115 @@ mod tests {
         let text = abac_policy("files", "tenants/{orgId}/").to_json();
         assert!(text.contains("arn:aws:s3:::files/tenants/${aws:PrincipalTag/org_id}/*"));
         assert!(text.contains("\"tenants/${aws:PrincipalTag/org_id}/*\""));
+    }
+
+    #[test]
+    fn session_policy_is_serialized_with_serde_and_scoped_to_the_prefix() {
+        let text = session_policy("files", "tenants/acme/").to_json();
+        let doc: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            doc,
+            json!({"Version": POLICY_VERSION, "Statement": [
+                {"Sid": "OrgObjects", "Effect": "Allow", "Action": OBJECT_ACTIONS,
+                 "Resource": ["arn:aws:s3:::files/tenants/acme/*"]},
+                {"Sid": "OrgList", "Effect": "Allow", "Action": ["s3:ListBucket"],
+                 "Resource": ["arn:aws:s3:::files"],
+                 "Condition": {"StringLike": {"s3:prefix": ["tenants/acme/*"]}}}
+            ]})
+        );
+        assert!(!text.contains("\"s3:*\"") && !text.contains("\"*\""));
+        assert!(
+            !text.contains(' ') && !text.contains('\n'),
+            "compact: {text}"
+        );
+        assert!(text.len() < SESSION_POLICY_MAX_BYTES);
+    }
+
+    #[test]
+    fn session_role_arns_are_parsed_and_checked() {
+        let r = session_role();
+        assert_eq!(
+            (r.partition.as_str(), r.account.as_str(), r.name.as_str()),
+            ("aws", "000000000000", "bulkhead-sessions")
+        );
+        assert_eq!(
+            r.session_arn("acme"),
+            "arn:aws:sts::000000000000:assumed-role/bulkhead-sessions/acme",
+            "the path is not part of an assumed-role ARN"
+        );
+        let cn = SessionRole::parse("arn:aws-cn:iam::123456789012:role/x").unwrap();
+        assert_eq!(
+            cn.session_arn("a1"),
+            "arn:aws-cn:sts::123456789012:assumed-role/x/a1"
+        );
+        for bad in [
+            "",
+            "bulkhead-sessions",
+            "arn:aws:iam::000000000000:user/admin",
+            "arn:aws:sts::000000000000:assumed-role/x/y",
+            "arn:aws:iam:us-east-1:000000000000:role/x",
+            "arn:aws:iam::acct:role/x",
+            "arn:aws:iam::000000000000:role/",
+            "arn:aws:iam::000000000000:role/a b",
+            "arn:aws:iam::000000000000:role/x\"",
+            &format!("arn:aws:iam::000000000000:role/{}", "r".repeat(65)),
+        ] {
+            let err = SessionRole::parse(bad).unwrap_err();
+            assert!(err.contains("sessionRoleArn"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn guard_fences_the_sessions_of_the_shared_role_too() {
+        let mut g = guard(GuardStyle::AllUsers);
+        g.sessions = Some(session_role());
+        let sts = g.statement_values();
+        assert_eq!(sts.len(), 4);
+        assert_eq!(
+            sts[..2],
+            guard(GuardStyle::AllUsers).statement_values()[..],
+            "the users' fences stay as they are"
+        );
+        let (objects, bucket) = (&sts[2], &sts[3]);
+        assert_eq!(objects["Sid"], GUARD_SESSION_SID);
+        assert_eq!(
+            objects["Principal"],
+            json!({"AWS": "arn:aws:sts::000000000000:assumed-role/bulkhead-sessions/*"})
+        );
+        assert_eq!(
+            objects["NotResource"],
+            json!(["arn:aws:s3:::files/${aws:username}/*", "arn:aws:s3:::files"])
+        );
+        assert!(objects.get("Condition").is_none());
+        assert_eq!(bucket["Sid"], GUARD_SESSION_BUCKET_SID);
+        assert_eq!(
+            bucket["Condition"],
+            json!({"StringNotLike": {"s3:prefix": "${aws:username}/*"}})
+        );
+        // AWS: the role's ARN by condition, the prefix from the session tag.
+        let mut g = guard(GuardStyle::PathCondition);
+        g.sessions = Some(session_role());
+        let sts = g.statement_values();
+        assert_eq!(sts[2]["Principal"], json!("*"));
+        assert_eq!(
+            sts[2]["Condition"],
+            json!({"ArnEquals": {"aws:PrincipalArn": "arn:aws:iam::000000000000:role/tenants/bulkhead-sessions"}})
+        );
+        assert_eq!(
+            sts[2]["NotResource"][0],
+            "arn:aws:s3:::files/${aws:PrincipalTag/org_id}/*"
+        );
+        assert_eq!(
+            sts[3]["Condition"]["StringNotLike"]["s3:prefix"],
+            "${aws:PrincipalTag/org_id}/*"
+        );
+        // Switching modes replaces the guard by Sid: no session statement is left behind.
+        let (_, with) = merge_guard(None, &g).unwrap();
+        let (state, without) =
+            merge_guard(with.as_deref(), &guard(GuardStyle::PathCondition)).unwrap();
+        assert_eq!(state, GuardState::Edited);
+        let out: Value = serde_json::from_str(&without.unwrap()).unwrap();
+        assert_eq!(out["Statement"].as_array().unwrap().len(), 2);
     }
 
     #[test]
