@@ -83,8 +83,9 @@ pub struct Metrics {
     fleet_source: OnceLock<FleetSource>,
 }
 
-/// Where the fleet gauges read the Organizations from at scrape time.
-type FleetSource = Box<dyn Fn() -> Vec<Arc<Organization>> + Send + Sync>;
+/// Where the fleet gauges read the Organizations from at scrape time: it shows each one to the
+/// visitor in place (the controller's cache is not copied per scrape).
+type FleetSource = Box<dyn Fn(&mut dyn FnMut(&Organization)) + Send + Sync>;
 
 /// The fleet gauges: what every Organization's status says, summed when `/metrics` is scraped
 /// (computed from the controller's cache; no API call).
@@ -126,49 +127,58 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    pub fn of(orgs: &[Arc<Organization>], now: Timestamp) -> Fleet {
-        let mut fleet = Fleet {
-            probe_failed: LAYERS.iter().map(|l| ((*l).to_owned(), 0)).collect(),
-            ..Fleet::default()
-        };
-        let seconds_since = |t: Timestamp| (now.as_second() - t.as_second()).max(0);
+    /// The fleet of `orgs` at `now`.
+    pub fn of<'a>(orgs: impl IntoIterator<Item = &'a Organization>, now: Timestamp) -> Fleet {
+        let mut fleet = Fleet::empty();
         for org in orgs {
-            fleet.total += 1;
-            let status = org.status.as_ref();
-            let condition =
-                |type_: &str| status.and_then(|s| s.conditions.iter().find(|c| c.type_ == type_));
-            let ready = condition("Ready");
-            if ready.is_some_and(|c| c.status == ConditionStatus::True) {
-                fleet.ready += 1;
-            } else {
-                let since = ready
-                    .map(|c| c.last_transition_time.0)
-                    .or_else(|| org.metadata.creation_timestamp.as_ref().map(|t| t.0));
-                if let Some(since) = since {
-                    fleet.not_ready_max_seconds =
-                        fleet.not_ready_max_seconds.max(seconds_since(since));
-                }
-            }
-            if condition("IsolationVerified").is_some_and(|c| c.status == ConditionStatus::True) {
-                fleet.verified += 1;
-            }
-            let layers = status.map(|s| s.layers.as_slice()).unwrap_or_default();
-            for layer in layers {
-                if layer.probes_failed > 0 {
-                    *fleet.probe_failed.entry(layer.layer.clone()).or_default() += 1;
-                }
-            }
-            if let Some(oldest) = layers
-                .iter()
-                .filter_map(|l| l.last_probe_time.as_ref().map(|t| t.0))
-                .min()
-            {
-                fleet.verification_age_max_seconds = fleet
-                    .verification_age_max_seconds
-                    .max(seconds_since(oldest));
-            }
+            fleet.add(org, now);
         }
         fleet
+    }
+
+    /// No Organization yet, with every layer's failure count at zero.
+    pub fn empty() -> Fleet {
+        Fleet {
+            probe_failed: LAYERS.iter().map(|l| ((*l).to_owned(), 0)).collect(),
+            ..Fleet::default()
+        }
+    }
+
+    /// Counts one Organization, as seen at `now`.
+    pub fn add(&mut self, org: &Organization, now: Timestamp) {
+        let seconds_since = |t: Timestamp| (now.as_second() - t.as_second()).max(0);
+        self.total += 1;
+        let status = org.status.as_ref();
+        let condition =
+            |type_: &str| status.and_then(|s| s.conditions.iter().find(|c| c.type_ == type_));
+        let ready = condition("Ready");
+        if ready.is_some_and(|c| c.status == ConditionStatus::True) {
+            self.ready += 1;
+        } else {
+            let since = ready
+                .map(|c| c.last_transition_time.0)
+                .or_else(|| org.metadata.creation_timestamp.as_ref().map(|t| t.0));
+            if let Some(since) = since {
+                self.not_ready_max_seconds = self.not_ready_max_seconds.max(seconds_since(since));
+            }
+        }
+        if condition("IsolationVerified").is_some_and(|c| c.status == ConditionStatus::True) {
+            self.verified += 1;
+        }
+        let layers = status.map(|s| s.layers.as_slice()).unwrap_or_default();
+        for layer in layers {
+            if layer.probes_failed > 0 {
+                *self.probe_failed.entry(layer.layer.clone()).or_default() += 1;
+            }
+        }
+        if let Some(oldest) = layers
+            .iter()
+            .filter_map(|l| l.last_probe_time.as_ref().map(|t| t.0))
+            .min()
+        {
+            self.verification_age_max_seconds =
+                self.verification_age_max_seconds.max(seconds_since(oldest));
+        }
     }
 }
 
@@ -312,7 +322,7 @@ impl Metrics {
     /// Where the fleet gauges read the Organizations from (set once, by the controller).
     pub fn set_fleet_source(
         &self,
-        source: impl Fn() -> Vec<Arc<Organization>> + Send + Sync + 'static,
+        source: impl Fn(&mut dyn FnMut(&Organization)) + Send + Sync + 'static,
     ) {
         let _ = self.fleet_source.set(Box::new(source));
     }
@@ -337,7 +347,10 @@ impl Metrics {
 
     pub fn encode(&self) -> String {
         if let Some(source) = self.fleet_source.get() {
-            self.record_fleet(&Fleet::of(&source(), Timestamp::now()));
+            let now = Timestamp::now();
+            let mut fleet = Fleet::empty();
+            source(&mut |org| fleet.add(org, now));
+            self.record_fleet(&fleet);
         }
         let mut out = String::new();
         // Writing into a String cannot fail.
@@ -473,7 +486,7 @@ mod tests {
                                 "lastProbeTime": time(probed), "probesPassed": 3,
                                 "probesFailed": failed })
         };
-        let orgs = vec![
+        let orgs = [
             // Ready and verified, layers probed at 1900 and 1950.
             org(
                 "a",
@@ -491,7 +504,7 @@ mod tests {
             // No status yet: not Ready since its creation (1000), never probed.
             org("c", serde_json::json!({})),
         ];
-        let fleet = Fleet::of(&orgs, at(2000));
+        let fleet = Fleet::of(orgs.iter().map(|o| &**o), at(2000));
         assert_eq!(fleet.total, 3);
         assert_eq!(fleet.ready, 1);
         assert_eq!(fleet.verified, 1);
@@ -511,7 +524,8 @@ mod tests {
         let m = Metrics::default();
         let text = m.encode();
         assert!(text.contains("bulkhead_organizations 0"), "{text}");
-        m.set_fleet_source(|| vec![org("x", serde_json::json!({}))]);
+        let x = org("x", serde_json::json!({}));
+        m.set_fleet_source(move |visit| visit(&x));
         let text = m.encode();
         assert!(text.contains("bulkhead_organizations 1"), "{text}");
         assert!(text.contains("bulkhead_organizations_ready 0"), "{text}");

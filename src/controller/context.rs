@@ -85,17 +85,16 @@ impl Context {
         self.platform_filter.as_deref().is_none_or(|p| p == name)
     }
 
-    /// Every Organization the controller has seen that deserialized cleanly.
-    pub fn organizations(&self) -> Vec<Arc<Organization>> {
-        self.orgs
-            .get()
-            .map(|s| {
-                s.state()
-                    .iter()
-                    .filter_map(|g| g.0.as_ref().ok().cloned().map(Arc::new))
-                    .collect()
-            })
-            .unwrap_or_default()
+    /// Shows `visit` every Organization the controller has seen that deserialized cleanly, in
+    /// place in the watch cache: nothing is copied.
+    pub fn for_each_organization(&self, mut visit: impl FnMut(&Organization)) {
+        if let Some(store) = self.orgs.get() {
+            for g in store.state() {
+                if let Ok(o) = g.0.as_ref() {
+                    visit(o);
+                }
+            }
+        }
     }
 
     /// The org ids of `platform`'s Organizations that are not being deleted, read in place in

@@ -49,19 +49,19 @@ pub async fn run(ctx: Arc<Context>, health: Arc<Health>, opts: RunOptions) {
     // The fleet gauges read the same cache at scrape time (this shard's Organizations only); a weak reference, as the metrics
     // live inside the context.
     let weak = Arc::downgrade(&ctx);
-    ctx.metrics.set_fleet_source(move || {
-        weak.upgrade()
-            .map(|ctx| {
-                ctx.organizations()
-                    .into_iter()
-                    .filter(|o| ctx.handles_platform(&o.spec.platform_ref))
-                    .collect()
-            })
-            .unwrap_or_default()
+    ctx.metrics.set_fleet_source(move |visit| {
+        if let Some(ctx) = weak.upgrade() {
+            ctx.for_each_organization(|o| {
+                if ctx.handles_platform(&o.spec.platform_ref) {
+                    visit(o);
+                }
+            });
+        }
     });
     // Only spec, deletion and rotation requests start a pass; status writes never do.
     let trigger = watcher(orgs, watcher::Config::default().any_semantic())
         .default_backoff()
+        .modify(slim)
         .reflect(writer)
         .applied_objects()
         .predicate_filter(pass_trigger, Default::default());
@@ -308,6 +308,23 @@ fn pass_trigger(o: &DeserializeGuard<Organization>) -> Option<u64> {
     Some(h.finish())
 }
 
+/// The annotation `kubectl apply` keeps: a copy of the whole applied manifest.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Drops what no pass reads from a cached Organization (pure): its managed fields and the
+/// copy of the manifest that client-side apply keeps. They are most of a small Organization's
+/// size, and the watch cache holds every Organization for the process's life.
+pub fn slim(o: &mut DeserializeGuard<Organization>) {
+    let meta = match &mut o.0 {
+        Ok(org) => &mut org.metadata,
+        Err(invalid) => &mut invalid.metadata,
+    };
+    meta.managed_fields = None;
+    if let Some(a) = meta.annotations.as_mut() {
+        a.remove(LAST_APPLIED);
+    }
+}
+
 /// Writes the status when it differs from the current one.
 async fn write_status(
     ctx: &Context,
@@ -388,6 +405,63 @@ mod tests {
             )),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn the_cached_organization_keeps_what_a_pass_reads_and_drops_the_rest() {
+        let manifest = json!({
+            "apiVersion": "bulkhead.dev/v1alpha1", "kind": "Organization",
+            "metadata": {
+                "name": "acme", "generation": 3, "finalizers": [FINALIZER],
+                "annotations": {
+                    LAST_APPLIED: "{\"spec\":{\"orgId\":\"acme\"}}",
+                    ROTATE_ANNOTATION: "r1",
+                    "team": "blue"
+                },
+                "managedFields": [{"manager": "kubectl", "operation": "Apply",
+                                   "time": "2026-01-01T00:00:00Z"}]
+            },
+            "spec": {"orgId": "acme", "displayName": "Acme", "platformRef": "p"},
+            "status": {"observedGeneration": 3, "namespace": "org-acme"}
+        });
+        let mut g: DeserializeGuard<Organization> = serde_json::from_value(manifest).unwrap();
+        let before = pass_trigger(&g);
+        let org_before = g.0.as_ref().unwrap().clone();
+        slim(&mut g);
+        let org = g.0.as_ref().unwrap();
+        assert!(org.metadata.managed_fields.is_none());
+        let annotations = org.metadata.annotations.as_ref().unwrap();
+        assert!(!annotations.contains_key(LAST_APPLIED));
+        assert_eq!(
+            annotations.get(ROTATE_ANNOTATION).map(String::as_str),
+            Some("r1")
+        );
+        assert_eq!(annotations.get("team").map(String::as_str), Some("blue"));
+        assert_eq!(org.spec, org_before.spec);
+        assert_eq!(org.status, org_before.status);
+        assert_eq!(org.metadata.finalizers, org_before.metadata.finalizers);
+        assert_eq!(pass_trigger(&g), before, "what starts a pass is unchanged");
+
+        // An Organization that does not deserialize is slimmed too, and still starts its pass.
+        let mut bad: DeserializeGuard<Organization> = serde_json::from_value(json!({
+            "apiVersion": "bulkhead.dev/v1alpha1", "kind": "Organization",
+            "metadata": {"name": "odd", "annotations": {LAST_APPLIED: "{}"},
+                         "managedFields": [{"manager": "kubectl"}]},
+            "spec": {"orgId": 7}
+        }))
+        .unwrap();
+        assert!(bad.0.is_err());
+        slim(&mut bad);
+        let Err(invalid) = &bad.0 else { unreachable!() };
+        assert!(invalid.metadata.managed_fields.is_none());
+        assert!(
+            !invalid
+                .metadata
+                .annotations
+                .as_ref()
+                .unwrap()
+                .contains_key(LAST_APPLIED)
+        );
     }
 
     #[test]

@@ -210,14 +210,15 @@ fn ready_condition(layers: &[Condition], breached: bool) -> Condition {
 /// Organizations of platform `name` and how many are Ready (the metrics' gauges are set at
 /// scrape time, from the same cache).
 fn organization_counts(ctx: &Context, name: &str) -> OrganizationCounts {
-    let orgs = ctx.organizations();
-    let mine: Vec<_> = orgs
-        .iter()
-        .filter(|o| o.spec.platform_ref == name)
-        .collect();
-    let ready = mine.iter().filter(|o| is_ready(o)).count();
+    let (mut total, mut ready) = (0usize, 0usize);
+    ctx.for_each_organization(|o| {
+        if o.spec.platform_ref == name {
+            total += 1;
+            ready += usize::from(is_ready(o));
+        }
+    });
     OrganizationCounts {
-        total: u32::try_from(mine.len()).unwrap_or(u32::MAX),
+        total: u32::try_from(total).unwrap_or(u32::MAX),
         ready: u32::try_from(ready).unwrap_or(u32::MAX),
     }
 }
