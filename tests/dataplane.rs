@@ -82,6 +82,21 @@ async fn server(client: &Client, ns: &str, name: &str, labels: serde_json::Value
     pods.create(&PostParams::default(), &pod)
         .await
         .expect("create stand-in server");
+    // Ready before any Organization exists: a pass that finds no Ready target skips its path.
+    wait_for(
+        &format!("the stand-in {ns}/{name} Ready"),
+        Duration::from_secs(120),
+        || async {
+            let p = pods.get_opt(name).await.ok().flatten()?;
+            let ready = p
+                .status?
+                .conditions?
+                .into_iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            ready.then_some(())
+        },
+    )
+    .await;
 }
 
 async fn namespace(client: &Client, name: &str) {
@@ -221,14 +236,16 @@ async fn real_packets_prove_isolation_and_catch_a_dataplane_that_does_not_enforc
         let o = until(
             &orgs,
             name,
-            "Ready, with a cross-tenant packet refused",
+            "Ready, with every path probed and a cross-tenant packet refused",
             180,
             |o| {
                 let Some(d) = network(o) else { return false };
                 is_true(o, "Ready")
                     && is_true(o, "IsolationVerified")
                     && is_true(o, "NetworkPolicyEnforced")
-                    && path(&d, "to ").is_some()
+                    && path(&d, "to the organization's own canary").is_some()
+                    && path(&d, "to DNS").is_some()
+                    && path(&d, "to egress target postgres").is_some()
                     && d.traffic.iter().any(|p| {
                         p.path.ends_with("'s canary")
                             && p.path != "to the organization's own canary"
