@@ -6,8 +6,9 @@
 //! - `assess`: the check alone, on the cluster view;
 //! - `pass`: what a verification pass does before and during the check: make its view of the
 //!   cached cluster with the organization's two fresh namespaces (its own and its peer's, labels
-//!   and policies read again), then assess. `copy` is the view as a deep copy of the cached
-//!   cluster with the fresh reads written into it.
+//!   and policies read again), then assess. `overlay` is the view the layer makes (the cached
+//!   cluster shared, the fresh reads over it); `copy` is the view as it was made before, a deep
+//!   copy of the cached cluster with the fresh reads written into it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -91,6 +92,11 @@ impl Fixture {
         assess(view, &self.cfg, &self.tenants[0])
     }
 
+    /// The pass's view: the fresh reads over the shared cached cluster.
+    fn overlay_view(&self) -> Cluster {
+        self.read_fresh(Cluster::over(self.cluster.clone()))
+    }
+
     /// The pass's view as a deep copy of the cached cluster.
     fn copied_view(&self) -> Cluster {
         self.read_fresh(Cluster::clone(&self.cluster))
@@ -124,13 +130,20 @@ fn median(mut f: impl FnMut() -> Verification) -> Duration {
 
 struct Row {
     assess: Duration,
+    overlay: Duration,
     copy: Duration,
 }
 
 fn measure(n: usize) -> Row {
     let fx = Fixture::new(n);
+    assert_eq!(
+        fx.assess(&fx.overlay_view()),
+        fx.assess(&fx.copied_view()),
+        "both views give the same verdict"
+    );
     Row {
         assess: median(|| fx.assess(&fx.cluster)),
+        overlay: median(|| fx.assess(&fx.overlay_view())),
         copy: median(|| fx.assess(&fx.copied_view())),
     }
 }
@@ -152,6 +165,9 @@ fn main() {
     let base = &rows[0].1;
     for (n, r) in &rows {
         line("assess", *n, r.assess, base.assess);
+    }
+    for (n, r) in &rows {
+        line("pass (overlay view + assess)", *n, r.overlay, base.overlay);
     }
     for (n, r) in &rows {
         line("pass (copy view + assess)", *n, r.copy, base.copy);
