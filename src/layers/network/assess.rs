@@ -145,7 +145,6 @@ pub fn assess(cluster: &Cluster, cfg: &NetworkConfig, tenant: &Tenant) -> Verifi
     // Other organizations' namespaces, as they are; peers the controller names get probes of their own.
     let others: Vec<(&String, &String)> = cluster
         .namespaces()
-        .iter()
         .filter_map(|(ns, labels)| labels.get(ORG_ID_LABEL).map(|org| (ns, org)))
         .filter(|(ns, org)| org.as_str() != id && **ns != tenant.namespace)
         .collect();

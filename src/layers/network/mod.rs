@@ -44,10 +44,11 @@ pub async fn build(env: &BuildEnv<'_>) -> LayerSlot {
     )?))
 }
 
-/// Every namespace's labels and every NetworkPolicy, as read (and parsed) at one time.
+/// Every namespace's labels and every NetworkPolicy, as read (and parsed) at one time. Passes
+/// share it: each reads its own namespaces again into a view over it.
 struct Snapshot {
     at: Instant,
-    cluster: Cluster,
+    cluster: Arc<Cluster>,
 }
 
 /// Keeps other organizations' traffic out of the organization's pods, and proves it on the
@@ -198,21 +199,22 @@ impl NetworkLayer {
         let policies = list_all(&Api::<NetworkPolicy>::all(self.client.clone()), "").await?;
         let snap = Arc::new(Snapshot {
             at: Instant::now(),
-            cluster: Cluster::new(namespaces, &policies),
+            cluster: Arc::new(Cluster::new(namespaces, &policies)),
         });
         *self.snapshot.lock().map_err(|_| poisoned())? = Some(snap.clone());
         Ok(snap)
     }
 
-    /// Reads what the evaluator needs: the cached cluster view, with fresh reads of the
-    /// namespaces where the organization's pods run and of its peers' namespaces.
+    /// Reads what the evaluator needs: a view over the cached cluster, with fresh reads of the
+    /// namespaces where the organization's pods run and of its peers' namespaces. The cached
+    /// cluster is shared, not copied: the view holds only the fresh reads.
     async fn cluster(
         &self,
         tenant: &Tenant,
         pod_namespaces: &[String],
     ) -> Result<(Cluster, Vec<String>), LayerError> {
         let snap = self.snapshot().await?;
-        let mut cluster = snap.cluster.clone();
+        let mut cluster = Cluster::over(snap.cluster.clone());
         let ns_api: Api<Namespace> = Api::all(self.client.clone());
         let mut missing = Vec::new();
         let mut fresh: Vec<String> = pod_namespaces.to_vec();
@@ -657,7 +659,8 @@ impl NetworkLayer {
         }
     }
 
-    /// `base` with the policies of `namespaces` read again.
+    /// `base` (the pass's view) with the policies of `namespaces` read again. Cloning a view
+    /// copies only its own reads; the cached cluster under it stays shared.
     async fn fresh_policies(
         &self,
         base: &Cluster,

@@ -21,8 +21,11 @@
 //!   of the destination pod.
 //! - Connections need both the source's egress and the destination's ingress to allow them.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet, btree_map};
+use std::iter::Peekable;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -662,12 +665,26 @@ enum Direction {
     Egress,
 }
 
+/// A namespace's labels.
+type Labels = BTreeMap<String, String>;
+
 /// Every NetworkPolicy and namespace of a cluster, read for reachability questions.
+///
+/// Either read whole ([`Cluster::new`]), or a view over a shared cluster ([`Cluster::over`]):
+/// a view holds only what was read again since (namespaces' labels, whole namespaces'
+/// policies) and answers from the shared cluster for everything else, exactly as a copy of it
+/// with those reads written in would. The shared cluster is never copied nor changed, and
+/// cloning a view copies only its own reads.
 #[derive(Clone, Debug, Default)]
 pub struct Cluster {
-    namespaces: BTreeMap<String, BTreeMap<String, String>>,
-    /// Policies by namespace: a question only ever reads one namespace's.
+    /// The cluster this one is a view over; never a view itself.
+    base: Option<Arc<Cluster>>,
+    /// Labels by namespace. In a view, a namespace here hides the base's labels for it.
+    namespaces: BTreeMap<String, Labels>,
+    /// Policies by namespace: a question only ever reads one namespace's. In a view, a namespace
+    /// here (even with no policy) was read again: none of the base's policies in it count.
     policies: BTreeMap<String, Vec<Policy>>,
+    /// Policies of `policies` that could not be read (`namespace/name`, why).
     unreadable: Vec<(String, String)>,
 }
 
@@ -696,11 +713,26 @@ impl Cluster {
         self.namespaces.insert(name.to_owned(), labels);
     }
 
+    /// A view over `base` that has read nothing yet: it answers as `base` until namespaces are
+    /// read again into it with [`set_namespace`](Self::set_namespace) and
+    /// [`replace_policies`](Self::replace_policies). Nothing of `base` is copied. A view over a
+    /// view shares that view's base and starts with a copy of that view's own reads.
+    pub fn over(base: Arc<Cluster>) -> Self {
+        if base.base.is_some() {
+            return Cluster::clone(&base);
+        }
+        Self {
+            base: Some(base),
+            ..Self::default()
+        }
+    }
+
     /// Replaces every policy of `namespace` with `policies` (a fresher read of that namespace).
     pub fn replace_policies(&mut self, namespace: &str, policies: &[NetworkPolicy]) {
-        self.policies.remove(namespace);
+        // Kept even when empty: in a view it hides the base's policies of the namespace.
+        self.policies.insert(namespace.to_owned(), Vec::new());
         self.unreadable
-            .retain(|(id, _)| !id.starts_with(&format!("{namespace}/")));
+            .retain(|(id, _)| !in_namespace(id, namespace));
         for np in policies
             .iter()
             .filter(|p| p.metadata.namespace.as_deref() == Some(namespace))
@@ -728,18 +760,53 @@ impl Cluster {
     }
 
     /// Policies that could not be read (`namespace/name`, why); each is taken to allow everything.
-    pub fn unreadable(&self) -> &[(String, String)] {
-        &self.unreadable
+    /// A view lists the base's, bar those of the namespaces it read again, then its own.
+    pub fn unreadable(&self) -> impl Iterator<Item = &(String, String)> {
+        let inherited = self
+            .base
+            .iter()
+            .flat_map(|b| &b.unreadable)
+            .filter(|(id, _)| {
+                !self
+                    .policies
+                    .keys()
+                    .any(|namespace| in_namespace(id, namespace))
+            });
+        inherited.chain(&self.unreadable)
     }
 
-    /// Names of the known namespaces with their labels.
-    pub fn namespaces(&self) -> &BTreeMap<String, BTreeMap<String, String>> {
-        &self.namespaces
+    /// Names of the known namespaces with their labels, in name order. A view merges its own
+    /// with its base's as it goes, without copying either.
+    pub fn namespaces(&self) -> impl Iterator<Item = (&String, &Labels)> {
+        Namespaces {
+            own: self.namespaces.iter().peekable(),
+            base: self
+                .base
+                .as_deref()
+                .map(|b| b.namespaces.iter())
+                .unwrap_or_default()
+                .peekable(),
+        }
+    }
+
+    /// A namespace's labels, if the namespace is known.
+    fn labels(&self, namespace: &str) -> Option<&Labels> {
+        self.namespaces
+            .get(namespace)
+            .or_else(|| self.base.as_deref()?.namespaces.get(namespace))
+    }
+
+    /// A namespace's policies.
+    fn policies_in(&self, namespace: &str) -> &[Policy] {
+        self.policies
+            .get(namespace)
+            .or_else(|| self.base.as_deref()?.policies.get(namespace))
+            .map_or(&[], Vec::as_slice)
     }
 
     fn namespace_space(&self, ns: &NamespaceRef) -> LabelSpace {
         match ns {
-            NamespaceRef::Known(name) => match self.namespaces.get(name) {
+            NamespaceRef::Known(name) => match self.labels(name) {
                 Some(labels) => LabelSpace::exactly(labels),
                 None => LabelSpace::exactly(&BTreeMap::from([(
                     NAMESPACE_NAME_LABEL.to_owned(),
@@ -795,10 +862,8 @@ impl Cluster {
             return Side::default();
         }
         let relevant: Vec<&Policy> = self
-            .policies
-            .get(ns)
-            .into_iter()
-            .flatten()
+            .policies_in(ns)
+            .iter()
             .filter(|p| match dir {
                 Direction::Ingress => p.ingress.is_some(),
                 Direction::Egress => p.egress.is_some(),
@@ -861,6 +926,39 @@ impl Cluster {
                 let pod_ok = pods.as_ref().is_none_or(|sel| p.labels.admits(sel));
                 ns_ok && pod_ok
             }
+        }
+    }
+}
+
+/// Whether a policy id (`namespace/name`) is of `namespace`.
+fn in_namespace(id: &str, namespace: &str) -> bool {
+    id.strip_prefix(namespace)
+        .is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// A view's namespaces merged with its base's, in name order; the view's labels win.
+struct Namespaces<'a> {
+    own: Peekable<btree_map::Iter<'a, String, Labels>>,
+    base: Peekable<btree_map::Iter<'a, String, Labels>>,
+}
+
+impl<'a> Iterator for Namespaces<'a> {
+    type Item = (&'a String, &'a Labels);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let order = match (self.own.peek(), self.base.peek()) {
+            (None, None) => return None,
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (Some((own, _)), Some((base, _))) => own.cmp(base),
+        };
+        match order {
+            Ordering::Less => self.own.next(),
+            Ordering::Equal => {
+                self.base.next();
+                self.own.next()
+            }
+            Ordering::Greater => self.base.next(),
         }
     }
 }

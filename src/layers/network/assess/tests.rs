@@ -1,4 +1,5 @@
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
@@ -272,4 +273,231 @@ fn shared_namespace_mode_keeps_organizations_apart() {
         "{:?}",
         v.findings
     );
+}
+
+/// One fresh read: a namespace's labels and its policies.
+type Read = (&'static str, BTreeMap<String, String>, Vec<NetworkPolicy>);
+
+fn org_labels(id: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([(ORG_ID_LABEL.to_owned(), id.to_owned())])
+}
+
+/// The cached cluster shared, a pass's view of it with `reads` over it, and the same reads
+/// written into a copy of it.
+fn view_and_copy(cached: Cluster, reads: &[Read]) -> (Arc<Cluster>, Cluster, Cluster) {
+    let cached = Arc::new(cached);
+    let mut view = Cluster::over(cached.clone());
+    let mut copy = Cluster::clone(&cached);
+    for (ns, labels, policies) in reads {
+        for c in [&mut view, &mut copy] {
+            c.set_namespace(ns, labels.clone());
+            c.replace_policies(ns, policies);
+        }
+    }
+    (cached, view, copy)
+}
+
+fn has_probe(v: &Verification, name: &str) -> bool {
+    v.probes.iter().any(|p| p.name == name)
+}
+
+#[test]
+fn a_fresh_read_over_the_cached_cluster_is_assessed_like_a_copy() {
+    let cfg = validate(&platform(false)).unwrap();
+    let (a, b, c) = (tenant("a", &["b"]), tenant("b", &[]), tenant("c", &[]));
+    let planned = |t: &Tenant| plan(&cfg, t).policies;
+    let allow_all = foreign(
+        "org-a",
+        "allow-everyone",
+        json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {}}]}]}),
+    );
+    let with = |t: &Tenant, extra: &NetworkPolicy| {
+        let mut p = planned(t);
+        p.push(extra.clone());
+        p
+    };
+
+    // A policy created since the cached read: the view sees it.
+    let (cached, view, copy) = view_and_copy(
+        cluster(&cfg, &[&a, &b, &c], &[]),
+        &[("org-a", org_labels("a"), with(&a, &allow_all))],
+    );
+    let v = assess(&view, &cfg, &a);
+    assert_eq!(v, assess(&copy, &cfg, &a));
+    assert!(!v.verified());
+    assert!(
+        v.findings
+            .iter()
+            .any(|f| f.contains("org-a/allow-everyone admits ingress")),
+        "{:?}",
+        v.findings
+    );
+    assert!(assess(&cached, &cfg, &a).verified());
+    // B's pass, over the same cache, does not see A's fresh read.
+    assert!(assess(&Cluster::over(cached.clone()), &cfg, &b).verified());
+
+    // A policy deleted since the cached read: the view no longer counts it.
+    let (cached, view, copy) = view_and_copy(
+        cluster(&cfg, &[&a, &b, &c], std::slice::from_ref(&allow_all)),
+        &[
+            ("org-a", org_labels("a"), planned(&a)),
+            ("org-b", org_labels("b"), planned(&b)),
+        ],
+    );
+    let v = assess(&view, &cfg, &a);
+    assert_eq!(v, assess(&copy, &cfg, &a));
+    assert!(v.verified(), "{:?}", v.failures());
+    assert!(!assess(&cached, &cfg, &a).verified());
+
+    // The traffic probe's re-read goes over the pass's view in turn.
+    let mut again = view.clone();
+    let mut again_copy = copy.clone();
+    for x in [&mut again, &mut again_copy] {
+        x.replace_policies("org-a", &with(&a, &allow_all));
+    }
+    let v = assess(&again, &cfg, &a);
+    assert_eq!(v, assess(&again_copy, &cfg, &a));
+    assert!(!v.verified());
+    assert!(assess(&view, &cfg, &a).verified());
+}
+
+#[test]
+fn namespaces_read_fresh_change_who_counts_as_another_organization() {
+    let cfg = validate(&platform(false)).unwrap();
+    let (a, b, c) = (tenant("a", &["c"]), tenant("b", &[]), tenant("c", &[]));
+    // C's namespace is newer than the cached read, and B's lost its org-id label since.
+    let (cached, view, copy) = view_and_copy(
+        cluster(&cfg, &[&a, &b], &[]),
+        &[
+            ("org-a", org_labels("a"), plan(&cfg, &a).policies),
+            ("org-c", org_labels("c"), plan(&cfg, &c).policies),
+            ("org-b", BTreeMap::new(), plan(&cfg, &b).policies),
+        ],
+    );
+    let v = assess(&view, &cfg, &a);
+    assert_eq!(v, assess(&copy, &cfg, &a));
+    assert!(v.verified(), "{:?}", v.failures());
+    let checked = "ingress into org-a from other organizations' namespaces (1 checked)";
+    assert!(has_probe(&v, "ingress into org-a from c's namespace org-c"));
+    assert!(has_probe(&v, checked));
+    let old = assess(&cached, &cfg, &a);
+    assert!(!has_probe(
+        &old,
+        "ingress into org-a from c's namespace org-c"
+    ));
+    assert!(has_probe(&old, checked));
+    // The view knows both org-c and a label-less org-b; the cache knows org-b only.
+    let names = |c: &Cluster| {
+        c.namespaces()
+            .filter(|(_, l)| l.contains_key(ORG_ID_LABEL))
+            .map(|(n, _)| n.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(names(&view), ["org-a", "org-c"]);
+    assert_eq!(names(&cached), ["org-a", "org-b"]);
+
+    // A's policies let in the org-id namespaces: the fresh org-c is named, org-b is not.
+    let orgs = foreign(
+        "org-a",
+        "orgs",
+        json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {"matchExpressions": [{"key": "bulkhead.dev/org-id", "operator": "Exists"}]}}]}]}),
+    );
+    let mut open = plan(&cfg, &a).policies;
+    open.push(orgs);
+    let (_, view, copy) = view_and_copy(
+        cluster(&cfg, &[&a, &b], &[]),
+        &[
+            ("org-a", org_labels("a"), open),
+            ("org-c", org_labels("c"), plan(&cfg, &c).policies),
+            ("org-b", BTreeMap::new(), plan(&cfg, &b).policies),
+        ],
+    );
+    let v = assess(&view, &cfg, &a);
+    assert_eq!(v, assess(&copy, &cfg, &a));
+    let f = v
+        .findings
+        .iter()
+        .find(|f| f.contains("org-a/orgs admits ingress"))
+        .unwrap_or_else(|| panic!("{:?}", v.findings));
+    assert!(f.contains("org-c") && !f.contains("org-b"), "{f}");
+}
+
+#[test]
+fn an_unreadable_policy_read_again_is_assessed_like_a_copy() {
+    let cfg = validate(&platform(false)).unwrap();
+    let (a, b) = (tenant("a", &["b"]), tenant("b", &[]));
+    let bad = |ns: &str| {
+        foreign(
+            ns,
+            "bad",
+            json!({"podSelector": {"matchExpressions": [{"key": "x", "operator": "Gt", "values": ["1"]}]}, "policyTypes": ["Ingress"]}),
+        )
+    };
+    let unreadable_finding = |v: &Verification| {
+        v.findings
+            .iter()
+            .any(|f| f.contains("NetworkPolicy org-a/bad could not be read"))
+    };
+    // Gone from A's namespace since the cached read; B's is still there.
+    let (cached, view, copy) = view_and_copy(
+        cluster(&cfg, &[&a, &b], &[bad("org-a"), bad("org-b")]),
+        &[("org-a", org_labels("a"), plan(&cfg, &a).policies)],
+    );
+    let v = assess(&view, &cfg, &a);
+    assert_eq!(v, assess(&copy, &cfg, &a));
+    assert!(!unreadable_finding(&v));
+    assert!(unreadable_finding(&assess(&cached, &cfg, &a)));
+    assert_eq!(view.unreadable().count(), 1);
+    assert_eq!(cached.unreadable().count(), 2);
+
+    // New in A's namespace since the cached read.
+    let mut read = plan(&cfg, &a).policies;
+    read.push(bad("org-a"));
+    let (cached, view, copy) = view_and_copy(
+        cluster(&cfg, &[&a, &b], &[]),
+        &[("org-a", org_labels("a"), read)],
+    );
+    let v = assess(&view, &cfg, &a);
+    assert_eq!(v, assess(&copy, &cfg, &a));
+    assert!(unreadable_finding(&v) && !v.verified());
+    assert!(assess(&cached, &cfg, &a).verified());
+}
+
+#[test]
+fn a_fresh_read_of_a_shared_namespace_is_assessed_like_a_copy() {
+    let cfg = validate(&platform(true)).unwrap();
+    let (a, b) = (tenant("a", &["b"]), tenant("b", &["a"]));
+    let open = foreign(
+        "apps",
+        "open",
+        json!({"podSelector": {}, "ingress": [{"from": [{"podSelector": {}}]}]}),
+    );
+    let both: Vec<NetworkPolicy> = [&a, &b]
+        .iter()
+        .flat_map(|t| plan(&cfg, t).policies)
+        .collect();
+    let (cached, view, copy) = view_and_copy(
+        cluster(&cfg, &[&a, &b], std::slice::from_ref(&open)),
+        &[("apps", BTreeMap::new(), both.clone())],
+    );
+    for t in [&a, &b] {
+        let v = assess(&view, &cfg, t);
+        assert_eq!(v, assess(&copy, &cfg, t));
+        assert!(v.verified(), "{}: {:?}", t.org_id, v.failures());
+        assert!(!assess(&cached, &cfg, t).verified());
+    }
+    let mut read = both;
+    read.push(open);
+    let (cached, view, copy) = view_and_copy(
+        cluster(&cfg, &[&a, &b], &[]),
+        &[("apps", BTreeMap::new(), read)],
+    );
+    let v = assess(&view, &cfg, &a);
+    assert_eq!(v, assess(&copy, &cfg, &a));
+    assert!(
+        v.findings.iter().any(|f| f.contains("apps/open")),
+        "{:?}",
+        v.findings
+    );
+    assert!(assess(&cached, &cfg, &a).verified());
 }

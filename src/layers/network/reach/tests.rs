@@ -467,8 +467,9 @@ fn an_unreadable_policy_counts_as_allowing_everything() {
         ),
         bad,
     ]);
-    assert_eq!(c.unreadable().len(), 1);
-    assert_eq!(c.unreadable()[0].0, "prod/bad");
+    let unreadable: Vec<_> = c.unreadable().collect();
+    assert_eq!(unreadable.len(), 1);
+    assert_eq!(unreadable[0].0, "prod/bad");
     let side = c.ingress(
         &ep(&pod("other", &[], "10.3.0.1")),
         &pod("prod", &[], "10.1.0.1"),
@@ -513,4 +514,318 @@ fn cidrs_parse_and_compare() {
     assert!(!all.meets_block(&top, &[top]));
     let v6_all = IpRange::parse_cidr("::/0").unwrap();
     assert!(!AddrSet::new(vec![v6_all]).meets_block(&v6_all, &[v6_all]));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Views over a shared cluster
+// ---------------------------------------------------------------------------------------------
+
+fn deny_ingress(ns: &str) -> NetworkPolicy {
+    policy(
+        ns,
+        "deny",
+        json!({"podSelector": {}, "policyTypes": ["Ingress"]}),
+    )
+}
+
+fn unreadable(ns: &str, name: &str) -> NetworkPolicy {
+    policy(
+        ns,
+        name,
+        json!({"podSelector": {"matchExpressions": [{"key": "a", "operator": "Gt", "values": ["1"]}]}, "policyTypes": ["Ingress"]}),
+    )
+}
+
+fn from_env(ns: &str, env: &str) -> NetworkPolicy {
+    policy(
+        ns,
+        &format!("from-{env}"),
+        json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"env": env}}}]}]}),
+    )
+}
+
+fn names(c: &Cluster) -> Vec<String> {
+    c.namespaces().map(|(n, _)| n.clone()).collect()
+}
+
+fn unreadable_ids(c: &Cluster) -> Vec<String> {
+    c.unreadable().map(|(id, _)| id.clone()).collect()
+}
+
+#[test]
+fn a_view_that_read_nothing_answers_as_its_base() {
+    let base = Arc::new(cluster(&[deny_ingress("prod"), unreadable("dev", "bad")]));
+    let view = Cluster::over(base.clone());
+    assert_eq!(names(&view), names(&base));
+    assert_eq!(names(&view), ["dev", "other", "prod"]);
+    assert_eq!(unreadable_ids(&view), ["dev/bad"]);
+    for (src, dst) in [("dev", "prod"), ("prod", "dev"), ("other", "prod")] {
+        let (s, d) = (pod(src, &[], "10.2.0.1"), pod(dst, &[], "10.1.0.1"));
+        assert_eq!(
+            view.path(&ep(&s), &ep(&d), &Port::Any),
+            base.path(&ep(&s), &ep(&d), &Port::Any),
+            "{src} -> {dst}"
+        );
+    }
+    assert!(!ingress_ok(
+        &view,
+        &pod("dev", &[], "10.2.0.1"),
+        &pod("prod", &[], "10.1.0.1"),
+        &Port::Any
+    ));
+}
+
+#[test]
+fn a_view_replaces_a_namespace_labels() {
+    // dev lets in the namespaces labelled env=prod.
+    let base = Arc::new(cluster(&[from_env("dev", "prod")]));
+    let mut view = Cluster::over(base.clone());
+    view.set_namespace("prod", labels(&[("env", "staging")]));
+    let (p, d) = (pod("prod", &[], "10.1.0.1"), pod("dev", &[], "10.2.0.1"));
+    assert!(ingress_ok(&base, &p, &d, &Port::Any));
+    assert!(!ingress_ok(&view, &p, &d, &Port::Any));
+    let prod: Vec<_> = view.namespaces().filter(|(n, _)| *n == "prod").collect();
+    assert_eq!(
+        prod,
+        [(
+            &"prod".to_owned(),
+            &labels(&[("env", "staging"), (NAMESPACE_NAME_LABEL, "prod")])
+        )]
+    );
+    // Labels only: the namespace's policies are still the base's.
+    view.set_namespace("dev", labels(&[("env", "prod")]));
+    let side = view.ingress(&ep(&pod("other", &[], "10.3.0.1")), &d, &Port::Any);
+    assert!(!side.allowed && !side.unisolated, "{side:?}");
+    // dev now lets itself in: it is labelled env=prod.
+    assert!(!ingress_ok(
+        &base,
+        &pod("dev", &[], "10.2.0.2"),
+        &d,
+        &Port::Any
+    ));
+    assert!(ingress_ok(
+        &view,
+        &pod("dev", &[], "10.2.0.2"),
+        &d,
+        &Port::Any
+    ));
+    assert_eq!(names(&view), ["dev", "other", "prod"]);
+}
+
+#[test]
+fn a_view_replaces_a_namespace_policies_and_hides_their_unreadable_entries() {
+    let base = Arc::new(cluster(&[
+        deny_ingress("prod"),
+        unreadable("prod", "bad"),
+        unreadable("dev", "bad"),
+    ]));
+    let src = pod("other", &[], "10.3.0.1");
+    let dst = pod("prod", &[], "10.1.0.1");
+    assert_eq!(
+        base.ingress(&ep(&src), &dst, &Port::Any).allowed_by,
+        ["prod/bad"]
+    );
+
+    let mut view = Cluster::over(base.clone());
+    view.replace_policies("prod", &[deny_ingress("prod")]);
+    let side = view.ingress(&ep(&src), &dst, &Port::Any);
+    assert!(!side.allowed && !side.unisolated, "{side:?}");
+    assert_eq!(unreadable_ids(&view), ["dev/bad"]);
+
+    // Read again with a new unreadable policy: it is the view's own.
+    view.replace_policies("prod", &[unreadable("prod", "worse")]);
+    assert_eq!(unreadable_ids(&view), ["dev/bad", "prod/worse"]);
+    assert_eq!(
+        view.ingress(&ep(&src), &dst, &Port::Any).allowed_by,
+        ["prod/worse"]
+    );
+
+    // Read again with none: none count, not the base's.
+    view.replace_policies("prod", &[]);
+    let side = view.ingress(&ep(&src), &dst, &Port::Any);
+    assert!(side.allowed && side.unisolated && side.allowed_by.is_empty());
+    assert_eq!(unreadable_ids(&view), ["dev/bad"]);
+
+    // A namespace whose name is a prefix of another's hides only its own entries.
+    let base = Arc::new(cluster(&[
+        unreadable("prod", "bad"),
+        unreadable("prod2", "bad"),
+    ]));
+    let mut view = Cluster::over(base);
+    view.replace_policies("prod", &[]);
+    assert_eq!(unreadable_ids(&view), ["prod2/bad"]);
+}
+
+#[test]
+fn policies_of_other_namespaces_in_a_read_are_ignored() {
+    let base = Arc::new(cluster(&[]));
+    let mut view = Cluster::over(base);
+    view.replace_policies("prod", &[deny_ingress("dev"), unreadable("dev", "bad")]);
+    assert!(unreadable_ids(&view).is_empty());
+    let (p, d) = (pod("prod", &[], "10.1.0.1"), pod("dev", &[], "10.2.0.1"));
+    assert!(ingress_ok(&view, &p, &d, &Port::Any));
+    assert!(ingress_ok(&view, &d, &p, &Port::Any));
+}
+
+#[test]
+fn a_namespace_only_in_the_view_is_visible() {
+    let base = Arc::new(cluster(&[]));
+    let mut view = Cluster::over(base.clone());
+    view.set_namespace("new", labels(&[("env", "prod")]));
+    view.replace_policies("new", &[deny_ingress("new")]);
+    view.set_namespace("aaa", labels(&[]));
+    assert_eq!(names(&view), ["aaa", "dev", "new", "other", "prod"]);
+    assert_eq!(names(&base), ["dev", "other", "prod"]);
+    let n = pod("new", &[], "10.4.0.1");
+    let d = pod("dev", &[], "10.2.0.1");
+    assert!(!ingress_ok(&view, &d, &n, &Port::Any));
+    assert!(ingress_ok(&base, &d, &n, &Port::Any));
+
+    // Its labels answer namespaceSelector questions.
+    let mut view = Cluster::over(Arc::new(cluster(&[from_env("dev", "prod")])));
+    let (x, d) = (pod("x", &[], "10.5.0.1"), pod("dev", &[], "10.2.0.1"));
+    assert!(!ingress_ok(&view, &x, &d, &Port::Any));
+    view.set_namespace("x", labels(&[("env", "prod")]));
+    assert!(ingress_ok(&view, &x, &d, &Port::Any));
+}
+
+#[test]
+fn the_base_is_shared_and_unchanged_by_its_views() {
+    let base = Arc::new(cluster(&[
+        deny_ingress("prod"),
+        unreadable("prod", "bad"),
+        from_env("dev", "prod"),
+    ]));
+    let before = format!("{base:?}");
+    let mut view = Cluster::over(base.clone());
+    assert_eq!(Arc::strong_count(&base), 2);
+    view.set_namespace("prod", labels(&[("env", "x")]));
+    view.replace_policies("prod", &[]);
+    view.set_namespace("new", labels(&[]));
+    view.replace_policies("dev", &[unreadable("dev", "bad")]);
+
+    // Cloning a view, or a view over a view, copies only what the view read.
+    let copy = view.clone();
+    let mut nested = Cluster::over(Arc::new(view.clone()));
+    assert_eq!(Arc::strong_count(&base), 4);
+    for v in [&view, &copy, &nested] {
+        assert!(Arc::ptr_eq(v.base.as_ref().unwrap(), &base));
+    }
+    nested.replace_policies("other", &[deny_ingress("other")]);
+    assert_eq!(format!("{view:?}"), format!("{copy:?}"));
+    assert_eq!(unreadable_ids(&nested), ["dev/bad"]);
+    assert_eq!(names(&nested), ["dev", "new", "other", "prod"]);
+
+    assert_eq!(format!("{base:?}"), before);
+    assert!(base.base.is_none());
+    assert_eq!(names(&base), ["dev", "other", "prod"]);
+    assert_eq!(unreadable_ids(&base), ["prod/bad"]);
+    drop((view, copy, nested));
+    assert_eq!(Arc::strong_count(&base), 1);
+}
+
+/// A small deterministic generator for the equivalence test.
+struct Lcg(u64);
+
+impl Lcg {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        ((self.0 >> 33) % n as u64) as usize
+    }
+}
+
+#[test]
+fn a_view_answers_as_a_copy_with_the_same_reads() {
+    let spaces = ["prod", "dev", "other", "new", "prod2"];
+    let envs = ["prod", "dev", "staging"];
+    let menu = |ns: &str| -> Vec<NetworkPolicy> {
+        let mut all = vec![
+            deny_ingress(ns),
+            unreadable(ns, "bad"),
+            policy(
+                ns,
+                "deny-egress",
+                json!({"podSelector": {"matchLabels": {"role": "db"}}, "policyTypes": ["Egress"]}),
+            ),
+            policy(
+                ns,
+                "same-ns",
+                json!({"podSelector": {}, "ingress": [{"from": [{"podSelector": {}}]}], "egress": [{"to": [{"podSelector": {}}]}]}),
+            ),
+        ];
+        all.extend(envs.iter().map(|e| from_env(ns, e)));
+        all
+    };
+    let mut rng = Lcg(7);
+    for round in 0..60 {
+        let pick = |rng: &mut Lcg| -> Vec<NetworkPolicy> {
+            (0..rng.below(4))
+                .map(|_| {
+                    let ns = spaces[rng.below(spaces.len())];
+                    let m = menu(ns);
+                    m[rng.below(m.len())].clone()
+                })
+                .collect()
+        };
+        let base_policies: Vec<NetworkPolicy> = (0..3).flat_map(|_| pick(&mut rng)).collect();
+        let base = Arc::new(cluster(&base_policies));
+        let mut copy = Cluster::clone(&base);
+        let mut view = Cluster::over(base.clone());
+        let before = format!("{base:?}");
+        for _ in 0..rng.below(5) {
+            let ns = spaces[rng.below(spaces.len())];
+            match rng.below(3) {
+                0 => {
+                    let l = labels(&[("env", envs[rng.below(envs.len())])]);
+                    copy.set_namespace(ns, l.clone());
+                    view.set_namespace(ns, l);
+                }
+                _ => {
+                    let mut read = pick(&mut rng);
+                    read.extend(menu(ns).into_iter().filter(|_| rng.below(3) == 0));
+                    copy.replace_policies(ns, &read);
+                    view.replace_policies(ns, &read);
+                }
+            }
+        }
+        assert_eq!(format!("{base:?}"), before, "round {round}");
+        let ns_of = |c: &Cluster| -> Vec<(String, BTreeMap<String, String>)> {
+            c.namespaces()
+                .map(|(n, l)| (n.clone(), l.clone()))
+                .collect()
+        };
+        assert_eq!(ns_of(&view), ns_of(&copy), "round {round}");
+        assert_eq!(
+            unreadable_ids(&view),
+            unreadable_ids(&copy),
+            "round {round}"
+        );
+        let sets: Vec<PodSet> = spaces
+            .iter()
+            .flat_map(|ns| {
+                [
+                    PodSet::any_in(ns, AddrSet::parse(["10.0.0.0/8"]).unwrap()),
+                    pod(ns, &[("role", "db")], "10.9.0.1"),
+                ]
+            })
+            .chain(std::iter::once(PodSet {
+                namespace: NamespaceRef::Unknown(
+                    LabelSpace::any().with("env", KeyDomain::not_in(["prod"])),
+                ),
+                ..PodSet::any_in("", AddrSet::parse(["10.0.0.0/8"]).unwrap())
+            }))
+            .collect();
+        for s in &sets {
+            for d in &sets {
+                assert_eq!(
+                    view.path(&ep(s), &ep(d), &Port::Any),
+                    copy.path(&ep(s), &ep(d), &Port::Any),
+                    "round {round}: {s:?} -> {d:?}"
+                );
+            }
+        }
+    }
 }
