@@ -9,23 +9,29 @@
 //!   `bulkhead_reconciles_total{kind="organization"}`);
 //! - the floor: a minimal client in this file that issues the same backend writes directly
 //!   (PostgreSQL role, grants, settings, mapping, registry and canary rows; Redis ACL SETUSER,
-//!   owner record and canary; the storage mode's S3/IAM writes; Namespace, NetworkPolicies and
-//!   Secret), with the operator's concurrency, and the ratio;
+//!   owner record and canary; the storage mode's S3/IAM/STS writes; Namespace, NetworkPolicies
+//!   and Secret), with the operator's concurrency, and the ratio;
 //! - apply→Ready latency at a steady rate (`BULKHEAD_SCALE_RATE`, default 10 per second, for
 //!   `BULKHEAD_SCALE_RATE_SECONDS`, default 30);
 //! - operator RSS at 0, at each size, and at `BULKHEAD_SCALE_RSS_ORGS` (default 10,000; the
 //!   Organizations beyond the largest size have the network layer only; 0 skips it);
-//! - a restart with nothing changed at the largest size: backend writes and time until idle;
+//! - a restart with nothing changed at the largest size: backend writes and time until idle
+//!   (with storage on, every object's ETag and LastModified; in `session` mode the credentials
+//!   Secrets too, which every new session would rewrite);
 //! - the CPU seconds of one verification sweep (one pass per Organization) at each size.
 //!
-//! `BULKHEAD_SCALE_STORAGE` picks the storage layer: `off` (default) or `user` (the testbed's
+//! `BULKHEAD_SCALE_STORAGE` picks the storage layer: `off` (default), `user` (the testbed's
 //! SeaweedFS, whose IAM store slows down past ~100 users: see the Storage section of
-//! `BENCHMARKS.md`). moto is not offered: it evaluates no policy variables or conditions, so its
+//! `BENCHMARKS.md`) or `session` (the testbed's SeaweedFS with its STS role,
+//! `BULKHEAD_S3_SESSION_ROLE_ARN`: one `AssumeRole` per organization and nothing in IAM, so it
+//! scales to 1,000). moto is not offered: it evaluates no policy variables or conditions, so its
 //! probe answers fail and no Organization gets Ready there. `BULKHEAD_SCALE_CONCURRENCY`
 //! (default 8, the operator's default) is the operator's `--concurrency` and the floor's. The
-//! table is printed and written to `BULKHEAD_SCALE_OUT` (default `target/scale.md`);
-//! `BULKHEAD_SCALE_RECORD=NAME` also puts it in `BENCHMARKS.md` between
-//! `<!-- scale-table NAME -->` and `<!-- /scale-table NAME -->`.
+//! table is printed and written to `BULKHEAD_SCALE_OUT` (default `scale.md` in
+//! `CARGO_TARGET_DIR`, else in `target/`); `BULKHEAD_SCALE_RECORD=NAME` also puts it in
+//! `BENCHMARKS.md` between `<!-- scale-table NAME -->` and `<!-- /scale-table NAME -->`, and
+//! adds that block, under its heading, at the end of the Scale section when it is not there yet
+//! (for the names of [`RECORDS`]).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -37,16 +43,19 @@ use std::time::{Duration, Instant};
 
 use bulkhead::api::platform::CachePlatform;
 use bulkhead::api::{DeletionPolicy, IsolationPlatform, Organization};
+use bulkhead::controller::workspace::CREDENTIALS_SECRET;
 use bulkhead::layers::Tenant;
 use bulkhead::layers::cache::rules::{self as cache_rules, CacheRules};
 use bulkhead::layers::database::ident::{quote_ident, quote_literal};
 use bulkhead::layers::network::plan as net_plan;
+use bulkhead::layers::storage::{self, StorageLayer, policy as storage_policy, session};
 use bulkhead::tenant::OrgId;
 use common::Testbed;
 use futures::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
@@ -65,6 +74,8 @@ fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
 enum StorageChoice {
     /// `user` mode on the testbed's SeaweedFS: enforced for real, slows down past ~100 users.
     User,
+    /// `session` mode on the testbed's SeaweedFS with its STS role: nothing in IAM.
+    Session,
     Off,
 }
 
@@ -72,16 +83,50 @@ impl StorageChoice {
     fn from_env() -> Self {
         match std::env::var("BULKHEAD_SCALE_STORAGE").as_deref() {
             Ok("user") => Self::User,
+            Ok("session") => Self::Session,
             Ok("off") | Err(_) => Self::Off,
-            Ok(other) => panic!("BULKHEAD_SCALE_STORAGE={other}: use off or user"),
+            Ok(other) => panic!("BULKHEAD_SCALE_STORAGE={other}: use off, user or session"),
         }
     }
     fn describe(self) -> &'static str {
         match self {
             Self::User => "on, `user` mode on the testbed's SeaweedFS",
+            Self::Session => {
+                "on, `session` mode on the testbed's SeaweedFS (its STS role, default session duration)"
+            }
             Self::Off => "off (database, cache and network layers on)",
         }
     }
+
+    /// The platform's `storage` section for `bucket`, with the admin Secret `s3`; `None` when off.
+    fn spec(self, bucket: &str) -> Option<serde_json::Value> {
+        let tb = Testbed::get();
+        let mut spec = json!({
+            "endpoint": tb.s3_endpoint(), "bucket": bucket, "forcePathStyle": true,
+            "adminSecretRef": { "name": "s3" },
+        });
+        match self {
+            Self::Off => return None,
+            Self::User => {}
+            Self::Session => {
+                // The session duration and refresh are left to their defaults.
+                spec["mode"] = json!("session");
+                spec["sessionRoleArn"] = json!(session_role_arn());
+            }
+        }
+        Some(spec)
+    }
+}
+
+/// The role the testbed's SeaweedFS defines for `session` mode (`testbed/lib/seaweed_sts.sh`).
+fn session_role_arn() -> String {
+    let tb = Testbed::get();
+    std::env::var("BULKHEAD_S3_SESSION_ROLE_ARN").unwrap_or_else(|_| {
+        panic!(
+            "the testbed env file {} has no BULKHEAD_S3_SESSION_ROLE_ARN: its SeaweedFS runs without the session role (testbed/lib/seaweed_sts.sh); run testbed/up again",
+            tb.var("BULKHEAD_TESTBED_DIR")
+        )
+    })
 }
 
 struct Config {
@@ -117,7 +162,12 @@ impl Config {
             floor_first: env_or("BULKHEAD_SCALE_FLOOR_FIRST", 0) == 1,
             out: std::env::var_os("BULKHEAD_SCALE_OUT")
                 .map(PathBuf::from)
-                .unwrap_or_else(|| root.join("target/scale.md")),
+                .unwrap_or_else(|| {
+                    std::env::var_os("CARGO_TARGET_DIR")
+                        .map(PathBuf::from)
+                        .unwrap_or_else(|| root.join("target"))
+                        .join("scale.md")
+                }),
         }
     }
 }
@@ -430,6 +480,19 @@ fn s3_client(tb: &Testbed) -> aws_sdk_s3::Client {
     )
 }
 
+fn sts_client(tb: &Testbed) -> aws_sdk_sts::Client {
+    let (k, s) = s3_keys(tb);
+    let creds = aws_sdk_sts::config::Credentials::new(k, s, None, None, "scale");
+    aws_sdk_sts::Client::from_conf(
+        aws_sdk_sts::config::Builder::new()
+            .behavior_version(aws_sdk_sts::config::BehaviorVersion::latest())
+            .region(aws_sdk_sts::config::Region::new("us-east-1"))
+            .credentials_provider(creds)
+            .endpoint_url(tb.s3_endpoint())
+            .build(),
+    )
+}
+
 fn iam_client(tb: &Testbed) -> aws_sdk_iam::Client {
     let (k, s) = s3_keys(tb);
     let creds = aws_sdk_iam::config::Credentials::new(k, s, None, None, "scale");
@@ -495,11 +558,8 @@ async fn create_platform(
         "network": network,
         "verification": { "intervalSeconds": interval }
     });
-    if storage == StorageChoice::User {
-        spec["storage"] = json!({
-            "endpoint": tb.s3_endpoint(), "bucket": bucket, "forcePathStyle": true,
-            "adminSecretRef": { "name": "s3" },
-        });
+    if let Some(storage) = storage.spec(&bucket) {
+        spec["storage"] = storage;
     }
     let p: IsolationPlatform = serde_json::from_value(json!({
         "apiVersion": "bulkhead.dev/v1alpha1", "kind": "IsolationPlatform",
@@ -570,10 +630,32 @@ struct Floor {
     rules: CacheRules,
     s3: aws_sdk_s3::Client,
     iam: aws_sdk_iam::Client,
+    sts: aws_sdk_sts::Client,
     bucket: String,
     storage: StorageChoice,
+    /// `session` mode's settings, as the operator derives them from the platform's spec.
+    session: Option<SessionFloor>,
     kube: kube::Client,
     network: net_plan::NetworkConfig,
+}
+
+/// The floor's `session` mode: the layer built from the same spec as the platform's (it makes no
+/// request; it names the prefix, the owner record and the canary), the role and the session
+/// duration.
+struct SessionFloor {
+    layer: StorageLayer,
+    role_arn: String,
+    duration_seconds: i32,
+}
+
+/// What one organization's storage writes left, and the keys they put into its credentials
+/// Secret.
+#[derive(Default)]
+struct FloorStorage {
+    objects: Vec<String>,
+    /// `user` mode: the IAM user and its policy's ARN, for the cleanup.
+    iam_user: Option<String>,
+    creds: BTreeMap<String, String>,
 }
 
 /// What one floor organization left behind, for the cleanup.
@@ -643,6 +725,18 @@ impl Floor {
                 .await
                 .expect("floor bucket");
         }
+        let session = (storage == StorageChoice::Session).then(|| {
+            let spec: bulkhead::api::platform::StoragePlatform =
+                serde_json::from_value(storage.spec(&bucket).expect("storage on"))
+                    .expect("storage spec");
+            let timing = session::Timing::of(&spec).expect("session timing");
+            SessionFloor {
+                layer: StorageLayer::connect(&spec, tb.s3_access_key(), tb.s3_secret_key())
+                    .expect("storage layer"),
+                role_arn: spec.session_role_arn.clone().expect("sessionRoleArn"),
+                duration_seconds: i32::try_from(timing.duration_seconds).expect("session duration"),
+            }
+        });
         let network = net_plan::validate(
             &serde_json::from_value(json!({ "namespaceTemplate": format!("{tag}-{{orgId}}") }))
                 .expect("network spec"),
@@ -657,8 +751,10 @@ impl Floor {
             rules,
             s3,
             iam: iam_client(tb),
+            sts: sts_client(tb),
             bucket,
             storage,
+            session,
             kube,
             network,
         }
@@ -767,12 +863,81 @@ impl Floor {
         plan.user
     }
 
+    /// The storage mode's writes for a new organization.
+    async fn storage(&self, org: &OrgId, uid: &str) -> FloorStorage {
+        match self.storage {
+            StorageChoice::Off => FloorStorage::default(),
+            StorageChoice::User => self.storage_user(org, uid).await,
+            StorageChoice::Session => self.storage_session(org, uid).await,
+        }
+    }
+
+    async fn put_object(&self, key: &str, body: Vec<u8>) {
+        self.s3
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .body(aws_sdk_s3::primitives::ByteStream::from(body))
+            .send()
+            .await
+            .expect("PutObject");
+    }
+
+    /// `session` mode's writes, in the operator's order: the owner record; `AssumeRole` of the
+    /// role with the organization's session policy, its orgId as the session name and the
+    /// platform's session duration; the canary. The session goes into the credentials Secret.
+    async fn storage_session(&self, org: &OrgId, uid: &str) -> FloorStorage {
+        let s = self.session.as_ref().expect("session mode's settings");
+        let record = s.layer.owner_record_key(org);
+        self.put_object(
+            &record,
+            StorageLayer::owner_record_body(org, uid).expect("owner record"),
+        )
+        .await;
+        let policy = storage_policy::session_policy(&self.bucket, &s.layer.prefix(org));
+        // The testbed's guard style is allUsers (an endpoint is set): no session tag.
+        let out = self
+            .sts
+            .assume_role()
+            .role_arn(&s.role_arn)
+            .role_session_name(session::session_name(org).expect("session name"))
+            .duration_seconds(s.duration_seconds)
+            .policy(policy.to_json())
+            .send()
+            .await
+            .expect("AssumeRole");
+        let c = out.credentials().expect("AssumeRole credentials");
+        let expiry = Timestamp::from_second(c.expiration().secs()).expect("session expiry");
+        let canary = s.layer.canary_key(org);
+        self.put_object(&canary, storage::canary_body(org).into_bytes())
+            .await;
+        FloorStorage {
+            objects: vec![record, canary],
+            iam_user: None,
+            creds: BTreeMap::from([
+                (
+                    storage::KEY_ACCESS_KEY_ID.to_owned(),
+                    c.access_key_id().to_owned(),
+                ),
+                (
+                    storage::KEY_SECRET_ACCESS_KEY.to_owned(),
+                    c.secret_access_key().to_owned(),
+                ),
+                (
+                    storage::KEY_SESSION_TOKEN.to_owned(),
+                    c.session_token().to_owned(),
+                ),
+                (
+                    storage::KEY_CREDENTIAL_EXPIRATION.to_owned(),
+                    expiry.to_string(),
+                ),
+            ]),
+        }
+    }
+
     /// `user` mode's writes: IAM user, tag, managed policy, attachment, access key; owner
     /// record and canary objects.
-    async fn storage(&self, org: &OrgId, uid: &str) -> (Vec<String>, Option<String>) {
-        if self.storage == StorageChoice::Off {
-            return (Vec::new(), None);
-        }
+    async fn storage_user(&self, org: &OrgId, uid: &str) -> FloorStorage {
         let name = org.to_string();
         let policy = json!({
             "Version": "2012-10-17",
@@ -829,28 +994,36 @@ impl Floor {
             .send()
             .await
             .expect("AttachUserPolicy");
-        self.iam
+        let key = self
+            .iam
             .create_access_key()
             .user_name(&name)
             .send()
             .await
             .expect("CreateAccessKey");
+        let key = key.access_key().expect("access key");
         let record = format!("floor-owners/{org}");
         let canary = format!("{org}/bulkhead-canary");
         for (key, body) in [
             (&record, uid.to_owned()),
             (&canary, format!("canary of {org}\n")),
         ] {
-            self.s3
-                .put_object()
-                .bucket(&self.bucket)
-                .key(key)
-                .body(aws_sdk_s3::primitives::ByteStream::from(body.into_bytes()))
-                .send()
-                .await
-                .expect("PutObject");
+            self.put_object(key, body.into_bytes()).await;
         }
-        (vec![record, canary], Some(format!("{name}\n{arn}")))
+        FloorStorage {
+            objects: vec![record, canary],
+            iam_user: Some(format!("{name}\n{arn}")),
+            creds: BTreeMap::from([
+                (
+                    storage::KEY_ACCESS_KEY_ID.to_owned(),
+                    key.access_key_id().to_owned(),
+                ),
+                (
+                    storage::KEY_SECRET_ACCESS_KEY.to_owned(),
+                    key.secret_access_key().to_owned(),
+                ),
+            ]),
+        }
     }
 
     async fn kube(&self, org: &OrgId, creds: BTreeMap<String, String>) -> String {
@@ -880,7 +1053,7 @@ impl Floor {
         }
         let secret = Secret {
             metadata: kube::api::ObjectMeta {
-                name: Some("bulkhead-credentials".into()),
+                name: Some(CREDENTIALS_SECRET.into()),
                 namespace: Some(ns_name.clone()),
                 labels: Some(labels),
                 ..Default::default()
@@ -922,20 +1095,21 @@ impl Floor {
                     let org = OrgId::parse(&format!("f{phase}-{i}")).expect("org id");
                     let uid = format!("floor-uid-{phase}-{i}");
                     let mut pg = pool.lock().await.pop().expect("a connection per worker");
-                    let (role, acl_user, (objects, iam_user)) = tokio::join!(
+                    let (role, acl_user, storage) = tokio::join!(
                         self.pg(&mut pg, &org, &uid),
                         self.cache(&org, &uid),
                         self.storage(&org, &uid)
                     );
                     pool.lock().await.push(pg);
-                    let creds = floor_credentials(&org, &role, &acl_user, &self.bucket);
+                    let bucket = (self.storage != StorageChoice::Off).then_some(&*self.bucket);
+                    let creds = floor_credentials(&org, &role, &acl_user, bucket, storage.creds);
                     let namespace = self.kube(&org, creds).await;
                     FloorOrg {
                         role,
                         acl_user,
                         namespace,
-                        objects,
-                        iam_user,
+                        objects: storage.objects,
+                        iam_user: storage.iam_user,
                     }
                 }
             })
@@ -1002,20 +1176,27 @@ impl Floor {
                 let _ = self.iam.delete_user().user_name(user).send().await;
             }
         }
+        // Sessions cannot be revoked; they expire. The bucket is empty once the objects are gone.
+        if self.storage != StorageChoice::Off {
+            let _ = self.s3.delete_bucket().bucket(&self.bucket).send().await;
+        }
     }
 }
 
-/// A credentials Secret's keys as the operator writes them with every layer on.
+/// A credentials Secret's keys as the operator writes them: the database and cache layers', and
+/// with storage on (`bucket`) the location and `storage`, the keys of the storage mode's
+/// credentials.
 fn floor_credentials(
     org: &OrgId,
     role: &str,
     acl_user: &str,
-    bucket: &str,
+    bucket: Option<&str>,
+    storage: BTreeMap<String, String>,
 ) -> BTreeMap<String, String> {
     let tb = Testbed::get();
     let pg_pw = bulkhead::layers::random_secret(32);
     let redis_pw = bulkhead::layers::random_secret(32);
-    BTreeMap::from([
+    let mut creds = BTreeMap::from([
         (
             "DATABASE_URL".into(),
             format!("postgres://{role}:{pg_pw}@127.0.0.1/floor"),
@@ -1030,20 +1211,18 @@ fn floor_credentials(
         ("REDIS_PASSWORD".into(), redis_pw),
         ("REDIS_KEY_PREFIX".into(), format!("org:{org}:")),
         ("REDIS_CHANNEL_PREFIX".into(), format!("org:{org}:")),
-        ("S3_BUCKET".into(), bucket.to_owned()),
-        ("S3_PREFIX".into(), format!("{org}/")),
-        ("S3_REGION".into(), "us-east-1".into()),
-        ("S3_FORCE_PATH_STYLE".into(), "true".into()),
-        ("S3_ENDPOINT".into(), tb.s3_endpoint().to_owned()),
-        (
-            "AWS_ACCESS_KEY_ID".into(),
-            bulkhead::layers::random_secret(20),
-        ),
-        (
-            "AWS_SECRET_ACCESS_KEY".into(),
-            bulkhead::layers::random_secret(40),
-        ),
-    ])
+    ]);
+    if let Some(bucket) = bucket {
+        creds.extend([
+            (storage::KEY_BUCKET.into(), bucket.to_owned()),
+            (storage::KEY_PREFIX.into(), format!("{org}/")),
+            (storage::KEY_REGION.into(), "us-east-1".into()),
+            (storage::KEY_FORCE_PATH_STYLE.into(), "true".into()),
+            (storage::KEY_ENDPOINT.into(), tb.s3_endpoint().to_owned()),
+        ]);
+        creds.extend(storage);
+    }
+    creds
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1417,6 +1596,9 @@ struct Restart {
     redis_other_writes: i64,
     kube_changed: usize,
     kube_total: usize,
+    /// The credentials Secrets among the kube objects: a new session is written into one.
+    secrets_changed: usize,
+    secrets_total: usize,
     orgs_changed: usize,
     s3_changed: usize,
     s3_total: usize,
@@ -1468,6 +1650,15 @@ async fn noop_restart(
     let own = log.rsplit("===== ").next().unwrap_or("");
     let passes = own.lines().filter(|l| l.contains(" reconciled ")).count();
     let after = snapshot(client, platform, cfg.storage).await;
+    let secrets = |m: &HashMap<String, String>| -> HashMap<String, String> {
+        m.iter()
+            .filter(|(k, _)| {
+                k.starts_with("Secret/") && k.ends_with(&format!("/{CREDENTIALS_SECRET}"))
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    };
+    let (secrets_before, secrets_after) = (secrets(&before.kube), secrets(&after.kube));
     (
         Restart {
             orgs,
@@ -1495,6 +1686,8 @@ async fn noop_restart(
             redis_other_writes: after.redis_writes - before.redis_writes,
             kube_changed: changed(&before.kube, &after.kube),
             kube_total: after.kube.len(),
+            secrets_changed: changed(&secrets_before, &secrets_after),
+            secrets_total: secrets_after.len(),
             orgs_changed: changed(&before.orgs, &after.orgs),
             s3_changed: changed(&before.s3, &after.s3),
             s3_total: after.s3.len(),
@@ -1557,21 +1750,55 @@ fn machine() -> String {
     format!("{nproc} cores (nproc), {mem_gib:.1} GiB memory, load average {load} at start")
 }
 
+/// The tables `BULKHEAD_SCALE_RECORD` may add to `BENCHMARKS.md`, with their headings. A table
+/// whose markers are there already is replaced, whatever its name.
+const RECORDS: &[(&str, &str)] = &[(
+    "storage-session",
+    "### Run 3: every layer on (SeaweedFS `session` mode)",
+)];
+
 /// Replaces the block between `<!-- scale-table NAME -->` and `<!-- /scale-table NAME -->` in
-/// `path` with `table`.
+/// `path` with `table`. Without that block, a name of [`RECORDS`] gets it, under its heading, at
+/// the end of the Scale section (the end of the file when there is none).
 fn record(path: &Path, name: &str, table: &str) {
     let text = std::fs::read_to_string(path).expect("read BENCHMARKS.md");
+    let new = recorded(&text, name, table).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    std::fs::write(path, new).expect("write BENCHMARKS.md");
+    eprintln!("[scale] table recorded in {} ({name})", path.display());
+}
+
+/// `text` with the table `name` replaced or added (see [`record`]).
+fn recorded(text: &str, name: &str, table: &str) -> Result<String, String> {
     let (open, close) = (
         format!("<!-- scale-table {name} -->"),
         format!("<!-- /scale-table {name} -->"),
     );
-    let (Some(a), Some(b)) = (text.find(&open), text.find(&close)) else {
-        panic!("{} has no {open} … {close} block", path.display());
-    };
-    assert!(a < b, "{open} comes after {close}");
-    let new = format!("{}{open}\n{table}\n{}", &text[..a], &text[b..]);
-    std::fs::write(path, new).expect("write BENCHMARKS.md");
-    eprintln!("[scale] table recorded in {} ({name})", path.display());
+    match (text.find(&open), text.find(&close)) {
+        (Some(a), Some(b)) if a < b => Ok(format!("{}{open}\n{table}\n{}", &text[..a], &text[b..])),
+        (Some(_), Some(_)) => Err(format!("{open} comes after {close}")),
+        (Some(_), None) | (None, Some(_)) => Err(format!("{open} or {close} is missing")),
+        (None, None) => {
+            let Some((_, heading)) = RECORDS.iter().find(|(n, _)| *n == name) else {
+                return Err(format!(
+                    "no {open} … {close} block, and the harness adds only {}",
+                    RECORDS
+                        .iter()
+                        .map(|(n, _)| *n)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            };
+            let block = format!("{heading}\n\n{open}\n{table}\n{close}\n");
+            // Before the next level-2 heading after "## Scale", else at the end.
+            let next = text
+                .find("\n## Scale\n")
+                .and_then(|s| text[s + 1..].find("\n## ").map(|n| s + 2 + n));
+            Ok(match next {
+                Some(at) => format!("{}\n\n{block}\n{}", text[..at].trim_end(), &text[at..]),
+                None => format!("{}\n\n{block}", text.trim_end()),
+            })
+        }
+    }
 }
 
 fn secs(x: f64) -> String {
@@ -1674,7 +1901,7 @@ async fn main() {
             let (r, new_op) = noop_restart(&root, &client, &platform, &cfg, live.len()).await;
             op = new_op;
             say(format!(
-                "restart: ready {:.2} s, idle {:.2} s, passes {}, pg tuples {}, roles changed {}, acl setuser {}, kube changed {}, orgs changed {}, s3 changed {}",
+                "restart: ready {:.2} s, idle {:.2} s, passes {}, pg tuples {}, roles changed {}, acl setuser {}, kube changed {} (Secrets {} of {}), orgs changed {}, s3 changed {}",
                 r.until_ready,
                 r.until_idle,
                 r.passes,
@@ -1682,6 +1909,8 @@ async fn main() {
                 r.pg_roles_changed,
                 r.acl_setuser,
                 r.kube_changed,
+                r.secrets_changed,
+                r.secrets_total,
                 r.orgs_changed,
                 r.s3_changed
             ));
@@ -1881,6 +2110,14 @@ async fn main() {
             lines.push(format!(
                 "| no-op restart: S3 objects changed (ETag, LastModified) | {} | {} of {} | - | - | 0 |",
                 r.orgs, r.s3_changed, r.s3_total
+            ));
+        }
+        if cfg.storage == StorageChoice::Session {
+            // The operator counts no AssumeRole call; each one's session is written into the
+            // organization's credentials Secret, so an unchanged Secret had none.
+            lines.push(format!(
+                "| no-op restart: credentials Secrets changed (resourceVersion; every new session is written into one) | {} | {} of {} | - | - | 0 |",
+                r.orgs, r.secrets_changed, r.secrets_total
             ));
         }
     }

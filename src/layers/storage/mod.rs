@@ -61,6 +61,11 @@ pub const CREDENTIAL_KEYS: [&str; 11] = [
 /// Name of the canary object under every organization's prefix (and the sentinel's).
 pub const CANARY_KEY: &str = "bulkhead-canary";
 
+/// The content of an organization's canary object.
+pub fn canary_body(org: &OrgId) -> String {
+    format!("bulkhead canary of {org}; any other organization must be refused access to it\n")
+}
+
 /// Builds the storage layer for a platform from its spec and admin Secret.
 pub async fn build(env: &BuildEnv<'_>) -> LayerSlot {
     let spec = env
@@ -497,9 +502,7 @@ impl StorageLayer {
     }
 
     async fn put_canary(&self, org: &OrgId) -> Result<(), LayerError> {
-        let body = format!(
-            "bulkhead canary of {org}; any other organization must be refused access to it\n"
-        );
+        let body = canary_body(org);
         let req = self.s3.put_object().bucket(&self.spec.bucket);
         let req = req.key(self.canary_key(org));
         call(

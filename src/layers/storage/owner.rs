@@ -56,6 +56,14 @@ impl StorageLayer {
         format!("{OWNER_MARKERS}{}{CREATION_SUFFIX}", org.as_str())
     }
 
+    /// The content of an owner (or creation) record: the orgId and its Organization's UID.
+    pub fn owner_record_body(org: &OrgId, owner_uid: &str) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json::to_vec(&OwnerRecord {
+            org_id: org.to_string(),
+            owner_uid: owner_uid.to_owned(),
+        })
+    }
+
     /// The UID recorded as owning the organization's prefix, if any.
     pub async fn prefix_owner(&self, org: &OrgId) -> Result<Option<String>, LayerError> {
         let key = self.owner_record_key(org);
@@ -116,12 +124,8 @@ impl StorageLayer {
         key: &str,
         tenant: &Tenant,
     ) -> Result<(), LayerError> {
-        let record = OwnerRecord {
-            org_id: tenant.org_id.to_string(),
-            owner_uid: tenant.owner.uid.clone(),
-        };
-        let body =
-            serde_json::to_vec(&record).map_err(|e| LayerError::Backend(format!("{op}: {e}")))?;
+        let body = Self::owner_record_body(&tenant.org_id, &tenant.owner.uid)
+            .map_err(|e| LayerError::Backend(format!("{op}: {e}")))?;
         let req = self.s3.put_object().bucket(&self.spec.bucket).key(key);
         call(op, req.body(ByteStream::from(body)).send()).await?;
         Ok(())
