@@ -7,8 +7,8 @@
 //! `ingress(any pod of them → pods P of namespace A)` and `egress(P → any pod of them)`, with
 //! `any pod of them` = [`PodSet::any_in`](super::PodSet::any_in)`(them, pod addresses)`. Both
 //! questions read the policies of A only (ingress reads the destination's namespace, egress the
-//! source's), never those of `them`. Going through [`Cluster::side`](super::Cluster) and
-//! `rule_allows`, what they read about `them` is:
+//! source's), never those of `them`. Going through `Cluster::side`, `rule_allows` and
+//! `peer_matches`, what they read about `them` is:
 //! - whether P is isolated (`escapes`), the selected policies and their ports: about A and P
 //!   only;
 //! - an `ipBlock` peer: the pod addresses of `them`, the same set for every namespace;
@@ -263,18 +263,24 @@ impl Cluster {
             .iter()
             .flat_map(|p| p.ingress.iter().flatten().chain(p.egress.iter().flatten()));
         for peer in rules.flat_map(|r| r.peers.iter().flatten()) {
-            let Peer::Pods {
-                namespaces: Some(sel),
-                ..
-            } = peer
-            else {
-                continue;
-            };
-            for (key, domain) in &sel.0 {
-                let (Values::Only(vs) | Values::AllBut(vs)) = &domain.values;
-                spec.entry(key.clone())
-                    .or_default()
-                    .extend(vs.iter().cloned());
+            match peer {
+                Peer::Pods {
+                    namespaces: Some(sel),
+                    ..
+                } => {
+                    for (key, domain) in &sel.0 {
+                        let (Values::Only(vs) | Values::AllBut(vs)) = &domain.values;
+                        spec.entry(key.clone())
+                            .or_default()
+                            .extend(vs.iter().cloned());
+                    }
+                }
+                // The same addresses for every namespace; or `namespace` alone, which is asked
+                // about on its own.
+                Peer::Block { .. }
+                | Peer::Pods {
+                    namespaces: None, ..
+                } => {}
             }
         }
         spec
