@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 
 use super::plan::NetworkConfig;
 use super::reach::{
-    AddrSet, Cluster, Endpoint, KeyDomain, LabelSpace, NAMESPACE_NAME_LABEL, NamespaceRef, PodSet,
-    Port, Side,
+    AddrSet, Cluster, Endpoint, KeyDomain, LabelSpace, LabelledNamespaces, NAMESPACE_NAME_LABEL,
+    NamespaceRef, PodSet, Port, Side,
 };
 use crate::api::ORG_ID_LABEL;
 use crate::api::platform::NetworkMode;
@@ -81,9 +81,153 @@ impl Report {
     }
 }
 
+/// Other organizations' namespaces: every namespace with an org-id label other than this
+/// organization's, bar the organization's own namespace.
+enum Others<'a> {
+    /// Grouped by what the organization's policies can tell apart: each group is asked about
+    /// once, through one of its namespaces, so the cost follows the number of groups (a handful
+    /// when every organization runs the planned policies), not the number of organizations.
+    Grouped(LabelledNamespaces<'a>),
+    /// Each namespace asked about in turn (name, org id), in name order: what the groups must
+    /// answer like, word for word.
+    #[cfg(test)]
+    Each(Vec<(&'a String, &'a String)>),
+}
+
+/// What the namespaces of other organizations may do, one direction: the policies' answers
+/// merged over every namespace let through, and those namespaces in words.
+struct Admitted {
+    side: Side,
+    named: String,
+}
+
+impl<'a> Others<'a> {
+    fn grouped(cluster: &'a Cluster, id: &str, namespace: &str) -> Self {
+        Others::Grouped(cluster.labelled_namespaces(ORG_ID_LABEL, id, namespace))
+    }
+
+    #[cfg(test)]
+    fn each(cluster: &'a Cluster, id: &str, namespace: &str) -> Self {
+        Others::Each(
+            cluster
+                .namespaces()
+                .filter_map(|(ns, labels)| labels.get(ORG_ID_LABEL).map(|org| (ns, org)))
+                .filter(|(ns, org)| org.as_str() != id && **ns != namespace)
+                .collect(),
+        )
+    }
+
+    fn count(&self) -> usize {
+        match self {
+            Others::Grouped(g) => g.count(),
+            #[cfg(test)]
+            Others::Each(all) => all.len(),
+        }
+    }
+
+    /// The namespaces of organization `org`, in name order.
+    fn of(&self, org: &str) -> Vec<String> {
+        match self {
+            Others::Grouped(g) => g.with_value(org),
+            #[cfg(test)]
+            Others::Each(all) => all
+                .iter()
+                .filter(|(_, o)| o.as_str() == org)
+                .map(|(ns, _)| (*ns).clone())
+                .collect(),
+        }
+    }
+
+    /// Whether any pod of these namespaces gets into `o`'s pods, and whether `o`'s pods get out
+    /// to any of them.
+    fn against(&self, cluster: &Cluster, o: &Own, pod_ips: &AddrSet) -> (Admitted, Admitted) {
+        let mut admitted_in = Vec::new();
+        let mut admitted_out = Vec::new();
+        let mut sides_in = Side::default();
+        let mut sides_out = Side::default();
+        match self {
+            Others::Grouped(g) => {
+                // Merged in the order of each group's first namespace: the policies come out in
+                // the order a walk through every namespace by name meets them.
+                let mut groups = g.groups(o.pods_namespace(), MAX_NAMED);
+                groups.sort_by(|a, b| a.representative().cmp(b.representative()));
+                let (mut count_in, mut count_out) = (0, 0);
+                for group in &groups {
+                    let them = PodSet::any_in(group.representative(), pod_ips.clone());
+                    let i = cluster.ingress(&Endpoint::Pods(them.clone()), &o.pods, &Port::Any);
+                    if i.allowed {
+                        admitted_in.extend(group.first.iter().cloned());
+                        count_in += group.count;
+                        merge(&mut sides_in, i);
+                    }
+                    let e = cluster.egress(&o.pods, &Endpoint::Pods(them), &Port::Any);
+                    if e.allowed {
+                        admitted_out.extend(group.first.iter().cloned());
+                        count_out += group.count;
+                        merge(&mut sides_out, e);
+                    }
+                }
+                admitted_in.sort();
+                admitted_out.sort();
+                (
+                    Admitted {
+                        side: sides_in,
+                        named: named(&admitted_in, count_in),
+                    },
+                    Admitted {
+                        side: sides_out,
+                        named: named(&admitted_out, count_out),
+                    },
+                )
+            }
+            #[cfg(test)]
+            Others::Each(all) => {
+                for (ns, _) in all {
+                    let them = PodSet::any_in(ns, pod_ips.clone());
+                    let i = cluster.ingress(&Endpoint::Pods(them.clone()), &o.pods, &Port::Any);
+                    if i.allowed {
+                        admitted_in.push((*ns).clone());
+                        merge(&mut sides_in, i);
+                    }
+                    let e = cluster.egress(&o.pods, &Endpoint::Pods(them), &Port::Any);
+                    if e.allowed {
+                        admitted_out.push((*ns).clone());
+                        merge(&mut sides_out, e);
+                    }
+                }
+                (
+                    Admitted {
+                        side: sides_in,
+                        named: named(&admitted_in, admitted_in.len()),
+                    },
+                    Admitted {
+                        side: sides_out,
+                        named: named(&admitted_out, admitted_out.len()),
+                    },
+                )
+            }
+        }
+    }
+}
+
 /// Evaluates the organization's isolation on `cluster` (which must hold fresh policies for the
 /// namespaces where the organization's pods run).
 pub fn assess(cluster: &Cluster, cfg: &NetworkConfig, tenant: &Tenant) -> Verification {
+    check(cluster, cfg, tenant, Others::grouped)
+}
+
+/// [`assess`] asking about every other organization's namespace in turn.
+#[cfg(test)]
+fn assess_each(cluster: &Cluster, cfg: &NetworkConfig, tenant: &Tenant) -> Verification {
+    check(cluster, cfg, tenant, Others::each)
+}
+
+fn check<'a>(
+    cluster: &'a Cluster,
+    cfg: &NetworkConfig,
+    tenant: &Tenant,
+    others: fn(&'a Cluster, &str, &str) -> Others<'a>,
+) -> Verification {
     let pod_ips = AddrSet::new(cfg.pod_cidrs.clone());
     let id = tenant.org_id.as_str();
     let mut r = Report::default();
@@ -143,18 +287,11 @@ pub fn assess(cluster: &Cluster, cfg: &NetworkConfig, tenant: &Tenant) -> Verifi
     };
 
     // Other organizations' namespaces, as they are; peers the controller names get probes of their own.
-    let others: Vec<(&String, &String)> = cluster
-        .namespaces()
-        .filter_map(|(ns, labels)| labels.get(ORG_ID_LABEL).map(|org| (ns, org)))
-        .filter(|(ns, org)| org.as_str() != id && **ns != tenant.namespace)
-        .collect();
+    let others = others(cluster, id, &tenant.namespace);
     for peer in tenant.peers.iter().filter(|p| !p.is_sentinel()) {
-        for (ns, _) in others
-            .iter()
-            .filter(|(_, org)| org.as_str() == peer.as_str())
-        {
+        for ns in others.of(peer.as_str()) {
             foreign.push(Foreign {
-                pods: PodSet::any_in(ns, pod_ips.clone()),
+                pods: PodSet::any_in(&ns, pod_ips.clone()),
                 what: format!("{peer}'s namespace {ns}"),
             });
         }
@@ -213,33 +350,17 @@ pub fn assess(cluster: &Cluster, cfg: &NetworkConfig, tenant: &Tenant) -> Verifi
             );
         }
 
-        if !others.is_empty() {
-            let mut admitted_in = Vec::new();
-            let mut admitted_out = Vec::new();
-            let mut sides_in = Side::default();
-            let mut sides_out = Side::default();
-            for (ns, _) in &others {
-                let them = PodSet::any_in(ns, pod_ips.clone());
-                let i = cluster.ingress(&Endpoint::Pods(them.clone()), &o.pods, &Port::Any);
-                if i.allowed {
-                    admitted_in.push((*ns).clone());
-                    merge(&mut sides_in, i);
-                }
-                let e = cluster.egress(&o.pods, &Endpoint::Pods(them), &Port::Any);
-                if e.allowed {
-                    admitted_out.push((*ns).clone());
-                    merge(&mut sides_out, e);
-                }
-            }
-            let n = others.len();
+        let n = others.count();
+        if n > 0 {
+            let (admitted_in, admitted_out) = others.against(cluster, o, &pod_ips);
             r.deny(
                 format!(
                     "ingress into {} from other organizations' namespaces ({n} checked)",
                     o.what
                 ),
                 "ingress",
-                &sides_in,
-                &named(&admitted_in),
+                &admitted_in.side,
+                &admitted_in.named,
                 None,
             );
             r.deny(
@@ -248,8 +369,8 @@ pub fn assess(cluster: &Cluster, cfg: &NetworkConfig, tenant: &Tenant) -> Verifi
                     o.what
                 ),
                 "egress",
-                &sides_out,
-                &named(&admitted_out),
+                &admitted_out.side,
+                &admitted_out.named,
                 None,
             );
         }
@@ -325,15 +446,16 @@ fn merge(into: &mut Side, side: Side) {
     }
 }
 
-fn named(namespaces: &[String]) -> String {
-    let mut s = namespaces
+/// `total` namespaces in words, by the first of them (in name order) and a count of the rest.
+fn named(first: &[String], total: usize) -> String {
+    let mut s = first
         .iter()
         .take(MAX_NAMED)
         .cloned()
         .collect::<Vec<_>>()
         .join(", ");
-    if namespaces.len() > MAX_NAMED {
-        s.push_str(&format!(" and {} more", namespaces.len() - MAX_NAMED));
+    if total > MAX_NAMED {
+        s.push_str(&format!(" and {} more", total - MAX_NAMED));
     }
     s
 }

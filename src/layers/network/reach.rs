@@ -31,6 +31,9 @@ use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, Network
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+mod orgs;
+pub use orgs::{Group, LabelledNamespaces};
+
 /// Label that the API server sets on every namespace to its name.
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
@@ -686,6 +689,9 @@ pub struct Cluster {
     policies: BTreeMap<String, Vec<Policy>>,
     /// Policies of `policies` that could not be read (`namespace/name`, why).
     unreadable: Vec<(String, String)>,
+    /// Groupings of `namespaces`, built when first asked for ([`Cluster::labelled_namespaces`]);
+    /// they read labels only, and every change of labels drops them.
+    indexes: orgs::Indexes,
 }
 
 impl Cluster {
@@ -710,6 +716,7 @@ impl Cluster {
         labels
             .entry(NAMESPACE_NAME_LABEL.to_owned())
             .or_insert_with(|| name.to_owned());
+        self.indexes.clear();
         self.namespaces.insert(name.to_owned(), labels);
     }
 

@@ -501,3 +501,237 @@ fn a_fresh_read_of_a_shared_namespace_is_assessed_like_a_copy() {
     );
     assert!(assess(&cached, &cfg, &a).verified());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Grouped namespaces against asking each one
+// ---------------------------------------------------------------------------------------------
+
+/// A small deterministic generator for the equivalence test.
+struct Lcg(u64);
+
+impl Lcg {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        ((self.0 >> 33) % n as u64) as usize
+    }
+    fn pick<'a, T>(&mut self, from: &'a [T]) -> &'a T {
+        &from[self.below(from.len())]
+    }
+    fn chance(&mut self, one_in: usize) -> bool {
+        self.below(one_in) == 0
+    }
+}
+
+const IDS: [&str; 5] = ["a", "b", "c", "d", "e"];
+const KEYS: [&str; 4] = ["env", "team", "odd/key.x", NAMESPACE_NAME_LABEL];
+const VALUES: [&str; 6] = ["prod", "dev", "", "x.y", "org-b", "apps"];
+
+/// Random labels for a namespace: maybe an organization, maybe odd keys and values, maybe a
+/// name label that is not the namespace's name.
+fn random_labels(rng: &mut Lcg) -> BTreeMap<String, String> {
+    let mut l = BTreeMap::new();
+    if !rng.chance(5) {
+        let org = if rng.chance(3) {
+            format!("z{}", rng.below(4))
+        } else {
+            (*rng.pick(&IDS)).to_owned()
+        };
+        l.insert(ORG_ID_LABEL.to_owned(), org);
+    }
+    for _ in 0..rng.below(3) {
+        l.insert(
+            (*rng.pick(&KEYS)).to_owned(),
+            (*rng.pick(&VALUES)).to_owned(),
+        );
+    }
+    l
+}
+
+/// A namespaceSelector of any of the shapes the evaluator reads.
+fn random_namespace_selector(rng: &mut Lcg, names: &[String]) -> serde_json::Value {
+    let key = *rng.pick(&KEYS);
+    let value = |rng: &mut Lcg| -> String {
+        if key == NAMESPACE_NAME_LABEL && !rng.chance(3) {
+            rng.pick(names).clone()
+        } else {
+            (*rng.pick(&VALUES)).to_owned()
+        }
+    };
+    let (a, b) = (value(rng), value(rng));
+    match rng.below(8) {
+        0 => json!({}),
+        1 => json!({"matchLabels": {key: a}}),
+        2 => json!({"matchExpressions": [{"key": key, "operator": "In", "values": [a, b]}]}),
+        3 => json!({"matchExpressions": [{"key": key, "operator": "NotIn", "values": [a]}]}),
+        4 => json!({"matchExpressions": [{"key": key, "operator": "Exists"}]}),
+        5 => json!({"matchExpressions": [{"key": key, "operator": "DoesNotExist"}]}),
+        6 => json!({"matchLabels": {ORG_ID_LABEL: rng.pick(&IDS).to_owned()},
+                    "matchExpressions": [{"key": key, "operator": "NotIn", "values": [a, b]}]}),
+        _ => {
+            json!({"matchExpressions": [{"key": ORG_ID_LABEL, "operator": "In", "values": [a, "c"]},
+                                         {"key": key, "operator": "Exists"}]})
+        }
+    }
+}
+
+/// A policy of namespace `ns` that may let other namespaces in or out.
+fn random_policy(rng: &mut Lcg, ns: &str, i: usize, names: &[String]) -> NetworkPolicy {
+    let name = format!("p{i}");
+    let peer = |rng: &mut Lcg| match rng.below(6) {
+        0 => json!({"podSelector": {}}),
+        1 => json!({"ipBlock": {"cidr": "10.0.0.0/8"}}),
+        2 => json!({"namespaceSelector": random_namespace_selector(rng, names),
+                    "podSelector": {"matchLabels": {"app": "x"}}}),
+        _ => json!({"namespaceSelector": random_namespace_selector(rng, names)}),
+    };
+    let selects = if rng.chance(4) {
+        json!({"matchLabels": {"role": "db"}})
+    } else {
+        json!({})
+    };
+    let spec = match rng.below(7) {
+        // Unreadable: counted as allowing everything.
+        0 => {
+            json!({"podSelector": {"matchExpressions": [{"key": "a", "operator": "Gt", "values": ["1"]}]}})
+        }
+        1 => json!({"podSelector": selects, "ingress": [{"from": [peer(rng), peer(rng)]}],
+                    "egress": [{"to": [peer(rng)]}], "policyTypes": ["Ingress", "Egress"]}),
+        2 => {
+            json!({"podSelector": selects, "egress": [{"to": [peer(rng)], "ports": [{"port": 443}]}],
+                    "policyTypes": ["Egress"]})
+        }
+        3 => {
+            json!({"podSelector": selects, "ingress": [{"from": [peer(rng)], "ports": [{"port": "http"}]}]})
+        }
+        4 => json!({"podSelector": selects, "policyTypes": ["Ingress", "Egress"]}),
+        _ => json!({"podSelector": selects, "ingress": [{"from": [peer(rng)]}]}),
+    };
+    foreign(ns, &name, spec)
+}
+
+#[test]
+fn grouped_namespaces_are_assessed_like_each_one_asked() {
+    let mut rng = Lcg(11);
+    let (mut compared, mut admitting) = (0, 0);
+    for round in 0..400 {
+        let shared = rng.chance(3);
+        let cfg = validate(&platform(shared)).unwrap();
+        let own_ns = if shared { "apps" } else { "org-a" };
+        let me = tenant("a", &[*rng.pick(&IDS), *rng.pick(&IDS)]);
+        let others: Vec<Tenant> = IDS[1..].iter().map(|id| tenant(id, &[])).collect();
+        let mut orgs: Vec<&Tenant> = others.iter().collect();
+        orgs.push(&me);
+
+        // Planned policies and namespaces, plus many more with random labels.
+        let mut names: Vec<String> = (0..rng.below(40)).map(|i| format!("ns-{i:02}")).collect();
+        names.extend(["org-b", "org-c", "apps", "default", "gateway"].map(String::from));
+        let mut policies: Vec<NetworkPolicy> =
+            orgs.iter().flat_map(|t| plan(&cfg, t).policies).collect();
+        for i in 0..rng.below(4) {
+            policies.push(random_policy(&mut rng, own_ns, i, &names));
+        }
+        for i in 0..rng.below(3) {
+            let ns = rng.pick(&names).clone();
+            policies.push(random_policy(&mut rng, &ns, 10 + i, &names));
+        }
+        let mut base = cluster(&cfg, &orgs, &policies);
+        for n in &names {
+            if !rng.chance(4) {
+                base.set_namespace(n, random_labels(&mut rng));
+            }
+        }
+        let base = Arc::new(base);
+
+        // A pass's view: some namespaces read again (labels, policies), some new.
+        let mut view = Cluster::over(base.clone());
+        for _ in 0..rng.below(5) {
+            let ns = if rng.chance(4) {
+                format!("new-{}", rng.below(3))
+            } else {
+                rng.pick(&names).clone()
+            };
+            view.set_namespace(&ns, random_labels(&mut rng));
+        }
+        let mut fresh_names = names.clone();
+        fresh_names.extend(["org-a", "new-0"].map(String::from));
+        for ns in [own_ns, "org-a"] {
+            if rng.chance(2) {
+                // Sometimes without the planned policies: then nothing may tell the shared
+                // namespace apart by name from other namespaces.
+                let mut read = if rng.chance(2) {
+                    plan(&cfg, &me).policies
+                } else {
+                    Vec::new()
+                };
+                for i in 0..rng.below(4) {
+                    read.push(random_policy(&mut rng, ns, 20 + i, &fresh_names));
+                }
+                view.replace_policies(ns, &read);
+            }
+        }
+
+        for c in [&*base, &view] {
+            let grouped = assess(c, &cfg, &me);
+            let each = assess_each(c, &cfg, &me);
+            assert_eq!(grouped, each, "round {round}");
+            compared += 1;
+            if grouped
+                .findings
+                .iter()
+                .any(|f| f.contains("other organizations ("))
+            {
+                admitting += 1;
+            }
+        }
+    }
+    // The rounds must exercise both outcomes, admitting namespaces included.
+    assert!(
+        admitting > 100 && compared - admitting > 100,
+        "{admitting} of {compared}"
+    );
+}
+
+#[test]
+fn an_admitting_group_names_its_first_members_and_counts_the_rest() {
+    let cfg = validate(&platform(false)).unwrap();
+    let a = tenant("a", &[]);
+    let team = foreign(
+        "org-a",
+        "team",
+        json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "red"}}}]}]}),
+    );
+    let mut c = cluster(&cfg, &[&a], std::slice::from_ref(&team));
+    for i in 0..12 {
+        let mut l = org_labels(&format!("o{i}"));
+        if i % 2 == 0 {
+            l.insert("team".to_owned(), "red".to_owned());
+        }
+        c.set_namespace(&format!("t-{i:02}"), l);
+    }
+    let base = Arc::new(c);
+    let mut view = Cluster::over(base.clone());
+    // Read again: t-00 left team red, t-03 joined it.
+    view.set_namespace("t-00", org_labels("o0"));
+    let mut l = org_labels("o3");
+    l.insert("team".to_owned(), "red".to_owned());
+    view.set_namespace("t-03", l);
+    let v = assess(&view, &cfg, &a);
+    assert_eq!(v, assess_each(&view, &cfg, &a));
+    let probe = v
+        .probes
+        .iter()
+        .find(|p| p.name == "ingress into org-a from other organizations' namespaces (12 checked)")
+        .unwrap();
+    assert!(!probe.passed);
+    assert!(
+        v.findings
+            .iter()
+            .any(|f| f.starts_with("NetworkPolicy org-a/team admits ingress")
+                && f.contains("t-02, t-03, t-04, t-06, t-08 and 1 more")),
+        "{:?}",
+        v.findings
+    );
+}
