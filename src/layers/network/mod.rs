@@ -57,7 +57,9 @@ pub struct NetworkLayer {
     client: kube::Client,
     config: NetworkConfig,
     raw: NetworkPlatform,
-    snapshot: Mutex<Option<Arc<Snapshot>>>,
+    /// Held across a refresh, so that passes arriving while the snapshot is being read wait for
+    /// that one read instead of each listing the whole cluster again.
+    snapshot: tokio::sync::Mutex<Option<Arc<Snapshot>>>,
     /// Plan hash this process last applied, per Organization UID. A pass that finds none of the
     /// organization's objects left (all deleted at once) still knows they were there, and
     /// reports the re-creation as a repair. Kept in memory only: it costs no write, and after
@@ -73,7 +75,7 @@ impl NetworkLayer {
             client,
             config: validated,
             raw: config.clone(),
-            snapshot: Mutex::new(None),
+            snapshot: tokio::sync::Mutex::new(None),
             applied: Mutex::new(std::collections::HashMap::new()),
         })
     }
@@ -188,20 +190,22 @@ impl NetworkLayer {
         Ok(repair)
     }
 
-    /// Every namespace and policy of the cluster, reused for [`SNAPSHOT_TTL`].
+    /// Every namespace and policy of the cluster, reused for [`SNAPSHOT_TTL`]. One refresh at a
+    /// time: the lock is held while the cluster is read.
     async fn snapshot(&self) -> Result<Arc<Snapshot>, LayerError> {
-        if let Some(s) = self.snapshot.lock().map_err(|_| poisoned())?.as_ref()
+        let mut cached = self.snapshot.lock().await;
+        if let Some(s) = cached.as_ref()
             && s.at.elapsed() < SNAPSHOT_TTL
         {
             return Ok(s.clone());
         }
         let namespaces = list_namespaces(&self.client).await?;
-        let policies = list_all(&Api::<NetworkPolicy>::all(self.client.clone()), "").await?;
+        let policies = list_policies_everywhere(&self.client).await?;
         let snap = Arc::new(Snapshot {
             at: Instant::now(),
             cluster: Arc::new(Cluster::new(namespaces, &policies)),
         });
-        *self.snapshot.lock().map_err(|_| poisoned())? = Some(snap.clone());
+        *cached = Some(snap.clone());
         Ok(snap)
     }
 
@@ -769,6 +773,62 @@ where
     }
 }
 
+/// A NetworkPolicy as the cluster-wide read keeps it: its name, namespace and spec. Everything
+/// else, managed fields above all, is skipped while parsing instead of being built and dropped.
+#[derive(serde::Deserialize)]
+struct ListedPolicy {
+    metadata: ListedMeta,
+    #[serde(default)]
+    spec: Option<k8s_openapi::api::networking::v1::NetworkPolicySpec>,
+}
+
+#[derive(serde::Deserialize)]
+struct ListedMeta {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    namespace: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct ListedPolicies {
+    #[serde(default)]
+    metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ListMeta,
+    #[serde(default)]
+    items: Vec<ListedPolicy>,
+}
+
+impl From<ListedPolicy> for NetworkPolicy {
+    fn from(p: ListedPolicy) -> Self {
+        NetworkPolicy {
+            metadata: kube::api::ObjectMeta {
+                name: p.metadata.name,
+                namespace: p.metadata.namespace,
+                ..Default::default()
+            },
+            spec: p.spec,
+        }
+    }
+}
+
+/// Every NetworkPolicy of the cluster, page by page, keeping only what the evaluator reads.
+async fn list_policies_everywhere(client: &kube::Client) -> Result<Vec<NetworkPolicy>, LayerError> {
+    let request = kube::core::Request::new(NetworkPolicy::url_path(&(), None));
+    let mut out = Vec::new();
+    let mut lp = ListParams::default().limit(PAGE);
+    loop {
+        let req = request
+            .list(&lp)
+            .map_err(|e| LayerError::Backend(format!("list NetworkPolicies: {e}")))?;
+        let page: ListedPolicies = client.request(req).await?;
+        out.extend(page.items.into_iter().map(NetworkPolicy::from));
+        match page.metadata.continue_ {
+            Some(token) if !token.is_empty() => lp = lp.continue_token(&token),
+            _ => return Ok(out),
+        }
+    }
+}
+
 async fn list_namespaces(
     client: &kube::Client,
 ) -> Result<Vec<(String, BTreeMap<String, String>)>, LayerError> {
@@ -979,5 +1039,49 @@ fn missing_namespace(e: LayerError, ns: &str) -> LayerError {
     match e {
         LayerError::Kube(k) => not_found_as_config(k, ns),
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listed_policy_keeps_name_namespace_and_spec_and_parses_like_the_full_object() {
+        let full = serde_json::json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {
+                "name": "allow-web", "namespace": "team-a", "uid": "u1", "resourceVersion": "7",
+                "labels": {"a": "b"}, "annotations": {"note": "x"},
+                "managedFields": [{"manager": "kubectl", "operation": "Apply",
+                                   "fieldsType": "FieldsV1",
+                                   "fieldsV1": {"f:spec": {"f:podSelector": {}}}}]
+            },
+            "spec": {
+                "podSelector": {"matchLabels": {"app": "web"}},
+                "policyTypes": ["Ingress"],
+                "ingress": [{"from": [{"namespaceSelector": {"matchExpressions": [
+                    {"key": "tier", "operator": "In", "values": ["front"]}]}}],
+                    "ports": [{"port": 8080, "protocol": "TCP"}]}]
+            }
+        });
+        let list = serde_json::json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicyList",
+            "metadata": {"resourceVersion": "9", "continue": "next-page"},
+            "items": [full.clone(), {"metadata": {"name": "no-spec", "namespace": "team-b"}}]
+        });
+        let page: ListedPolicies = serde_json::from_value(list).unwrap();
+        assert_eq!(page.metadata.continue_.as_deref(), Some("next-page"));
+        let listed: Vec<NetworkPolicy> = page.items.into_iter().map(NetworkPolicy::from).collect();
+        let whole: NetworkPolicy = serde_json::from_value(full).unwrap();
+        assert_eq!(listed[0].spec, whole.spec);
+        assert_eq!(listed[0].metadata.name.as_deref(), Some("allow-web"));
+        assert_eq!(listed[0].metadata.namespace.as_deref(), Some("team-a"));
+        assert!(listed[0].metadata.managed_fields.is_none());
+        assert!(listed[1].spec.is_none());
+        // The evaluator reads both alike.
+        let from_listed = Cluster::new(Vec::new(), &listed[..1]);
+        let from_whole = Cluster::new(Vec::new(), std::slice::from_ref(&whole));
+        assert_eq!(format!("{from_listed:?}"), format!("{from_whole:?}"));
     }
 }
