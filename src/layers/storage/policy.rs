@@ -271,8 +271,35 @@ impl BucketGuard {
                 (json!("*"), condition)
             }
         };
+        let mut out = self
+            .deny_outside(
+                [GUARD_SID, GUARD_BUCKET_SID],
+                principal,
+                condition,
+                own,
+                &own_prefix,
+            )
+            .to_vec();
+        if let Some(role) = &self.sessions {
+            out.extend(self.session_statements(role));
+        }
+        out
+    }
+
+    /// Two Deny statements for `principal` (under `condition`): one on every object outside
+    /// `own` (and anything but the bucket itself), and one on the bucket unless the listing's
+    /// `s3:prefix` lies under `own_prefix`. A missing `s3:prefix` matches the negated operator,
+    /// so whole-bucket listings and policy reads or writes are denied too.
+    fn deny_outside(
+        &self,
+        [objects_sid, bucket_sid]: [&str; 2],
+        principal: Value,
+        condition: Map<String, Value>,
+        own: String,
+        own_prefix: &str,
+    ) -> [Statement; 2] {
         let objects = Statement {
-            sid: Some(GUARD_SID.to_owned()),
+            sid: Some(objects_sid.to_owned()),
             effect: "Deny",
             principal: Some(principal.clone()),
             action: vec!["s3:*".to_owned()],
@@ -280,15 +307,13 @@ impl BucketGuard {
             not_resource: Some(vec![own, bucket_arn(&self.bucket)]),
             condition: (!condition.is_empty()).then(|| Value::Object(condition.clone())),
         };
-        // A missing s3:prefix matches a negated operator, so whole-bucket listings and policy
-        // reads or writes are denied too.
         let mut bucket_condition = condition;
         bucket_condition.insert(
             "StringNotLike".to_owned(),
             json!({ "s3:prefix": format!("{own_prefix}*") }),
         );
         let bucket = Statement {
-            sid: Some(GUARD_BUCKET_SID.to_owned()),
+            sid: Some(bucket_sid.to_owned()),
             effect: "Deny",
             principal: Some(principal),
             action: vec!["s3:*".to_owned()],
@@ -296,11 +321,7 @@ impl BucketGuard {
             not_resource: None,
             condition: Some(Value::Object(bucket_condition)),
         };
-        let mut out = vec![objects, bucket];
-        if let Some(role) = &self.sessions {
-            out.extend(self.session_statements(role));
-        }
-        out
+        [objects, bucket]
     }
 
     /// The same two fences for the sessions of the shared role, whose session name is the
@@ -325,33 +346,14 @@ impl BucketGuard {
             }
         };
         let own_prefix = self.prefix_template.replace("{orgId}", var);
-        let objects = Statement {
-            sid: Some(GUARD_SESSION_SID.to_owned()),
-            effect: "Deny",
-            principal: Some(principal.clone()),
-            action: vec!["s3:*".to_owned()],
-            resource: None,
-            not_resource: Some(vec![
-                objects_arn(&self.bucket, &own_prefix),
-                bucket_arn(&self.bucket),
-            ]),
-            condition: (!condition.is_empty()).then(|| Value::Object(condition.clone())),
-        };
-        let mut bucket_condition = condition;
-        bucket_condition.insert(
-            "StringNotLike".to_owned(),
-            json!({ "s3:prefix": format!("{own_prefix}*") }),
-        );
-        let bucket = Statement {
-            sid: Some(GUARD_SESSION_BUCKET_SID.to_owned()),
-            effect: "Deny",
-            principal: Some(principal),
-            action: vec!["s3:*".to_owned()],
-            resource: Some(vec![bucket_arn(&self.bucket)]),
-            not_resource: None,
-            condition: Some(Value::Object(bucket_condition)),
-        };
-        vec![objects, bucket]
+        self.deny_outside(
+            [GUARD_SESSION_SID, GUARD_SESSION_BUCKET_SID],
+            principal,
+            condition,
+            objects_arn(&self.bucket, &own_prefix),
+            &own_prefix,
+        )
+        .to_vec()
     }
 
     pub fn statement_values(&self) -> Vec<Value> {
