@@ -1290,22 +1290,7 @@ async fn abac_mode_on_moto_creates_one_shared_role_and_nothing_per_org() {
 
 /// An S3 client acting with an organization's access key from its credentials Secret.
 fn s3_as(creds: &Credentials) -> aws_sdk_s3::Client {
-    let tb = Testbed::get();
-    let c = AwsCredentials::new(
-        creds.get(storage::KEY_ACCESS_KEY_ID).expect("key id"),
-        creds.get(storage::KEY_SECRET_ACCESS_KEY).expect("secret"),
-        None,
-        None,
-        "test-tenant",
-    );
-    let conf = aws_sdk_s3::config::Builder::new()
-        .behavior_version(BehaviorVersion::latest())
-        .region(Region::new("us-east-1"))
-        .credentials_provider(c)
-        .endpoint_url(tb.s3_endpoint())
-        .force_path_style(true)
-        .build();
-    aws_sdk_s3::Client::from_conf(conf)
+    common::admin::s3_tenant(Testbed::get(), creds)
 }
 
 /// Whether `creds` can read `key`, retried briefly while a new key propagates (`want` is what

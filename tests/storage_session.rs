@@ -112,22 +112,7 @@ fn admin() -> Admin {
 
 /// An S3 client acting with the session a credentials Secret holds.
 fn s3_as(creds: &Credentials) -> aws_sdk_s3::Client {
-    let tb = Testbed::get();
-    let c = AwsCredentials::new(
-        creds.get(storage::KEY_ACCESS_KEY_ID).expect("key id"),
-        creds.get(storage::KEY_SECRET_ACCESS_KEY).expect("secret"),
-        creds.get(storage::KEY_SESSION_TOKEN).map(str::to_owned),
-        None,
-        "test-tenant",
-    );
-    let conf = aws_sdk_s3::config::Builder::new()
-        .behavior_version(BehaviorVersion::latest())
-        .region(Region::new("us-east-1"))
-        .credentials_provider(c)
-        .endpoint_url(tb.s3_endpoint())
-        .force_path_style(true)
-        .build();
-    aws_sdk_s3::Client::from_conf(conf)
+    common::admin::s3_tenant(Testbed::get(), creds)
 }
 
 /// What the server answered to one real request: `ok` or the error code.

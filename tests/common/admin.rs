@@ -45,16 +45,39 @@ pub fn iam_admin(tb: &Testbed) -> aws_sdk_iam::Client {
 
 /// An S3 client (path style) signed by the SeaweedFS admin identity.
 pub fn s3_admin(tb: &Testbed) -> aws_sdk_s3::Client {
-    let conf = aws_sdk_s3::config::Builder::new()
-        .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
-        .region(aws_sdk_s3::config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_s3::config::Credentials::new(
+    s3_client(
+        tb,
+        aws_sdk_s3::config::Credentials::new(
             tb.s3_access_key(),
             tb.s3_secret_key(),
             None,
             None,
             "testbed-admin",
-        ))
+        ),
+    )
+}
+
+/// An S3 client (path style) acting with what an organization's credentials Secret holds: its
+/// access key, and the session token too when it is a session.
+pub fn s3_tenant(tb: &Testbed, creds: &bulkhead::layers::Credentials) -> aws_sdk_s3::Client {
+    use bulkhead::layers::storage;
+    s3_client(
+        tb,
+        aws_sdk_s3::config::Credentials::new(
+            creds.get(storage::KEY_ACCESS_KEY_ID).expect("key id"),
+            creds.get(storage::KEY_SECRET_ACCESS_KEY).expect("secret"),
+            creds.get(storage::KEY_SESSION_TOKEN).map(str::to_owned),
+            None,
+            "test-tenant",
+        ),
+    )
+}
+
+fn s3_client(tb: &Testbed, credentials: aws_sdk_s3::config::Credentials) -> aws_sdk_s3::Client {
+    let conf = aws_sdk_s3::config::Builder::new()
+        .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+        .region(aws_sdk_s3::config::Region::new("us-east-1"))
+        .credentials_provider(credentials)
         .endpoint_url(tb.s3_endpoint())
         .force_path_style(true)
         .build();
