@@ -998,4 +998,4 @@ fn port_matches(rule: &PortRule, named: Option<&NamedPorts>, port: &Port) -> boo
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -506,24 +506,7 @@ fn a_fresh_read_of_a_shared_namespace_is_assessed_like_a_copy() {
 // Grouped namespaces against asking each one
 // ---------------------------------------------------------------------------------------------
 
-/// A small deterministic generator for the equivalence test.
-struct Lcg(u64);
-
-impl Lcg {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 = self
-            .0
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        ((self.0 >> 33) % n as u64) as usize
-    }
-    fn pick<'a, T>(&mut self, from: &'a [T]) -> &'a T {
-        &from[self.below(from.len())]
-    }
-    fn chance(&mut self, one_in: usize) -> bool {
-        self.below(one_in) == 0
-    }
-}
+use crate::layers::network::reach::tests::Lcg;
 
 const IDS: [&str; 5] = ["a", "b", "c", "d", "e"];
 const KEYS: [&str; 4] = ["env", "team", "odd/key.x", NAMESPACE_NAME_LABEL];

@@ -724,16 +724,22 @@ fn the_base_is_shared_and_unchanged_by_its_views() {
     assert_eq!(Arc::strong_count(&base), 1);
 }
 
-/// A small deterministic generator for the equivalence test.
-struct Lcg(u64);
+/// A small deterministic generator for the network layer's equivalence tests.
+pub(crate) struct Lcg(pub(crate) u64);
 
 impl Lcg {
-    fn below(&mut self, n: usize) -> usize {
+    pub(crate) fn below(&mut self, n: usize) -> usize {
         self.0 = self
             .0
             .wrapping_mul(6_364_136_223_846_793_005)
             .wrapping_add(1_442_695_040_888_963_407);
         ((self.0 >> 33) % n as u64) as usize
+    }
+    pub(crate) fn pick<'a, T>(&mut self, from: &'a [T]) -> &'a T {
+        &from[self.below(from.len())]
+    }
+    pub(crate) fn chance(&mut self, one_in: usize) -> bool {
+        self.below(one_in) == 0
     }
 }
 
